@@ -1,0 +1,140 @@
+#include "common/attn.h"
+
+#include <cmath>
+#include <sstream>
+
+namespace lab {
+
+const char* dtype_name(DType t) { return t == DType::fp16 ? "fp16" : "bf16"; }
+int dtype_bytes(DType) { return 2; }
+
+void set_contiguous_strides(AttnParams& p) {
+  const int64_t d = p.head_dim;
+  p.q_head_stride = p.o_head_stride = d;
+  p.q_row_stride = p.o_row_stride = int64_t(p.heads_q) * d;
+  p.q_batch_stride = p.o_batch_stride = int64_t(p.seqlen_q) * p.heads_q * d;
+  p.k_head_stride = p.v_head_stride = d;
+  p.k_row_stride = p.v_row_stride = int64_t(p.heads_kv) * d;
+  const int64_t kv_rows = p.block_table ? p.page_size : p.seqlen_kv;
+  p.k_batch_stride = p.v_batch_stride = kv_rows * p.heads_kv * d;
+}
+
+namespace {
+
+std::string join(const std::vector<int>& v) {
+  std::ostringstream s;
+  for (size_t i = 0; i < v.size(); ++i) s << (i ? ", " : "") << v[i];
+  return s.str();
+}
+
+bool aligned(const void* ptr, int bytes) { return (reinterpret_cast<uintptr_t>(ptr) % bytes) == 0; }
+
+}  // namespace
+
+std::string unsupported_reason(const AttnParams& p, const Support& s) {
+  std::ostringstream e;
+  const std::string who = std::string(s.chapter) + ": ";
+  auto positive = [&](const char* name, int64_t v) {
+    if (v <= 0) e << who << name << " = " << v << " must be > 0";
+    return v > 0;
+  };
+  if (!positive("batch", p.batch) || !positive("heads_q", p.heads_q) ||
+      !positive("heads_kv", p.heads_kv) || !positive("seqlen_q", p.seqlen_q) ||
+      !positive("seqlen_kv", p.seqlen_kv) || !positive("head_dim", p.head_dim))
+    return e.str();
+
+  if (p.heads_q % p.heads_kv != 0)
+    return who + "heads_q = " + std::to_string(p.heads_q) + " is not a multiple of heads_kv = " +
+           std::to_string(p.heads_kv);
+  if (p.heads_kv != p.heads_q && !s.gqa)
+    return who + "heads_kv = " + std::to_string(p.heads_kv) +
+           " != heads_q is not supported (GQA/MQA: see 06_gqa_alibi)";
+
+  if (!s.head_dims.empty()) {
+    bool ok = false;
+    for (int d : s.head_dims) ok |= d == p.head_dim;
+    if (!ok)
+      return who + "head_dim = " + std::to_string(p.head_dim) + " is not supported (supported: " +
+             join(s.head_dims) + ")";
+  } else if (p.head_dim > s.max_head_dim) {
+    return who + "head_dim = " + std::to_string(p.head_dim) + " is not supported (supported: 1.." +
+           std::to_string(s.max_head_dim) + ")";
+  }
+  if (p.head_dim % s.vector_elems != 0)
+    return who + "head_dim = " + std::to_string(p.head_dim) + " must be a multiple of " +
+           std::to_string(s.vector_elems);
+
+  if (p.dtype != DType::fp16 && p.dtype != DType::bf16)
+    return who + "dtype = " + std::to_string(int(p.dtype)) + " is unknown (supported: fp16, bf16)";
+  if ((p.dtype == DType::fp16 && !s.fp16) || (p.dtype == DType::bf16 && !s.bf16))
+    return who + "dtype = " + dtype_name(p.dtype) + " is not supported (supported:" +
+           (s.fp16 ? " fp16" : "") + (s.bf16 ? " bf16" : "") + ")";
+
+  if (!(std::isfinite(p.softmax_scale) && p.softmax_scale > 0.f))
+    return who + "softmax_scale = " + std::to_string(p.softmax_scale) + " must be finite and > 0";
+
+  if (!p.q) return who + "q is a null pointer";
+  if (!p.k) return who + "k is a null pointer";
+  if (!p.v) return who + "v is a null pointer";
+  if (!p.o) return who + "o is a null pointer";
+
+  // 16-byte vector loads need 16-byte aligned rows.
+  const int vec_bytes = s.vector_elems * dtype_bytes(p.dtype);
+  struct Named { const char* name; const void* ptr; };
+  for (Named t : {Named{"q", p.q}, Named{"k", p.k}, Named{"v", p.v}, Named{"o", p.o}})
+    if (!aligned(t.ptr, vec_bytes))
+      return who + t.name + " pointer is not " + std::to_string(vec_bytes) + "-byte aligned";
+  struct Stride { const char* name; int64_t value; };
+  for (Stride t : {Stride{"q_batch_stride", p.q_batch_stride}, Stride{"q_row_stride", p.q_row_stride},
+                   Stride{"q_head_stride", p.q_head_stride}, Stride{"k_batch_stride", p.k_batch_stride},
+                   Stride{"k_row_stride", p.k_row_stride}, Stride{"k_head_stride", p.k_head_stride},
+                   Stride{"v_batch_stride", p.v_batch_stride}, Stride{"v_row_stride", p.v_row_stride},
+                   Stride{"v_head_stride", p.v_head_stride}, Stride{"o_batch_stride", p.o_batch_stride},
+                   Stride{"o_row_stride", p.o_row_stride}, Stride{"o_head_stride", p.o_head_stride}}) {
+    if (t.value < 0) return who + t.name + " = " + std::to_string(t.value) + " must be >= 0";
+    if (t.value % s.vector_elems != 0)
+      return who + t.name + " = " + std::to_string(t.value) + " is not a multiple of " +
+             std::to_string(s.vector_elems) + " elements (rows must stay " +
+             std::to_string(vec_bytes) + "-byte aligned)";
+  }
+  if (p.q_row_stride < int64_t(p.head_dim) || p.k_row_stride < int64_t(p.head_dim) ||
+      p.v_row_stride < int64_t(p.head_dim) || p.o_row_stride < int64_t(p.head_dim))
+    return who + "row strides must be >= head_dim (did you call set_contiguous_strides?)";
+  if (p.q_head_stride < int64_t(p.head_dim) || p.k_head_stride < int64_t(p.head_dim) ||
+      p.v_head_stride < int64_t(p.head_dim) || p.o_head_stride < int64_t(p.head_dim))
+    return who + "head strides must be >= head_dim (did you call set_contiguous_strides?)";
+
+  if (p.causal && !s.causal) return who + "causal = true is not supported";
+  if (p.lse && !s.lse) return who + "lse output is not supported";
+  if (p.lse && !aligned(p.lse, 4)) return who + "lse pointer is not 4-byte aligned";
+  if (p.alibi_slopes && !s.alibi) return who + "alibi_slopes are not supported (see 06_gqa_alibi)";
+  if ((p.cu_seqlens_q || p.cu_seqlens_kv) && !s.varlen)
+    return who + "cu_seqlens_q/cu_seqlens_kv (varlen) are not supported (see 06_gqa_alibi)";
+  if (bool(p.cu_seqlens_q) != bool(p.cu_seqlens_kv))
+    return who + "cu_seqlens_q and cu_seqlens_kv must be given together";
+  if (p.cache_seqlens && !s.cache_seqlens) return who + "cache_seqlens are not supported";
+  if (p.block_table && !s.paged_kv) return who + "block_table (paged KV) is not supported";
+  if (p.block_table) {
+    if (p.page_size < 16 || (p.page_size & (p.page_size - 1)))
+      return who + "page_size = " + std::to_string(p.page_size) + " must be a power of two >= 16";
+    if (p.max_pages_per_seq <= 0)
+      return who + "max_pages_per_seq = " + std::to_string(p.max_pages_per_seq) + " must be > 0";
+    if (int64_t(p.max_pages_per_seq) * p.page_size < p.seqlen_kv)
+      return who + "seqlen_kv = " + std::to_string(p.seqlen_kv) +
+             " exceeds the block table's capacity max_pages_per_seq * page_size = " +
+             std::to_string(int64_t(p.max_pages_per_seq) * p.page_size);
+    if (p.num_pages <= 0) return who + "num_pages = " + std::to_string(p.num_pages) + " must be > 0";
+  }
+  if (s.max_seqlen_q > 0 && p.seqlen_q > s.max_seqlen_q)
+    return who + "seqlen_q = " + std::to_string(p.seqlen_q) + " is not supported (supported: 1.." +
+           std::to_string(s.max_seqlen_q) + ")";
+  if (p.num_splits < 0) return who + "num_splits = " + std::to_string(p.num_splits) + " must be >= 0";
+  return "";
+}
+
+void check_params(const AttnParams& p, const Support& s) {
+  std::string why = unsupported_reason(p, s);
+  if (!why.empty()) throw InvalidArgument(why);
+}
+
+}  // namespace lab

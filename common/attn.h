@@ -1,0 +1,101 @@
+// The one problem description every chapter takes, and the checks that refuse what a chapter
+// does not support. Layout is FlashAttention's: Q, O are [batch, seqlen_q, heads_q, head_dim],
+// K, V are [batch, seqlen_kv, heads_kv, head_dim], head_dim contiguous; other strides are free.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace lab {
+
+enum class DType : int { fp16 = 0, bf16 = 1 };
+
+const char* dtype_name(DType t);
+int dtype_bytes(DType t);
+
+// Thrown for a problem a launcher refuses; what() names the field and what is allowed.
+struct InvalidArgument : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+struct AttnParams {
+  // Device tensors.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;
+  float* lse = nullptr;  // optional, [batch, heads_q, seqlen_q]: log(sum_j exp(s_ij)), natural log
+
+  // Strides in elements (head_dim stride is 1). set_contiguous_strides() fills the usual ones.
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
+
+  DType dtype = DType::fp16;
+  int batch = 0;
+  int heads_q = 0;
+  int heads_kv = 0;  // heads_q % heads_kv == 0: query head h reads KV head h / (heads_q / heads_kv)
+  int seqlen_q = 0;  // with cu_seqlens_q: the longest sequence
+  int seqlen_kv = 0; // with cu_seqlens_kv: the longest; with cache_seqlens: the cache capacity
+  int head_dim = 0;
+  float softmax_scale = 0.f;  // usually 1/sqrt(head_dim)
+  // Causal mask aligned bottom-right as in FlashAttention: query i of a sequence with sq queries
+  // and sk keys sees keys j <= i + sk - sq (rows with no visible key output 0 and lse = -inf).
+  bool causal = false;
+
+  // ALiBi: s_ij += alibi_slopes[h] * (j - (i + sk - sq)); device, [heads_q] (06_gqa_alibi).
+  const float* alibi_slopes = nullptr;
+
+  // Varlen (packed) batches: sequence b's query rows are cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1
+  // of a [total_q, heads_q, head_dim] tensor (batch strides unused); device, [batch + 1].
+  const int* cu_seqlens_q = nullptr;
+  const int* cu_seqlens_kv = nullptr;
+
+  // KV cache: sequence b attends to its first cache_seqlens[b] keys; device, [batch].
+  const int* cache_seqlens = nullptr;
+  // Paged KV cache: K/V are [num_pages, page_size, heads_kv, head_dim] (k/v_batch_stride is the
+  // page stride); key j of sequence b lives in page block_table[b * max_pages_per_seq + j / page_size].
+  const int* block_table = nullptr;
+  int page_size = 0;
+  int max_pages_per_seq = 0;
+  int num_pages = 0;
+
+  int num_splits = 0;  // split-KV decoding: 0 picks a count from the problem and the GPU
+
+  // Scratch memory for chapters that need it (see each chapter's workspace_bytes()).
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+};
+
+// Strides for contiguous [batch, seqlen, heads, head_dim] tensors (and for varlen packing).
+void set_contiguous_strides(AttnParams& p);
+
+// Which part of AttnParams a chapter computes. Everything else is refused by name.
+struct Support {
+  const char* chapter = "";
+  std::vector<int> head_dims;  // empty: any head_dim in [1, max_head_dim]
+  int max_head_dim = 256;
+  bool fp16 = true;
+  bool bf16 = false;
+  bool causal = false;
+  bool gqa = false;           // heads_kv != heads_q
+  bool lse = false;
+  bool alibi = false;
+  bool varlen = false;
+  bool cache_seqlens = false;
+  bool paged_kv = false;
+  int max_seqlen_q = 0;       // 0: no limit
+  int vector_elems = 8;       // strides and pointers must be multiples of this many elements
+};
+
+// Throws InvalidArgument naming the first field that is wrong or unsupported.
+void check_params(const AttnParams& p, const Support& s);
+
+// The same checks, returning the message instead of throwing ("" when supported).
+std::string unsupported_reason(const AttnParams& p, const Support& s);
+
+}  // namespace lab

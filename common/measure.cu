@@ -1,0 +1,170 @@
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+#include "common/cuda_check.h"
+#include "common/fill.h"
+#include "common/measure.h"
+
+namespace lab {
+
+bool cuda_device_present() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+GpuInfo gpu_info() {
+  GpuInfo g;
+  int dev = 0;
+  LAB_CUDA_CHECK(cudaGetDevice(&dev));
+  cudaDeviceProp prop{};
+  LAB_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  g.name = prop.name;
+  g.sm_count = prop.multiProcessorCount;
+  g.cc_major = prop.major;
+  g.cc_minor = prop.minor;
+  g.l2_bytes = size_t(prop.l2CacheSize);
+  g.mem_bytes = prop.totalGlobalMem;
+  int drv = 0, rt = 0;
+  LAB_CUDA_CHECK(cudaDriverGetVersion(&drv));
+  LAB_CUDA_CHECK(cudaRuntimeGetVersion(&rt));
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%d.%d", drv / 1000, (drv % 1000) / 10);
+  g.driver = buf;  // the CUDA version the driver supports; nvidia-smi has the driver build
+  std::snprintf(buf, sizeof buf, "%d.%d", rt / 1000, (rt % 1000) / 10);
+  g.cuda_runtime = buf;
+  return g;
+}
+
+L2Flusher::L2Flusher() {
+  int dev = 0, l2 = 0;
+  LAB_CUDA_CHECK(cudaGetDevice(&dev));
+  LAB_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+  buf_.resize(std::max<size_t>(size_t(l2) * 2, size_t(8) << 20));
+}
+
+void L2Flusher::flush(cudaStream_t s) {
+  LAB_CUDA_CHECK(cudaMemsetAsync(buf_.get(), pass_++ & 0xFF, buf_.bytes(), s));
+}
+
+namespace {
+// Keeps the GPU busy for ~20 us, so that the start event is recorded after the host has already
+// enqueued the work being timed: the events then measure GPU time, not launch latency.
+__global__ void spin_kernel(long long ns) {
+  const long long t0 = clock64();
+  while (clock64() - t0 < ns * 2) {  // ~2 cycles per ns on current GPUs; only a lower bound matters
+  }
+}
+}  // namespace
+
+Timing time_it(const std::function<void(cudaStream_t)>& fn, cudaStream_t s, const TimingOptions& opt,
+               L2Flusher* flusher) {
+  for (int i = 0; i < opt.warmup; ++i) fn(s);
+  LAB_CUDA_CHECK(cudaStreamSynchronize(s));
+
+  cudaEvent_t start, stop;
+  LAB_CUDA_CHECK(cudaEventCreate(&start));
+  LAB_CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<float> ms;
+  auto one = [&]() {
+    if (opt.flush_l2 && flusher) flusher->flush(s);
+    spin_kernel<<<1, 1, 0, s>>>(20000);
+    LAB_LAUNCH_CHECK();
+    LAB_CUDA_CHECK(cudaEventRecord(start, s));
+    fn(s);
+    LAB_CUDA_CHECK(cudaEventRecord(stop, s));
+    LAB_CUDA_CHECK(cudaEventSynchronize(stop));
+    float t = 0;
+    LAB_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
+    ms.push_back(t);
+  };
+  // The first repetition sizes the rest: at least min_iters, at most iters, within max_seconds.
+  one();
+  int iters = opt.iters;
+  if (ms[0] > 0) iters = std::min(iters, int(opt.max_seconds * 1e3 / ms[0]));
+  iters = std::max(iters, opt.min_iters);
+  for (int i = 1; i < iters; ++i) one();
+  LAB_CUDA_CHECK(cudaEventDestroy(start));
+  LAB_CUDA_CHECK(cudaEventDestroy(stop));
+
+  std::sort(ms.begin(), ms.end());
+  auto pct = [&](double q) { return double(ms[size_t(q * (ms.size() - 1) + 0.5)]); };
+  Timing t;
+  t.reps = int(ms.size());
+  t.min_ms = ms.front();
+  t.median_ms = ms.size() % 2 ? ms[ms.size() / 2] : 0.5 * (ms[ms.size() / 2 - 1] + ms[ms.size() / 2]);
+  t.p10_ms = pct(0.1);
+  t.p90_ms = pct(0.9);
+  return t;
+}
+
+Ceilings measure_ceilings(cudaStream_t s, size_t copy_bytes, int n) {
+  Ceilings c;
+  TimingOptions opt;
+  opt.warmup = 3;
+  opt.iters = 30;
+  opt.max_seconds = 2.0;
+  opt.flush_l2 = false;  // a 2 GiB copy does not fit in L2 anyway
+  {
+    DeviceBuffer src(copy_bytes), dst(copy_bytes);
+    fill_random(src.get(), DType::fp16, copy_bytes / 2, 128, 7, 1.f, 1.f, s);
+    Timing t = time_it([&](cudaStream_t st) {
+      LAB_CUDA_CHECK(cudaMemcpyAsync(dst.get(), src.get(), copy_bytes, cudaMemcpyDeviceToDevice, st));
+    }, s, opt, nullptr);
+    c.copy_ms = t.median_ms;
+    c.copy_bytes = copy_bytes;
+    c.copy_gbps = 2.0 * double(copy_bytes) / (t.median_ms * 1e-3) / 1e9;
+  }
+  {
+    const size_t elems = size_t(n) * n;
+    DeviceBuffer a(elems * 2), b(elems * 2), d(elems * 2);
+    fill_random(a.get(), DType::fp16, elems, n, 11, 1.f, 1.f, s);
+    fill_random(b.get(), DType::fp16, elems, n, 12, 1.f, 1.f, s);
+    cublasHandle_t h;
+    LAB_CUBLAS_CHECK(cublasCreate(&h));
+    LAB_CUBLAS_CHECK(cublasSetStream(h, s));
+    const float alpha = 1.f, beta = 0.f;
+    Timing t = time_it([&](cudaStream_t) {
+      LAB_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, a.get(), CUDA_R_16F,
+                                    n, b.get(), CUDA_R_16F, n, &beta, d.get(), CUDA_R_16F, n,
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }, s, opt, nullptr);
+    LAB_CUBLAS_CHECK(cublasDestroy(h));
+    c.gemm_ms = t.median_ms;
+    c.gemm_n = n;
+    c.gemm_tflops = 2.0 * double(n) * n * n / (t.median_ms * 1e-3) / 1e12;
+  }
+  return c;
+}
+
+double attn_flops(const HostProblem& hp) {
+  const AttnParams& p = hp.shape;
+  double pairs = 0;
+  for (int b = 0; b < p.batch; ++b) {
+    const int sq = seqlen_q_of(hp, b), sk = seqlen_kv_of(hp, b);
+    if (!p.causal) {
+      pairs += double(sq) * sk;
+    } else {
+      for (int i = 0; i < sq; ++i) pairs += visible_keys(true, i, sq, sk);
+    }
+  }
+  return 4.0 * p.head_dim * p.heads_q * pairs;
+}
+
+double attn_bytes(const HostProblem& hp, double kv_bytes_per_element, double kv_scale_bytes) {
+  const AttnParams& p = hp.shape;
+  const double w = dtype_bytes(p.dtype);
+  double q_rows = 0, kv_rows = 0;
+  for (int b = 0; b < p.batch; ++b) {
+    q_rows += seqlen_q_of(hp, b);
+    kv_rows += seqlen_kv_of(hp, b);
+  }
+  const double q_and_o = 2.0 * q_rows * p.heads_q * p.head_dim * w;
+  const double k_and_v = 2.0 * kv_rows * p.heads_kv * (p.head_dim * kv_bytes_per_element + kv_scale_bytes);
+  return q_and_o + k_and_v;
+}
+
+}  // namespace lab

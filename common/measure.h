@@ -1,0 +1,71 @@
+// How the lab measures: one timing routine, one FLOP/byte formula, ceilings measured in the same run.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <functional>
+#include <string>
+
+#include "common/buffer.h"
+#include "common/reference.h"
+
+namespace lab {
+
+struct GpuInfo {
+  std::string name;  // e.g. "NVIDIA H100 80GB HBM3"
+  std::string driver, cuda_runtime;
+  int sm_count = 0, cc_major = 0, cc_minor = 0;
+  size_t l2_bytes = 0, mem_bytes = 0;
+};
+GpuInfo gpu_info();
+bool cuda_device_present();
+
+// Writes 2x the L2 size before every timed repetition, so each repetition reads from HBM.
+class L2Flusher {
+ public:
+  L2Flusher();
+  void flush(cudaStream_t s);
+
+ private:
+  DeviceBuffer buf_;
+  int pass_ = 0;
+};
+
+struct TimingOptions {
+  int warmup = 3;
+  int iters = 20;           // at most this many timed repetitions ...
+  int min_iters = 3;        // ... and at least this many
+  double max_seconds = 3.0; // fewer repetitions when they would take longer than this in total
+  bool flush_l2 = true;
+};
+
+struct Timing {
+  double median_ms = 0, min_ms = 0, p10_ms = 0, p90_ms = 0;
+  int reps = 0;
+};
+
+// CUDA events around `fn` only; L2 flushed (outside the events) before each repetition.
+Timing time_it(const std::function<void(cudaStream_t)>& fn, cudaStream_t s, const TimingOptions& opt,
+               L2Flusher* flusher);
+
+// The device's ceilings, measured: a device-to-device copy (bytes read + written) and a cuBLAS
+// fp16 GEMM with fp32 accumulation, both median of many repetitions on random data.
+struct Ceilings {
+  double copy_gbps = 0;
+  double gemm_tflops = 0;
+  double copy_ms = 0, gemm_ms = 0;
+  size_t copy_bytes = 0;
+  int gemm_n = 0;
+};
+Ceilings measure_ceilings(cudaStream_t s = 0, size_t copy_bytes = size_t(2) << 30, int gemm_n = 8192);
+
+// Work done by one attention forward, defined once for the whole lab:
+//   FLOPs = 4 * head_dim * heads_q * sum over query rows of the keys that row sees
+//           (QK^T and PV each count 2 per multiply-add; causal counts visible keys only)
+//   bytes = Q + O + K + V, each element read or written once; K/V counted once per KV head
+//           (GQA reads them once per group), at their stored width.
+double attn_flops(const HostProblem& hp);
+double attn_bytes(const HostProblem& hp, double kv_bytes_per_element = 2.0,
+                  double kv_scale_bytes_per_token_head = 0.0);
+
+}  // namespace lab

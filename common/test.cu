@@ -1,0 +1,393 @@
+// Tests of common/: the reference (against an independent direct formula and its properties),
+// the accounting, validation, the command line, and (on a GPU) fills, timing and ceilings.
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "common/testing.h"
+
+using namespace lab;
+
+namespace {
+
+// A host problem with random float tensors (contiguous layout, no GPU involved).
+HostProblem random_host(int b, int hq, int hkv, int sq, int sk, int d, bool causal, uint64_t seed,
+                        float std_qk = 1.f) {
+  HostProblem hp;
+  AttnParams& p = hp.shape;
+  p.batch = b, p.heads_q = hq, p.heads_kv = hkv, p.seqlen_q = sq, p.seqlen_kv = sk, p.head_dim = d;
+  p.causal = causal;
+  p.softmax_scale = 1.f / std::sqrt(float(d));
+  set_contiguous_strides(p);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> n01(0.f, 1.f);
+  hp.q.resize(size_t(b) * sq * hq * d);
+  hp.k.resize(size_t(b) * sk * hkv * d);
+  hp.v.resize(hp.k.size());
+  for (float& x : hp.q) x = std_qk * n01(rng);
+  for (float& x : hp.k) x = std_qk * n01(rng);
+  for (float& x : hp.v) x = n01(rng);
+  return hp;
+}
+
+// Attention written the direct way, in long double: scores for all keys, mask, exp without the
+// max trick (inputs are small), normalize, multiply by V. Shares no code with reference.cpp.
+std::vector<long double> direct_attention(const HostProblem& hp, int b, int h, int i) {
+  const AttnParams& p = hp.shape;
+  const int group = p.heads_q / p.heads_kv, hk = h / group, d = p.head_dim;
+  std::vector<long double> w(size_t(p.seqlen_kv), 0.0L);
+  long double total = 0;
+  for (int j = 0; j < p.seqlen_kv; ++j) {
+    if (p.causal && j - i > p.seqlen_kv - p.seqlen_q) continue;
+    long double dot = 0;
+    for (int c = 0; c < d; ++c)
+      dot += (long double)hp.q[((size_t(b) * p.seqlen_q + i) * p.heads_q + h) * d + c] *
+             hp.k[((size_t(b) * p.seqlen_kv + j) * p.heads_kv + hk) * d + c];
+    long double bias = hp.alibi_slopes.empty() ? 0 : hp.alibi_slopes[h] * (long double)(j - i - (p.seqlen_kv - p.seqlen_q));
+    w[j] = std::exp((long double)p.softmax_scale * dot + bias);
+    total += w[j];
+  }
+  std::vector<long double> out(size_t(d), 0.0L);
+  for (int j = 0; j < p.seqlen_kv; ++j)
+    for (int c = 0; c < d; ++c)
+      out[c] += w[j] / total * hp.v[((size_t(b) * p.seqlen_kv + j) * p.heads_kv + hk) * d + c];
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("reference equals the direct formula on tiny shapes", "[cpu]") {
+  struct Case { int b, hq, hkv, sq, sk, d; bool causal, alibi; };
+  for (Case c : {Case{1, 1, 1, 1, 1, 4, false, false}, Case{2, 2, 2, 5, 5, 8, true, false},
+                 Case{1, 4, 2, 3, 7, 8, true, false}, Case{1, 3, 1, 6, 4, 16, false, false},
+                 Case{2, 4, 4, 6, 9, 8, true, true}, Case{1, 6, 3, 7, 7, 4, false, true}}) {
+    HostProblem hp = random_host(c.b, c.hq, c.hkv, c.sq, c.sk, c.d, c.causal, 42 + c.sq);
+    if (c.alibi) hp.alibi_slopes = alibi_slopes_standard(c.hq);
+    std::vector<double> out(size_t(c.d));
+    for (int b = 0; b < c.b; ++b)
+      for (int h = 0; h < c.hq; ++h)
+        for (int i = 0; i < c.sq; ++i) {
+          if (visible_keys(c.causal, i, c.sq, c.sk) == 0) continue;
+          reference_row(hp, b, h, i, out.data());
+          const std::vector<long double> want = direct_attention(hp, b, h, i);
+          for (int k = 0; k < c.d; ++k) REQUIRE(std::fabs(out[k] - double(want[k])) < 1e-12);
+        }
+  }
+}
+
+TEST_CASE("reference: rows of P sum to 1 and masked keys get zero weight", "[cpu]") {
+  // seqlen_q != seqlen_kv both ways: the causal diagonal is aligned bottom-right.
+  for (auto [sq, sk] : {std::pair{5, 9}, std::pair{9, 5}, std::pair{7, 7}}) {
+    HostProblem hp = random_host(1, 2, 2, sq, sk, 8, true, 7, 3.f);
+    std::vector<double> prob;
+    for (int i = 0; i < sq; ++i) {
+      const double lse = reference_probs(hp, 0, 1, i, prob);
+      const int visible = i + sk - sq + 1;  // keys 0 .. i + sk - sq
+      double sum = 0;
+      for (int j = 0; j < sk; ++j) {
+        if (j >= visible) REQUIRE(prob[j] == 0.0);
+        sum += prob[j];
+      }
+      if (visible <= 0) {
+        REQUIRE(sum == 0.0);
+        REQUIRE(std::isinf(lse));
+        REQUIRE(lse < 0);
+      } else {
+        REQUIRE(std::fabs(sum - 1.0) < 1e-12);
+        REQUIRE(std::isfinite(lse));
+      }
+    }
+  }
+}
+
+TEST_CASE("reference: a row that sees no key outputs zeros", "[cpu]") {
+  HostProblem hp = random_host(1, 1, 1, 6, 3, 4, true, 9);
+  std::vector<double> out(4, 123.0);
+  // sq = 6, sk = 3: rows 0..2 see no key (j <= i - 3).
+  const double lse = reference_row(hp, 0, 0, 1, out.data());
+  REQUIRE(std::isinf(lse));
+  for (double x : out) REQUIRE(x == 0.0);
+  REQUIRE(visible_keys(true, 5, 6, 3) == 3);
+  REQUIRE(visible_keys(true, 2, 6, 3) == 0);
+  REQUIRE(visible_keys(false, 0, 6, 3) == 3);
+}
+
+TEST_CASE("reference: GQA maps query head h to KV head h / group", "[cpu]") {
+  HostProblem hp = random_host(1, 8, 2, 4, 6, 8, false, 11);
+  // Give query heads 0..3 (group 0) and 4..7 (group 1) the same queries.
+  for (int i = 0; i < 4; ++i)
+    for (int h = 1; h < 8; ++h)
+      for (int c = 0; c < 8; ++c) hp.q[(size_t(i) * 8 + h) * 8 + c] = hp.q[(size_t(i) * 8 + 0) * 8 + c];
+  std::vector<double> a(8), b(8);
+  reference_row(hp, 0, 0, 2, a.data());
+  reference_row(hp, 0, 3, 2, b.data());
+  REQUIRE(a == b);  // same group: same K/V
+  reference_row(hp, 0, 4, 2, b.data());
+  REQUIRE(a != b);  // other group
+  // Changing KV head 1 must not change the output of head 0.
+  for (int j = 0; j < 6; ++j)
+    for (int c = 0; c < 8; ++c) hp.v[(size_t(j) * 2 + 1) * 8 + c] += 1.f;
+  reference_row(hp, 0, 0, 2, b.data());
+  REQUIRE(a == b);
+}
+
+TEST_CASE("ALiBi standard slopes", "[cpu]") {
+  const std::vector<float> s8 = alibi_slopes_standard(8);
+  for (int i = 0; i < 8; ++i) REQUIRE(s8[i] == Approx(std::pow(2.0, -(i + 1))));
+  // 12 heads: the 8 slopes of 8 heads, then the odd-numbered slopes of 16 heads (2^-0.5, 2^-1.5, ...).
+  const std::vector<float> s12 = alibi_slopes_standard(12);
+  REQUIRE(s12.size() == 12);
+  for (int i = 0; i < 8; ++i) REQUIRE(s12[i] == s8[i]);
+  for (int i = 0; i < 4; ++i) REQUIRE(s12[8 + i] == Approx(std::pow(2.0, -0.5 - 1.0 * i)));
+}
+
+TEST_CASE("accounting: FLOPs count visible keys, bytes count each tensor once", "[cpu]") {
+  HostProblem hp = random_host(2, 4, 4, 4, 4, 16, false, 1);
+  REQUIRE(attn_flops(hp) == 4.0 * 16 * 4 * 2 * (4 * 4));
+  hp.shape.causal = true;  // rows see 1 + 2 + 3 + 4 keys
+  REQUIRE(attn_flops(hp) == 4.0 * 16 * 4 * 2 * 10);
+  HostProblem r = random_host(1, 2, 1, 2, 5, 8, true, 1);  // rows see 4 and 5 keys
+  REQUIRE(attn_flops(r) == 4.0 * 8 * 2 * 9);
+  // Q and O: 1*2*2*8 elements each; K and V: 1*5*1*8 each (GQA: once per KV head); 2 bytes each.
+  REQUIRE(attn_bytes(r) == 2.0 * (2 * 32 + 2 * 40));
+  REQUIRE(attn_bytes(r, 1.0, 4.0) == 2.0 * 2 * 32 + 2.0 * 5 * (8 + 4));
+  // Per-sequence cache lengths replace seqlen_kv.
+  HostProblem c = random_host(2, 1, 1, 1, 10, 8, false, 1);
+  c.cache_seqlens = {3, 10};
+  REQUIRE(attn_flops(c) == 4.0 * 8 * (3 + 10));
+}
+
+TEST_CASE("rates: pct_peak uses the ceiling that bounds the problem", "[cpu]") {
+  ResultRow r;
+  r.ms = 1.0;
+  r.flops = 500e9;  // 500 TFLOPS
+  r.bytes = 1e9;    // 1000 GB/s: 500 FLOP/byte, above the ridge of 700e12 / 3000e9 = 233
+  fill_rates(r, 700, 3000);
+  REQUIRE(r.bound == "compute");
+  REQUIRE(r.pct_peak == Approx(100.0 * 500 / 700));
+  r.flops = 1e9;
+  fill_rates(r, 700, 3000);
+  REQUIRE(r.bound == "memory");
+  REQUIRE(r.pct_peak == Approx(100.0 * 1000 / 3000));
+}
+
+TEST_CASE("validation catches unwritten, NaN and wrong elements; passes the exact answer", "[cpu]") {
+  for (DType t : {DType::fp16, DType::bf16}) {
+    HostProblem hp = random_host(1, 2, 2, 70, 70, 16, true, 5);
+    hp.shape.dtype = t;
+    // Round the inputs to the storage type, as the device copies are.
+    for (auto* v : {&hp.q, &hp.k, &hp.v})
+      for (float& x : *v) x = half_bits_to_float(float_to_half_bits(x, t), t);
+    std::vector<uint16_t> o(hp.q.size());
+    std::vector<float> lse(size_t(2) * 70);
+    std::vector<double> row(16);
+    for (int h = 0; h < 2; ++h)
+      for (int i = 0; i < 70; ++i) {
+        lse[lse_offset(hp.shape, 0, h, i)] = float(reference_row(hp, 0, h, i, row.data()));
+        for (int c = 0; c < 16; ++c)
+          o[o_offset(hp.shape, 0, i, h) + c] = float_to_half_bits(float(row[c]), t);
+      }
+    CheckOptions all;
+    all.all_rows = true;
+    CheckReport good = check_output(hp, o, lse, all);
+    INFO(good.summary());
+    REQUIRE(good.ok);
+    REQUIRE(good.rows_checked == 140);
+
+    auto bad = o;
+    bad[o_offset(hp.shape, 0, 69, 1) + 15] = poison_bits(t);
+    CheckReport r = check_output(hp, bad, lse, all);
+    REQUIRE_FALSE(r.ok);
+    REQUIRE(r.unwritten == 1);
+    REQUIRE(r.failure.find("never written") != std::string::npos);
+
+    bad = o;
+    bad[o_offset(hp.shape, 0, 3, 0)] = t == DType::fp16 ? 0x7C00 : 0x7F80;  // +Inf
+    r = check_output(hp, bad, lse, all);
+    REQUIRE_FALSE(r.ok);
+    REQUIRE(r.nan_or_inf == 1);
+
+    bad = o;  // one element off by 0.5
+    const int64_t at = o_offset(hp.shape, 0, 40, 1) + 2;
+    bad[at] = float_to_half_bits(half_bits_to_float(o[at], t) + 0.5f, t);
+    r = check_output(hp, bad, lse, all);
+    REQUIRE_FALSE(r.ok);
+    REQUIRE(r.failure.find("i=40") != std::string::npos);
+
+    auto bad_lse = lse;
+    bad_lse[lse_offset(hp.shape, 0, 1, 30)] += 0.01f;
+    r = check_output(hp, o, bad_lse, all);
+    REQUIRE_FALSE(r.ok);
+    REQUIRE(r.failure.find("lse") != std::string::npos);
+
+    // A sampled check of a large problem still scans every element for poison.
+    CheckOptions sampled;
+    sampled.budget_flops = 1;
+    bad = o;
+    bad[o_offset(hp.shape, 0, 50, 0) + 1] = poison_bits(t);
+    r = check_output(hp, bad, lse, sampled);
+    REQUIRE(r.sampled);
+    REQUIRE(r.rows_checked < r.rows_total);
+    REQUIRE_FALSE(r.ok);
+  }
+}
+
+TEST_CASE("tolerances follow the storage precision", "[cpu]") {
+  REQUIRE(tolerance_for(DType::fp16).rel_l2 == Approx(2.0 / 1024));
+  REQUIRE(tolerance_for(DType::bf16).rel_l2 == Approx(2.0 / 128));
+  REQUIRE(tolerance_for(DType::bf16).max_abs > tolerance_for(DType::fp16).max_abs);
+}
+
+TEST_CASE("command line: bad input is refused naming the flag", "[cpu]") {
+  auto error_of = [](std::vector<std::string> args) -> std::string {
+    try {
+      parse_cli(args);
+    } catch (const CliError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  CHECK(error_of({"--head-dim", "0"}).find("--head-dim") == 0);
+  CHECK(error_of({"--head-dim", "0"}).find("allowed: 1..256") != std::string::npos);
+  CHECK(error_of({"--heads", "32", "--heads-kv", "5"}).find("--heads-kv") == 0);
+  CHECK(error_of({"--seqlen-q", "-1"}).find("--seqlen-q") == 0);
+  CHECK(error_of({"--dtype", "fp64"}) == "--dtype: 'fp64' is not allowed (allowed: fp16, bf16)");
+  CHECK(error_of({"--frobnicate"}).find("unknown flag '--frobnicate'") == 0);
+  CHECK(error_of({"--batch"}) == "--batch needs a value");
+  CHECK(error_of({"--batch", "--causal"}) == "--batch needs a value");
+  CHECK(error_of({"--batch", "x7"}).find("--batch: 'x7' is not an integer") == 0);
+  CHECK(error_of({"--page-size", "48"}).find("--page-size") == 0);
+  CHECK(error_of({"--dist", "cauchy"}).find("--dist") == 0);
+  CHECK(error_of({"--causal=1"}) == "--causal takes no value");
+
+  CliOptions o = parse_cli({"--batch=3", "--heads", "8", "--heads-kv", "2", "--seqlen", "100",
+                            "--dtype", "bf16", "--causal"});
+  REQUIRE(o.batch == 3);
+  REQUIRE(o.heads_kv == 2);
+  REQUIRE(o.seqlen_q == 100);
+  REQUIRE(o.seqlen_kv == 100);
+  REQUIRE(o.dtype == DType::bf16);
+  REQUIRE(o.causal);
+  REQUIRE(parse_cli({}).heads_kv == parse_cli({}).heads);
+}
+
+TEST_CASE("command line: run_cli exits with 2 on bad input, before touching a GPU", "[cpu]") {
+  Chapter none{"test_chapter", {}};
+  Support sup;
+  sup.chapter = "test_chapter";
+  sup.head_dims = {64, 128};
+  Chapter one{"test_chapter", {{"", +[](const AttnParams&, cudaStream_t) {}, &sup, nullptr}}};
+  auto run = [&](const Chapter& ch, std::vector<std::string> a) {
+    std::vector<char*> argv{const_cast<char*>("prog")};
+    for (auto& s : a) argv.push_back(s.data());
+    return run_cli(int(argv.size()), argv.data(), ch);
+  };
+  REQUIRE(run(one, {"--head-dim", "0"}) == 2);
+  REQUIRE(run(one, {"--heads", "32", "--heads-kv", "5"}) == 2);
+  REQUIRE(run(one, {"--seqlen-q", "-1"}) == 2);
+  REQUIRE(run(one, {"--dtype", "fp64"}) == 2);
+  REQUIRE(run(one, {"--nope"}) == 2);
+  REQUIRE(run(one, {"--iters"}) == 2);
+  REQUIRE(run(one, {"--head-dim", "96"}) == 2);  // valid flag, unsupported by the chapter
+  REQUIRE(run(one, {"--variant", "other"}) == 2);
+  REQUIRE(run(one, {"--help"}) == 0);
+}
+
+TEST_CASE("check_params names the field", "[cpu]") {
+  Support s;
+  s.chapter = "chX";
+  s.head_dims = {64, 128};
+  AttnParams p;
+  p.batch = 2, p.heads_q = 8, p.heads_kv = 8, p.seqlen_q = 10, p.seqlen_kv = 10, p.head_dim = 64;
+  p.softmax_scale = 0.125f;
+  set_contiguous_strides(p);
+  alignas(16) static char buf[64];
+  p.q = p.k = p.v = buf;
+  p.o = buf;
+  REQUIRE(unsupported_reason(p, s).empty());
+  auto why = [&](auto change) { AttnParams c = p; change(c); return unsupported_reason(c, s); };
+  CHECK(why([](auto& c) { c.head_dim = 96; }).find("head_dim = 96 is not supported (supported: 64, 128)") != std::string::npos);
+  CHECK(why([](auto& c) { c.heads_kv = 2; }).find("heads_kv") != std::string::npos);  // GQA unsupported here
+  CHECK(why([](auto& c) { c.heads_kv = 3; }).find("not a multiple of heads_kv") != std::string::npos);
+  CHECK(why([](auto& c) { c.k = buf + 2; }).find("k pointer is not 16-byte aligned") != std::string::npos);
+  CHECK(why([](auto& c) { c.v_row_stride = 8 * 64 + 4; }).find("v_row_stride") != std::string::npos);
+  CHECK(why([](auto& c) { c.k_head_stride = -64; }).find("k_head_stride") != std::string::npos);
+  CHECK(why([](auto& c) { c.causal = true; }).find("causal") != std::string::npos);
+  CHECK(why([](auto& c) { c.lse = reinterpret_cast<float*>(buf); }).find("lse") != std::string::npos);
+  CHECK(why([](auto& c) { c.dtype = DType::bf16; }).find("dtype = bf16") != std::string::npos);
+  CHECK(why([](auto& c) { c.seqlen_kv = 0; }).find("seqlen_kv = 0 must be > 0") != std::string::npos);
+  CHECK(why([](auto& c) { c.v = nullptr; }).find("v is a null pointer") != std::string::npos);
+  s.paged_kv = true;
+  CHECK(why([](auto& c) {
+          c.block_table = reinterpret_cast<const int*>(buf);
+          c.page_size = 24;
+          c.max_pages_per_seq = 1;
+          c.num_pages = 1;
+        }).find("page_size = 24") != std::string::npos);
+  CHECK(why([](auto& c) {
+          c.block_table = reinterpret_cast<const int*>(buf);
+          c.page_size = 16;
+          c.max_pages_per_seq = 0;
+          c.num_pages = 1;
+        }).find("max_pages_per_seq") != std::string::npos);
+  CHECK(why([](auto& c) {
+          c.block_table = reinterpret_cast<const int*>(buf);
+          c.page_size = 16;
+          c.max_pages_per_seq = 1;  // 16 tokens < seqlen_kv would need
+          c.seqlen_kv = 17;
+          c.num_pages = 1;
+        }).find("exceeds the block table's capacity") != std::string::npos);
+}
+
+TEST_CASE("fills are seeded, reproducible and have the requested spread", "[gpu]") {
+  const size_t n = size_t(1) << 20;
+  DeviceBuffer a(n * 2), b(n * 2);
+  fill_random(a.get(), DType::fp16, n, 128, 5, 2.f, 1.f);
+  fill_random(b.get(), DType::fp16, n, 128, 5, 2.f, 1.f);
+  std::vector<float> x = download_as_float(a.get(), DType::fp16, n);
+  REQUIRE(download_bits(a.get(), n) == download_bits(b.get(), n));
+  fill_random(b.get(), DType::fp16, n, 128, 6, 2.f, 1.f);
+  REQUIRE(download_bits(a.get(), n) != download_bits(b.get(), n));
+  double mean = 0, var = 0;
+  for (float v : x) mean += v;
+  mean /= n;
+  for (float v : x) var += (v - mean) * (v - mean);
+  var /= n;
+  CHECK(std::fabs(mean) < 0.01);
+  CHECK(std::sqrt(var) == Approx(2.0).epsilon(0.01));
+  // Outlier channels: about one in 16 has a 10x spread.
+  fill_random(a.get(), DType::bf16, n, 128, 9, 1.f, 10.f);
+  x = download_as_float(a.get(), DType::bf16, n);
+  int wide = 0;
+  for (int c = 0; c < 128; ++c) {
+    double s2 = 0;
+    for (size_t i = c; i < n; i += 128) s2 += double(x[i]) * x[i];
+    wide += std::sqrt(s2 / (n / 128)) > 5.0;
+  }
+  CHECK(wide >= 2);
+  CHECK(wide <= 20);
+}
+
+TEST_CASE("poison marks every element", "[gpu][sanitize]") {
+  DeviceBuffer a(1000 * 2);
+  poison(a.get(), DType::bf16, 1000);
+  for (uint16_t v : download_bits(a.get(), 1000)) REQUIRE(v == kPoisonBf16);
+}
+
+TEST_CASE("timing and ceilings measure something plausible", "[gpu]") {
+  L2Flusher flusher;
+  DeviceBuffer a(size_t(256) << 20), b(size_t(256) << 20);
+  TimingOptions opt;
+  opt.iters = 10;
+  Timing t = time_it([&](cudaStream_t s) {
+    LAB_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), a.bytes(), cudaMemcpyDeviceToDevice, s));
+  }, 0, opt, &flusher);
+  REQUIRE(t.reps == 10);
+  REQUIRE(t.min_ms > 0);
+  REQUIRE(t.min_ms <= t.median_ms);
+  REQUIRE(t.median_ms <= t.p90_ms);
+  Ceilings c = measure_ceilings(0, size_t(512) << 20, 4096);
+  INFO("copy " << c.copy_gbps << " GB/s, GEMM " << c.gemm_tflops << " TFLOPS");
+  REQUIRE(c.copy_gbps > 100);
+  REQUIRE(c.gemm_tflops > 10);
+}

@@ -1,0 +1,80 @@
+// Shared Catch2 main. Tests tagged [gpu] need a CUDA device: without one, a run asked for "[gpu]"
+// exits with 77 (ctest's SKIP_RETURN_CODE, shown as "Skipped"), and other runs leave them out.
+#if LAB_CATCH2_V3
+#include <catch2/catch_session.hpp>
+#else
+#define CATCH_CONFIG_RUNNER
+#include <catch2/catch.hpp>
+#endif
+
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common/driver.h"
+#include "common/measure.h"
+
+namespace lab {
+
+namespace {
+uint64_t g_seed = 0;
+}
+
+uint64_t test_seed() { return g_seed; }
+
+std::vector<ProblemSpec> awkward_prefill_shapes(int d, DType dtype) {
+  struct S { int b, hq, hkv, sq, sk; bool causal; Dist dist; };
+  const S shapes[] = {
+      {1, 1, 1, 1, 1, false, Dist::normal},        {1, 2, 2, 1, 1000, true, Dist::normal},
+      {2, 2, 2, 17, 17, true, Dist::normal},       {1, 2, 2, 17, 1000, true, Dist::normal},
+      {1, 2, 2, 1000, 17, true, Dist::normal},     {2, 3, 3, 1000, 1000, false, Dist::normal},
+      {1, 2, 2, 1000, 1000, true, Dist::large_logits}, {1, 4, 4, 129, 257, false, Dist::outliers},
+      {1, 2, 2, 257, 129, false, Dist::large_logits},  {200, 1, 1, 33, 65, true, Dist::normal},
+      {1, 8, 2, 300, 300, true, Dist::normal},     {1, 8, 1, 100, 200, false, Dist::large_logits},
+      {1, 16, 2, 64, 128, true, Dist::normal},     {1, 2, 2, 1025, 1025, true, Dist::normal},
+  };
+  std::vector<ProblemSpec> out;
+  uint64_t k = 0;
+  for (const S& s : shapes) {
+    ProblemSpec p;
+    p.batch = s.b, p.heads_q = s.hq, p.heads_kv = s.hkv, p.seqlen_q = s.sq, p.seqlen_kv = s.sk;
+    p.head_dim = d, p.causal = s.causal, p.dist = s.dist, p.dtype = dtype, p.lse = true;
+    p.seed = test_seed() * 1000 + (++k);
+    out.push_back(p);
+  }
+  return out;
+}
+
+std::string describe(const ProblemSpec& s) {
+  std::ostringstream o;
+  o << "b" << s.batch << " h" << s.heads_q << "/" << s.heads_kv << " sq" << s.seqlen_q << " sk"
+    << s.seqlen_kv << " d" << s.head_dim << (s.causal ? " causal " : " ") << dtype_name(s.dtype)
+    << " " << dist_name(s.dist) << (s.lse ? " lse" : "") << (s.row_pad ? " strided" : "")
+    << " seed " << s.seed;
+  return o.str();
+}
+
+}  // namespace lab
+
+int main(int argc, char** argv) {
+  if (const char* env = std::getenv("LAB_TEST_SEED")) lab::g_seed = std::strtoull(env, nullptr, 10);
+  else lab::g_seed = std::random_device{}() % 100000;
+  std::printf("test seed: %llu (LAB_TEST_SEED=%llu repeats this run)\n",
+              (unsigned long long)lab::g_seed, (unsigned long long)lab::g_seed);
+  std::vector<char*> args(argv, argv + argc);
+  if (!lab::cuda_device_present()) {
+    for (int i = 1; i < argc; ++i)
+      if (std::string(argv[i]) == "[gpu]") {
+        std::printf("no CUDA device: skipping the GPU tests\n");
+        return 77;
+      }
+    static char exclude_gpu[] = "~[gpu]";
+    bool has_filter = false;
+    for (int i = 1; i < argc; ++i) has_filter |= argv[i][0] != '-';
+    if (!has_filter) args.push_back(exclude_gpu);
+  }
+  return Catch::Session().run(int(args.size()), args.data());
+}

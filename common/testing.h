@@ -1,0 +1,51 @@
+// What every chapter's test.cu includes: Catch2 (v2 or v3) and a one-call GPU check.
+#pragma once
+
+#if LAB_CATCH2_V3
+#include <catch2/catch_test_macros.hpp>
+#include <catch2/catch_approx.hpp>
+#include <catch2/generators/catch_generators.hpp>
+using Catch::Approx;
+#else
+#include <catch2/catch.hpp>
+#endif
+
+#include "common/driver.h"
+
+namespace lab {
+
+// The seed of this test run: LAB_TEST_SEED if set, else drawn fresh and printed by the test main,
+// so every run draws new inputs and a failing run can be repeated.
+uint64_t test_seed();
+
+// The awkward prefill shapes every attention chapter is tested on (CONVENTIONS.md): seqlen 1, 17,
+// 1000 and other non-multiples of the tiles, seqlen_q != seqlen_kv both ways (with causal, rows
+// that see no key at all), large logits and outliers, GQA ratios 1, 4, 8 and MQA, batch 1 and
+// batch > #SMs. Seeds differ per shape and per run.
+std::vector<ProblemSpec> awkward_prefill_shapes(int head_dim, DType dtype);
+std::string describe(const ProblemSpec& s);
+
+// Builds the problem, poisons the outputs, runs the variant once and checks every row
+// (sampled rows only when `all_rows` is false and the problem is large).
+inline CheckReport run_and_check(const Variant& v, const ProblemSpec& spec, bool all_rows = true) {
+  Problem prob(spec);
+  if (v.support) check_params(prob.params, *v.support);
+  if (v.workspace) prob.ensure_workspace(v.workspace(prob.params));
+  prob.poison_outputs(0);
+  v.forward(prob.params, 0);
+  LAB_CUDA_CHECK(cudaDeviceSynchronize());
+  CheckOptions opt;
+  opt.all_rows = all_rows;
+  opt.seed = spec.seed;
+  return prob.check(opt);
+}
+
+}  // namespace lab
+
+// Fails with the check's one-line summary (errors, rows, the first bad element).
+#define LAB_REQUIRE_PASS(report)      \
+  do {                                \
+    const auto& lab_r_ = (report);    \
+    INFO(lab_r_.summary());           \
+    REQUIRE(lab_r_.ok);               \
+  } while (0)
