@@ -1,0 +1,134 @@
+// Tests of 01_naive: both variants against the fp64 reference over awkward shapes.
+#include "01_naive/kernel.h"
+#include "common/testing.h"
+
+using lab::DType;
+using lab::ProblemSpec;
+
+namespace {
+
+ProblemSpec shape(int b, int hq, int hkv, int sq, int sk, int d, bool causal = false) {
+  ProblemSpec s;
+  s.batch = b, s.heads_q = hq, s.heads_kv = hkv, s.seqlen_q = sq, s.seqlen_kv = sk, s.head_dim = d;
+  s.causal = causal;
+  return s;
+}
+
+const lab::Variant& naive() { static lab::Chapter c = ch01::chapter(); return c.variants[0]; }
+const lab::Variant& cublas() { static lab::Chapter c = ch01::chapter(); return c.variants[1]; }
+
+}  // namespace
+
+TEST_CASE("01_naive matches the reference on awkward shapes", "[gpu]") {
+  for (int d : {64, 128})
+    for (lab::ProblemSpec s : lab::awkward_prefill_shapes(d, DType::fp16)) {
+      INFO(lab::describe(s));
+      LAB_REQUIRE_PASS(lab::run_and_check(naive(), s));
+    }
+  // Head dims no tensor-core chapter takes: odd, small, large.
+  for (int d : {7, 40, 256}) {
+    ProblemSpec s = shape(2, 3, 1, 77, 100, d, true);
+    s.seed = lab::test_seed() + d;
+    s.lse = true;
+    INFO(lab::describe(s));
+    LAB_REQUIRE_PASS(lab::run_and_check(naive(), s));
+  }
+}
+
+TEST_CASE("01_naive: bf16, large logits, outliers and strided rows", "[gpu]") {
+  for (DType t : {DType::fp16, DType::bf16})
+    for (lab::Dist dist : {lab::Dist::normal, lab::Dist::large_logits, lab::Dist::outliers}) {
+      ProblemSpec s = shape(2, 4, 2, 300, 333, 64, true);
+      s.dtype = t;
+      s.dist = dist;
+      s.lse = true;
+      s.row_pad = 8;
+      s.seed = lab::test_seed() + 7 + int(dist);
+      INFO(lab::dtype_name(t) << " " << lab::dist_name(dist));
+      LAB_REQUIRE_PASS(lab::run_and_check(naive(), s));
+    }
+}
+
+TEST_CASE("01_naive/cublas matches the reference (normal and outlier inputs)", "[gpu]") {
+  struct Case { int b, hq, hkv, sq, sk, d; bool causal; };
+  const Case cases[] = {{1, 1, 1, 1, 1, 64, false},     {1, 2, 2, 17, 17, 64, true},
+                        {2, 3, 3, 1000, 1000, 128, true}, {1, 4, 4, 17, 1000, 64, true},
+                        {1, 4, 4, 1000, 17, 128, true},   {1, 8, 2, 129, 257, 96, false},
+                        {200, 1, 1, 33, 64, 64, false},   {2, 2, 2, 512, 512, 256, true}};
+  uint64_t seed = lab::test_seed() * 100;
+  for (const Case& c : cases)
+    for (DType t : {DType::fp16, DType::bf16})
+      for (lab::Dist dist : {lab::Dist::normal, lab::Dist::outliers}) {
+        ProblemSpec s = shape(c.b, c.hq, c.hkv, c.sq, c.sk, c.d, c.causal);
+        s.seed = ++seed;
+        s.dtype = t;
+        s.dist = dist;
+        INFO("b" << c.b << " h" << c.hq << "/" << c.hkv << " sq" << c.sq << " sk" << c.sk << " d"
+                 << c.d << (c.causal ? " causal " : " ") << lab::dtype_name(t) << " "
+                 << lab::dist_name(dist));
+        LAB_REQUIRE_PASS(lab::run_and_check(cublas(), s));
+      }
+}
+
+TEST_CASE("01_naive/cublas: logits stored in fp16 lose accuracy when they are large", "[gpu]") {
+  // The lesson of the baseline's one shortcut: with logits of spread ~9, rounding S to fp16 moves
+  // each exp() by up to ~1%, far more than the fp32 S of the naive kernels does.
+  ProblemSpec s = shape(1, 4, 4, 256, 256, 128);
+  s.dist = lab::Dist::large_logits;
+  s.seed = lab::test_seed() + 3;
+  const lab::CheckReport exact = lab::run_and_check(naive(), s);
+  const lab::CheckReport rounded = lab::run_and_check(cublas(), s);
+  INFO("naive (fp32 S): " << exact.summary());
+  INFO("cublas (fp16 S): " << rounded.summary());
+  LAB_REQUIRE_PASS(exact);
+  REQUIRE(rounded.rel_l2_err > 4 * exact.rel_l2_err);
+}
+
+TEST_CASE("01_naive refuses what it does not support, naming the field", "[cpu]") {
+  lab::AttnParams p;
+  p.batch = 1, p.heads_q = 4, p.heads_kv = 4, p.seqlen_q = 8, p.seqlen_kv = 8, p.head_dim = 64;
+  p.softmax_scale = 0.125f;
+  lab::set_contiguous_strides(p);
+  alignas(16) static char buf[16];
+  p.q = p.k = p.v = buf;
+  p.o = buf;
+  auto refused = [&](lab::AttnParams bad, const std::string& field) {
+    INFO("expecting a message naming " << field);
+    try {
+      ch01::forward(bad, 0);
+      FAIL("forward accepted an invalid problem");
+    } catch (const lab::InvalidArgument& e) {
+      const std::string msg = e.what();
+      INFO(msg);
+      CHECK(msg.find(field) != std::string::npos);
+    }
+  };
+  auto with = [&](auto change) { lab::AttnParams c = p; change(c); return c; };
+  refused(with([](auto& c) { c.head_dim = 300; }), "head_dim");
+  refused(with([](auto& c) { c.heads_kv = 3; }), "heads_kv");
+  refused(with([](auto& c) { c.seqlen_q = 0; }), "seqlen_q");
+  refused(with([](auto& c) { c.seqlen_kv = -5; }), "seqlen_kv");
+  refused(with([](auto& c) { c.batch = 0; }), "batch");
+  refused(with([](auto& c) { c.q = nullptr; }), "q is a null pointer");
+  refused(with([](auto& c) { c.o = nullptr; }), "o is a null pointer");
+  refused(with([](auto& c) { c.dtype = lab::DType(7); }), "dtype");
+  refused(with([](auto& c) { c.softmax_scale = 0.f; }), "softmax_scale");
+  refused(with([](auto& c) { c.alibi_slopes = reinterpret_cast<const float*>(buf); }), "alibi_slopes");
+  refused(with([](auto& c) { c.workspace = nullptr; }), "workspace");
+  // cuBLAS needs 16-byte aligned rows.
+  try {
+    ch01::forward_cublas(with([](auto& c) { c.q_row_stride = 4 * 64 + 3; }), 0);
+    FAIL("misaligned stride accepted");
+  } catch (const lab::InvalidArgument& e) {
+    CHECK(std::string(e.what()).find("q_row_stride") != std::string::npos);
+  }
+}
+
+TEST_CASE("01_naive: a small case for the sanitizers", "[gpu][sanitize]") {
+  ProblemSpec s = shape(2, 2, 1, 70, 130, 64, true);
+  s.seed = lab::test_seed();
+  s.lse = true;
+  LAB_REQUIRE_PASS(lab::run_and_check(naive(), s));
+  s.lse = false;
+  LAB_REQUIRE_PASS(lab::run_and_check(cublas(), s));
+}
