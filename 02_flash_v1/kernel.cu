@@ -1,0 +1,255 @@
+// 02_flash_v1: FlashAttention-1, the paper's Algorithm 1, on CUDA cores (fp32 math).
+//
+// What changes from 01_naive: S never reaches HBM. K and V are cut into tiles K_j, V_j of B_c
+// keys, Q into tiles Q_i of B_r rows; a B_r x B_c tile of S lives in shared memory only, and the
+// softmax is computed online: each row keeps its running max m_i and sum l_i, and when a new tile
+// raises the max, what was accumulated so far is rescaled by exp(m_old - m_new).
+//
+// The loop order is the paper's: K_j/V_j outer, Q_i inner. So the running O_i, l_i, m_i of every
+// query tile must survive between visits: they are read from and written back to global memory
+// (fp32) for every (i, j) pair, and O_i is renormalized at every step (Algorithm 1, line 12).
+// That traffic, and the CUDA-core arithmetic, are what 03_flash_v2 removes.
+//
+// Parallelism: the paper's kernel runs one block per (batch, head). One block per (batch, head)
+// is 64 to 512 blocks on the prefill grid, under 4 per SM, so each (batch, head) is also split
+// into groups of query tiles: each block runs Algorithm 1 on its group. With one group this is
+// exactly Algorithm 1; more groups only re-read K_j/V_j once per group.
+//
+// clang-format off
+//   for j in 0 .. T_c-1:                       (outer: one K_j, V_j tile in shared memory)
+//     load K_j, V_j                                      +-----+-----+-----+
+//     for i in my query tiles:                 (inner)   | S_ij = scale Q_i K_j^T   (smem)
+//       load Q_i; load O_i, l_i, m_i from HBM            | m~ = rowmax, P~ = exp(S - m~), l~ = rowsum
+//       m_new = max(m_i, m~);  l_new = e^(m_i-m_new) l_i + e^(m~-m_new) l~
+//       O_i = (l_i e^(m_i-m_new) O_i + e^(m~-m_new) P~ V_j) / l_new   -> back to HBM
+// clang-format on
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+
+#include "02_flash_v1/kernel.h"
+#include "common/cuda_check.h"
+
+namespace ch02 {
+
+const lab::Support kSupport = [] {
+  lab::Support s;
+  s.chapter = "02_flash_v1";
+  s.max_head_dim = 128;
+  s.bf16 = true;
+  s.causal = true;
+  s.gqa = true;
+  s.lse = true;
+  s.vector_elems = 1;  // scalar loads: any head_dim up to 128, any stride
+  return s;
+}();
+
+namespace {
+
+constexpr int B_r = 64, B_c = 64, kThreads = 256;
+
+template <class T>
+__device__ float to_float(T x) { return float(x); }
+
+// Shared memory for head_dim up to D: Q_i and K_j rows padded to D + 1 floats (the S loop reads
+// 16 different rows at the same column: an odd stride spreads them over the banks).
+template <int D>
+constexpr size_t smem_bytes() {
+  return sizeof(float) * (size_t(B_r) * (D + 1) + size_t(B_c) * (D + 1) + size_t(B_c) * D +
+                          size_t(B_r) * (B_c + 1) + 2 * B_r);
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, float* O_acc,
+                                                     float* l_acc, float* m_acc, int tiles_per_block) {
+  extern __shared__ float smem[];
+  float* Qs = smem;                       // [B_r][D + 1]
+  float* Ks = Qs + B_r * (D + 1);         // [B_c][D + 1]
+  float* Vs = Ks + B_c * (D + 1);         // [B_c][D]
+  float* Ss = Vs + B_c * D;               // [B_r][B_c + 1]: S_ij, then P~_ij
+  float* row_alpha = Ss + B_r * (B_c + 1);  // per row: l_i e^(m_i - m_new) / l_new
+  float* row_beta = row_alpha + B_r;        // per row: e^(m~ - m_new) / l_new
+
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int bh = blockIdx.x, b = bh / p.heads_q, h = bh % p.heads_q;
+  const int h_kv = h / (p.heads_q / p.heads_kv);
+  const int d = p.head_dim, sq = p.seqlen_q, sk = p.seqlen_kv, diag = sk - sq;
+  const int T_r = (sq + B_r - 1) / B_r;
+  const int i_begin = blockIdx.y * tiles_per_block, i_end = min(T_r, i_begin + tiles_per_block);
+
+  const T* Q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* K = static_cast<const T*>(p.k) + b * p.k_batch_stride + h_kv * p.k_head_stride;
+  const T* V = static_cast<const T*>(p.v) + b * p.v_batch_stride + h_kv * p.v_head_stride;
+  T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+  float* O_run = O_acc + size_t(bh) * sq * d;  // running O_i, l_i, m_i of this (batch, head)
+  float* l_run = l_acc + size_t(bh) * sq;
+  float* m_run = m_acc + size_t(bh) * sq;
+
+  // The last key tile query tile i sees (-1: none, only with causal and seqlen_q > seqlen_kv).
+  auto last_tile = [&](int i) {
+    const int last_row = min((i + 1) * B_r, sq) - 1;
+    const int last_key = p.causal ? min(sk - 1, last_row + diag) : sk - 1;
+    return last_key < 0 ? -1 : last_key / B_c;
+  };
+  // Query tiles that see no key at all: O = 0 and lse = -inf, written once.
+  for (int i = i_begin; i < i_end && last_tile(i) < 0; ++i)
+    for (int e = tid; e < B_r * d; e += kThreads) {
+      const int row = i * B_r + e / d;
+      if (row >= sq) continue;
+      O[row * p.o_row_stride + e % d] = T(0.f);
+      if (p.lse && e % d == 0) p.lse[size_t(bh) * sq + row] = -INFINITY;
+    }
+
+  const int T_c = i_end > i_begin ? last_tile(i_end - 1) + 1 : 0;
+  for (int j = 0; j < T_c; ++j) {  // outer loop over K_j, V_j (Algorithm 1, line 5)
+    const int n0 = j * B_c;
+    __syncthreads();  // every thread is done with the previous K_j, V_j
+    for (int e = tid; e < B_c * d; e += kThreads) {
+      const int r = e / d, c = e % d;
+      const bool valid = n0 + r < sk;
+      Ks[r * (D + 1) + c] = valid ? to_float(K[(n0 + r) * p.k_row_stride + c]) : 0.f;
+      Vs[r * D + c] = valid ? to_float(V[(n0 + r) * p.v_row_stride + c]) : 0.f;
+    }
+
+    for (int i = i_begin; i < i_end; ++i) {  // inner loop over Q_i (line 7)
+      if (j > last_tile(i)) continue;         // causal: K_j is entirely right of Q_i's diagonal
+      const int m0 = i * B_r;
+      const bool last_visit = j == last_tile(i);
+      __syncthreads();  // previous Q_i, S and row factors are consumed
+      for (int e = tid; e < B_r * d; e += kThreads) {  // line 8: Q_i from HBM
+        const int r = e / d, c = e % d;
+        Qs[r * (D + 1) + c] = m0 + r < sq ? to_float(Q[(m0 + r) * p.q_row_stride + c]) : 0.f;
+      }
+      __syncthreads();
+
+      // S_ij = scale * Q_i K_j^T (line 9): each thread a 4 x 4 micro-tile, rows ty + 16y, cols tx + 16x.
+      float acc[4][4] = {};
+      for (int c = 0; c < d; ++c) {
+        float q[4], k[4];
+        for (int y = 0; y < 4; ++y) q[y] = Qs[(ty + 16 * y) * (D + 1) + c];
+        for (int x = 0; x < 4; ++x) k[x] = Ks[(tx + 16 * x) * (D + 1) + c];
+        for (int y = 0; y < 4; ++y)
+          for (int x = 0; x < 4; ++x) acc[y][x] = fmaf(q[y], k[x], acc[y][x]);
+      }
+      for (int y = 0; y < 4; ++y)
+        for (int x = 0; x < 4; ++x) {
+          const int row = m0 + ty + 16 * y, col = n0 + tx + 16 * x;
+          const bool masked = col >= sk || (p.causal && col > row + diag);
+          Ss[(ty + 16 * y) * (B_c + 1) + tx + 16 * x] = masked ? -INFINITY : p.softmax_scale * acc[y][x];
+        }
+      __syncthreads();
+
+      // Row statistics of this tile (line 10) and the new running statistics (line 11).
+      // Four threads per row, 16 columns each.
+      {
+        const int r = tid / 4, q4 = tid % 4, row = m0 + r;
+        float* s_row = Ss + r * (B_c + 1) + 16 * q4;
+        float m_tile = -INFINITY;
+        for (int c = 0; c < 16; ++c) m_tile = fmaxf(m_tile, s_row[c]);
+        m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, 1));
+        m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, 2));
+        float l_tile = 0.f;
+        for (int c = 0; c < 16; ++c) {
+          const float pv = m_tile == -INFINITY ? 0.f : __expf(s_row[c] - m_tile);  // P~_ij
+          s_row[c] = pv;
+          l_tile += pv;
+        }
+        l_tile += __shfl_xor_sync(0xffffffffu, l_tile, 1);
+        l_tile += __shfl_xor_sync(0xffffffffu, l_tile, 2);
+        if (q4 == 0) {
+          float m_old = -INFINITY, l_old = 0.f;  // Algorithm 1, line 2: l = 0, m = -inf
+          if (j > 0 && row < sq) m_old = m_run[row], l_old = l_run[row];
+          const float m_new = fmaxf(m_old, m_tile);
+          const float a = m_new == -INFINITY ? 0.f : __expf(m_old - m_new);
+          const float bt = m_new == -INFINITY ? 0.f : __expf(m_tile - m_new);
+          const float l_new = a * l_old + bt * l_tile;
+          const float inv = l_new > 0.f ? 1.f / l_new : 0.f;
+          row_alpha[r] = l_old * a * inv;
+          row_beta[r] = bt * inv;
+          if (row < sq) {
+            if (!last_visit) m_run[row] = m_new, l_run[row] = l_new;  // line 13: back to HBM
+            else if (p.lse) p.lse[size_t(bh) * sq + row] = l_new > 0.f ? m_new + logf(l_new) : -INFINITY;
+          }
+        }
+      }
+      __syncthreads();
+
+      // O_i = diag(alpha) O_i + diag(beta) P~_ij V_j (line 12); O_i read from and written to HBM.
+      constexpr int X = D / 16;
+      float pv[4][X] = {};
+      for (int c = 0; c < B_c; ++c) {
+        float pr[4], vr[X];
+        for (int y = 0; y < 4; ++y) pr[y] = Ss[(ty + 16 * y) * (B_c + 1) + c];
+        for (int x = 0; x < X; ++x) vr[x] = Vs[c * D + tx + 16 * x];
+        for (int y = 0; y < 4; ++y)
+          for (int x = 0; x < X; ++x) pv[y][x] = fmaf(pr[y], vr[x], pv[y][x]);
+      }
+      for (int y = 0; y < 4; ++y) {
+        const int r = ty + 16 * y, row = m0 + r;
+        if (row >= sq) continue;
+        for (int x = 0; x < X; ++x) {
+          const int col = tx + 16 * x;
+          if (col >= d) continue;
+          float* o_run = O_run + size_t(row) * d + col;
+          const float o_old = j > 0 ? *o_run : 0.f;
+          const float o_new = row_alpha[r] * o_old + row_beta[r] * pv[y][x];
+          if (last_visit) O[row * p.o_row_stride + col] = T(o_new);  // final: the output tensor
+          else *o_run = o_new;
+        }
+      }
+    }
+  }
+}
+
+template <class T, int D>
+void launch(const lab::AttnParams& p, cudaStream_t stream) {
+  constexpr size_t smem = smem_bytes<D>();
+  auto kernel = flash_v1<T, D>;
+  int dev = 0;
+  LAB_CUDA_CHECK(cudaGetDevice(&dev));
+  static std::once_flag configured[64];
+  std::call_once(configured[dev % 64], [&] {
+    LAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  });
+  int sms = 0;
+  LAB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  // Groups of query tiles: enough blocks for ~8 per SM, as few groups as that allows.
+  const int T_r = (p.seqlen_q + B_r - 1) / B_r;
+  const int64_t bh = int64_t(p.batch) * p.heads_q;
+  const int64_t groups_wanted = std::max<int64_t>(1, (int64_t(sms) * 8 + bh - 1) / bh);
+  const int tiles_per_block = int(std::max<int64_t>(1, (T_r + groups_wanted - 1) / groups_wanted));
+  const int groups = (T_r + tiles_per_block - 1) / tiles_per_block;
+
+  float* O_acc = static_cast<float*>(p.workspace);
+  float* l_acc = O_acc + size_t(bh) * p.seqlen_q * p.head_dim;
+  float* m_acc = l_acc + size_t(bh) * p.seqlen_q;
+  kernel<<<dim3(unsigned(bh), unsigned(groups)), kThreads, smem, stream>>>(p, O_acc, l_acc, m_acc,
+                                                                           tiles_per_block);
+  LAB_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+size_t workspace_bytes(const lab::AttnParams& p) {
+  const size_t rows = size_t(p.batch) * p.heads_q * p.seqlen_q;
+  return rows * (size_t(p.head_dim) + 2) * sizeof(float);
+}
+
+void forward(const lab::AttnParams& p, cudaStream_t stream) {
+  lab::check_params(p, kSupport);
+  if (!p.workspace || p.workspace_bytes < workspace_bytes(p))
+    throw lab::InvalidArgument("02_flash_v1: workspace of " + std::to_string(workspace_bytes(p)) +
+                               " bytes needed for the running O, l, m; got " +
+                               std::to_string(p.workspace_bytes));
+  if (p.seqlen_q > 65535 * B_r)
+    throw lab::InvalidArgument("02_flash_v1: seqlen_q = " + std::to_string(p.seqlen_q) +
+                               " is not supported (supported: 1.." + std::to_string(65535 * B_r) + ")");
+  const bool fp16 = p.dtype == lab::DType::fp16;
+  if (p.head_dim <= 64) fp16 ? launch<__half, 64>(p, stream) : launch<__nv_bfloat16, 64>(p, stream);
+  else fp16 ? launch<__half, 128>(p, stream) : launch<__nv_bfloat16, 128>(p, stream);
+}
+
+}  // namespace ch02

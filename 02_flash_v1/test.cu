@@ -1,0 +1,64 @@
+// Tests of 02_flash_v1 against the fp64 reference.
+#include "02_flash_v1/kernel.h"
+#include "common/testing.h"
+
+using lab::DType;
+
+namespace {
+const lab::Variant& flash_v1() { static lab::Chapter c = ch02::chapter(); return c.variants[0]; }
+}  // namespace
+
+TEST_CASE("02_flash_v1 matches the reference on awkward shapes", "[gpu]") {
+  for (DType t : {DType::fp16, DType::bf16})
+    for (int d : {64, 128})
+      for (lab::ProblemSpec s : lab::awkward_prefill_shapes(d, t)) {
+        INFO(lab::describe(s));
+        LAB_REQUIRE_PASS(lab::run_and_check(flash_v1(), s));
+      }
+}
+
+TEST_CASE("02_flash_v1: any head_dim up to 128, strided rows", "[gpu]") {
+  for (int d : {1, 16, 40, 72, 100, 127}) {
+    lab::ProblemSpec s;
+    s.batch = 2, s.heads_q = 4, s.heads_kv = 2, s.seqlen_q = 150, s.seqlen_kv = 190, s.head_dim = d;
+    s.causal = d % 2 == 0;
+    s.lse = true;
+    s.row_pad = 3;
+    s.seed = lab::test_seed() + d;
+    INFO(lab::describe(s));
+    LAB_REQUIRE_PASS(lab::run_and_check(flash_v1(), s));
+  }
+}
+
+TEST_CASE("02_flash_v1: a small case for the sanitizers", "[gpu][sanitize]") {
+  lab::ProblemSpec s;
+  s.batch = 2, s.heads_q = 2, s.heads_kv = 1, s.seqlen_q = 130, s.seqlen_kv = 70, s.head_dim = 64;
+  s.causal = true;
+  s.lse = true;
+  s.seed = lab::test_seed();
+  LAB_REQUIRE_PASS(lab::run_and_check(flash_v1(), s));
+}
+
+TEST_CASE("02_flash_v1 refuses what it does not support", "[cpu]") {
+  lab::AttnParams p;
+  p.batch = 1, p.heads_q = 2, p.heads_kv = 2, p.seqlen_q = 8, p.seqlen_kv = 8, p.head_dim = 256;
+  p.softmax_scale = 0.1f;
+  lab::set_contiguous_strides(p);
+  alignas(16) static char buf[16];
+  p.q = p.k = p.v = buf;
+  p.o = buf;
+  try {
+    ch02::forward(p, 0);
+    FAIL("head_dim 256 accepted");
+  } catch (const lab::InvalidArgument& e) {
+    CHECK(std::string(e.what()) == "02_flash_v1: head_dim = 256 is not supported (supported: 1..128)");
+  }
+  p.head_dim = 64;
+  lab::set_contiguous_strides(p);
+  try {
+    ch02::forward(p, 0);
+    FAIL("missing workspace accepted");
+  } catch (const lab::InvalidArgument& e) {
+    CHECK(std::string(e.what()).find("workspace") != std::string::npos);
+  }
+}
