@@ -1,0 +1,40 @@
+// Chapter 03: FlashAttention-2 on tensor cores, in three steps.
+//   step 1 "mma" (kernel_mma.cu):         one block per (query tile, head, batch), O_i in registers,
+//                                         S = QK^T and O += PV with mma.sync; K/V loaded synchronously.
+//   step 2 "fa2" (kernel.cu):             the same math with a cp.async pipeline and swizzled
+//                                         shared memory: FlashAttention-2.
+//   step 3 "overlap" (kernel_overlap.cu): S_{j+1} on the tensor cores while the softmax of S_j runs.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common/attn.h"
+#include "common/driver.h"
+
+namespace ch03 {
+
+// Both steps: head_dim 32, 64, 96, 128, 256; fp16 and bf16; causal; GQA/MQA; lse.
+extern const lab::Support kSupport;
+
+void forward_mma(const lab::AttnParams& p, cudaStream_t stream);  // step 1
+void forward(const lab::AttnParams& p, cudaStream_t stream);      // step 2
+void forward_overlap(const lab::AttnParams& p, cudaStream_t stream);  // step 3
+
+// Grid: (query tiles, heads_q, batch); CUDA allows 65535 in y and z.
+inline void check_grid_limits(const lab::AttnParams& p, const char* who) {
+  if (p.heads_q > 65535)
+    throw lab::InvalidArgument(std::string(who) + ": heads_q = " + std::to_string(p.heads_q) +
+                               " is not supported (supported: 1..65535)");
+  if (p.batch > 65535)
+    throw lab::InvalidArgument(std::string(who) + ": batch = " + std::to_string(p.batch) +
+                               " is not supported (supported: 1..65535)");
+}
+
+inline lab::Chapter chapter() {
+  return {"03_flash_v2",
+          {{"mma", forward_mma, &kSupport, nullptr},
+           {"fa2", forward, &kSupport, nullptr},
+           {"overlap", forward_overlap, &kSupport, nullptr}}};
+}
+
+}  // namespace ch03
