@@ -1,0 +1,222 @@
+// The ladder: every chapter over the standard shape grids of DESIGN.md, in one process, on one GPU.
+// Each configuration is validated against the fp64 reference (sampled rows), timed (median, L2
+// flushed), validated again; results print as one table per workload and go to CSV.
+//
+//   ladder [--grid prefill|decode|all] [--quick] [--only CH[,CH...]] [--out DIR] [--max-seconds S]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "01_naive/kernel.h"
+#include "02_flash_v1/kernel.h"
+#include "03_flash_v2/kernel.h"
+#include "common/cuda_check.h"
+#include "common/driver.h"
+
+namespace {
+
+// Ladder order: the unfused library baseline first, then each chapter's steps.
+std::vector<lab::Chapter> all_chapters() {
+  lab::Chapter c01 = ch01::chapter();
+  std::reverse(c01.variants.begin(), c01.variants.end());  // cublas, then naive
+  return {c01, ch02::chapter(), ch03::chapter()};
+}
+
+struct Config {
+  std::string workload, group;  // group: the table it belongs to, e.g. "prefill d128 causal"
+  lab::ProblemSpec spec;
+};
+
+// FlashAttention's benchmark grid: fp16, hidden 2048 (heads = 2048 / d), d in {64, 128},
+// seqlen 512..16k with batch = 16k / seqlen, causal and not.
+std::vector<Config> prefill_grid(bool quick) {
+  std::vector<Config> out;
+  for (int d : {64, 128})
+    for (bool causal : {false, true})
+      for (int s : {512, 1024, 2048, 4096, 8192, 16384}) {
+        if (quick && s != 1024 && s != 4096) continue;
+        Config c;
+        c.workload = "prefill";
+        c.group = "prefill d" + std::to_string(d) + (causal ? " causal" : " full");
+        c.spec.batch = 16384 / s, c.spec.heads_q = c.spec.heads_kv = 2048 / d;
+        c.spec.seqlen_q = c.spec.seqlen_kv = s, c.spec.head_dim = d, c.spec.causal = causal;
+        out.push_back(c);
+      }
+  return out;
+}
+
+// Decode: one query token per sequence against a KV cache; 32 query heads, d = 128, MHA and GQA 32/8.
+std::vector<Config> decode_grid(bool quick) {
+  std::vector<Config> out;
+  const std::pair<int, int> batch_kv[] = {{1, 1024}, {1, 8192},   {1, 32768}, {8, 4096},
+                                          {32, 4096}, {128, 1024}, {128, 4096}, {64, 16384}};
+  for (int hkv : {32, 8})
+    for (auto [b, kv] : batch_kv) {
+      if (quick && !((b == 1 && kv == 32768) || (b == 8 && kv == 4096))) continue;
+      Config c;
+      c.workload = "decode";
+      c.group = std::string("decode ") + (hkv == 32 ? "MHA 32/32" : "GQA 32/8");
+      c.spec.batch = b, c.spec.heads_q = 32, c.spec.heads_kv = hkv, c.spec.seqlen_q = 1;
+      c.spec.seqlen_kv = kv, c.spec.head_dim = 128;
+      out.push_back(c);
+    }
+  return out;
+}
+
+std::string short_shape(const lab::ProblemSpec& s) {
+  std::ostringstream o;
+  o << "d" << s.head_dim << " b" << s.batch << " h" << s.heads_q;
+  if (s.heads_kv != s.heads_q) o << "/" << s.heads_kv;
+  o << " sq" << s.seqlen_q << " sk" << s.seqlen_kv << (s.causal ? " causal" : "");
+  return o.str();
+}
+
+int usage(const char* why) {
+  if (why) std::fprintf(stderr, "ladder: error: %s\n", why);
+  std::fprintf(why ? stderr : stdout,
+               "usage: ladder [--grid prefill|decode|all] [--quick] [--only CH[,CH...]] [--out DIR]\n"
+               "              [--max-seconds S] [--seed N]\n"
+               "  --grid         which grid (all)\n"
+               "  --quick        two shapes per table instead of the whole grid\n"
+               "  --only         chapters to run, by directory name (default: every chapter)\n"
+               "  --out DIR      where ladder.csv and ceilings.csv go (default: .)\n"
+               "  --max-seconds  timing budget per configuration (1.0)\n");
+  return why ? 2 : 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string grid = "all", out_dir = ".", only;
+  bool quick = false;
+  double max_seconds = 1.0;
+  uint64_t seed = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) throw lab::CliError(a + " needs a value");
+      return argv[++i];
+    };
+    try {
+      if (a == "--grid") {
+        grid = value();
+        if (grid != "prefill" && grid != "decode" && grid != "all")
+          throw lab::CliError("--grid: '" + grid + "' is not allowed (allowed: prefill, decode, all)");
+      } else if (a == "--quick") quick = true;
+      else if (a == "--only") only = "," + value() + ",";
+      else if (a == "--out") out_dir = value();
+      else if (a == "--max-seconds") max_seconds = std::stod(value());
+      else if (a == "--seed") seed = std::stoull(value());
+      else if (a == "--help" || a == "-h") return usage(nullptr);
+      else throw lab::CliError("unknown flag '" + a + "' (see --help)");
+    } catch (const std::exception& e) {
+      return usage(e.what());
+    }
+  }
+
+  try {
+    if (!lab::cuda_device_present()) {
+      std::fprintf(stderr, "ladder: error: no CUDA device found\n");
+      return 3;
+    }
+    const lab::GpuInfo gpu = lab::gpu_info();
+    std::printf("ladder on %s (%d SMs, %.0f MB L2, CUDA %s)\n", gpu.name.c_str(), gpu.sm_count,
+                gpu.l2_bytes / 1e6, gpu.cuda_runtime.c_str());
+    const lab::Ceilings ceil = lab::measure_ceilings();
+    std::printf("measured ceilings: copy %.0f GB/s (read + write, %zu MiB), fp16 GEMM %.1f TFLOPS (%d^3)\n",
+                ceil.copy_gbps, ceil.copy_bytes >> 20, ceil.gemm_tflops, ceil.gemm_n);
+    {
+      FILE* f = std::fopen((out_dir + "/ceilings.csv").c_str(), "w");
+      if (!f) throw std::runtime_error("cannot write " + out_dir + "/ceilings.csv");
+      std::fprintf(f, "gpu,driver,cuda,date,copy_gbps,copy_bytes,copy_ms,gemm_tflops,gemm_n,gemm_ms\n");
+      std::fprintf(f, "%s,%s,%s,%s,%.1f,%zu,%.4f,%.1f,%d,%.4f\n", gpu.name.c_str(), gpu.driver.c_str(),
+                   gpu.cuda_runtime.c_str(), lab::today_utc().c_str(), ceil.copy_gbps, ceil.copy_bytes,
+                   ceil.copy_ms, ceil.gemm_tflops, ceil.gemm_n, ceil.gemm_ms);
+      std::fclose(f);
+    }
+
+    std::vector<Config> configs;
+    if (grid != "decode") for (auto& c : prefill_grid(quick)) configs.push_back(c);
+    if (grid != "prefill") for (auto& c : decode_grid(quick)) configs.push_back(c);
+    std::vector<lab::Chapter> chapters;
+    for (auto& ch : all_chapters())
+      if (only.empty() || only.find("," + ch.name + ",") != std::string::npos) chapters.push_back(ch);
+    size_t total = 0;
+    for (auto& ch : chapters) total += ch.variants.size() * configs.size();
+
+    lab::RunOptions ro;
+    ro.timing.warmup = 2;
+    ro.timing.iters = 30;
+    ro.timing.min_iters = 3;
+    ro.timing.max_seconds = max_seconds;
+    ro.check.sampled_rows_per_head = 2;
+    ro.check.max_sampled_rows = 128;
+    lab::L2Flusher flusher;
+
+    std::vector<lab::ResultRow> rows;
+    std::map<std::string, std::vector<lab::ResultRow>> tables;
+    std::vector<std::string> table_order;
+    size_t step = 0;
+    int failures = 0;
+    const auto t_start = std::chrono::steady_clock::now();
+    for (const Config& c : configs) {
+      lab::ProblemSpec spec = c.spec;
+      spec.seed = seed + step;
+      lab::Problem prob(spec);
+      ro.check.seed = spec.seed;
+      double prev_ms = 0, base_ms = 0;
+      for (const lab::Chapter& ch : chapters)
+        for (const lab::Variant& v : ch.variants) {
+          ++step;
+          const std::string name = ch.name + (v.name.empty() ? "" : "/" + v.name);
+          const double elapsed =
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+          std::printf("[%zu/%zu %4.0fs] %-22s %-36s ", step, total, elapsed, name.c_str(),
+                      short_shape(spec).c_str());
+          std::fflush(stdout);
+          lab::RunOutcome r;
+          try {
+            r = lab::run_variant(prob, ch.name, v, ro, ceil, gpu, &flusher, c.workload);
+          } catch (const lab::CudaError& e) {
+            // Out of memory for a naive chapter's S at the longest sequences, for example.
+            cudaGetLastError();
+            r.skipped = true;
+            r.message = e.what();
+          }
+          if (r.skipped) {
+            std::printf("skipped: %s\n", r.message.c_str());
+            continue;
+          }
+          if (!r.ok) {
+            ++failures;
+            std::printf("FAILED: %s\n", r.message.c_str());
+          } else {
+            std::printf("%9.4f ms %7.1f TFLOPS %6.0f GB/s  %s\n", r.row.ms, r.row.tflops, r.row.gbps,
+                        r.row.check.c_str());
+          }
+          if (r.ok && prev_ms > 0) r.row.speedup_prev = prev_ms / r.row.ms;
+          if (r.ok) {
+            if (base_ms == 0) base_ms = r.row.ms;
+            r.row.speedup_base = base_ms / r.row.ms;
+            prev_ms = r.row.ms;
+          }
+          rows.push_back(r.row);
+          if (!tables.count(c.group)) table_order.push_back(c.group);
+          tables[c.group].push_back(r.row);
+          lab::write_csv(out_dir + "/ladder.csv", {r.row}, rows.size() > 1);
+        }
+    }
+    for (const std::string& g : table_order) lab::print_table(stdout, g, tables[g]);
+    std::printf("\nceilings: copy %.0f GB/s, fp16 GEMM %.1f TFLOPS; %zu rows in %s/ladder.csv; %d failed\n",
+                ceil.copy_gbps, ceil.gemm_tflops, rows.size(), out_dir.c_str(), failures);
+    return failures ? 1 : 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ladder: error: %s\n", e.what());
+    return 1;
+  }
+}
