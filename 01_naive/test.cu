@@ -49,7 +49,9 @@ TEST_CASE("01_naive: bf16, large logits, outliers and strided rows", "[gpu]") {
     }
 }
 
-TEST_CASE("01_naive/cublas matches the reference (normal and outlier inputs)", "[gpu]") {
+TEST_CASE("01_naive/cublas matches the reference on normal inputs", "[gpu]") {
+  // Only normal inputs: S rounded to 16 bits is exactly the shortcut that fails larger logits,
+  // which the next test shows.
   struct Case { int b, hq, hkv, sq, sk, d; bool causal; };
   const Case cases[] = {{1, 1, 1, 1, 1, 64, false},     {1, 2, 2, 17, 17, 64, true},
                         {2, 3, 3, 1000, 1000, 128, true}, {1, 4, 4, 17, 1000, 64, true},
@@ -58,11 +60,11 @@ TEST_CASE("01_naive/cublas matches the reference (normal and outlier inputs)", "
   uint64_t seed = lab::test_seed() * 100;
   for (const Case& c : cases)
     for (DType t : {DType::fp16, DType::bf16})
-      for (lab::Dist dist : {lab::Dist::normal, lab::Dist::outliers}) {
+      {
         ProblemSpec s = shape(c.b, c.hq, c.hkv, c.sq, c.sk, c.d, c.causal);
         s.seed = ++seed;
         s.dtype = t;
-        s.dist = dist;
+        const lab::Dist dist = lab::Dist::normal;
         INFO("b" << c.b << " h" << c.hq << "/" << c.hkv << " sq" << c.sq << " sk" << c.sk << " d"
                  << c.d << (c.causal ? " causal " : " ") << lab::dtype_name(t) << " "
                  << lab::dist_name(dist));
@@ -71,17 +73,24 @@ TEST_CASE("01_naive/cublas matches the reference (normal and outlier inputs)", "
 }
 
 TEST_CASE("01_naive/cublas: logits stored in fp16 lose accuracy when they are large", "[gpu]") {
-  // The lesson of the baseline's one shortcut: with logits of spread ~9, rounding S to fp16 moves
-  // each exp() by up to ~1%, far more than the fp32 S of the naive kernels does.
-  ProblemSpec s = shape(1, 4, 4, 256, 256, 128);
-  s.dist = lab::Dist::large_logits;
-  s.seed = lab::test_seed() + 3;
-  const lab::CheckReport exact = lab::run_and_check(naive(), s);
-  const lab::CheckReport rounded = lab::run_and_check(cublas(), s);
-  INFO("naive (fp32 S): " << exact.summary());
-  INFO("cublas (fp16 S): " << rounded.summary());
-  LAB_REQUIRE_PASS(exact);
-  REQUIRE(rounded.rel_l2_err > 4 * exact.rel_l2_err);
+  // The lesson of the baseline's one shortcut: rounding S to fp16 moves each logit by up to
+  // |s| * 2^-11, so each exp() by up to that relative amount. With logits of spread ~9 (large_logits)
+  // or outlier channels in K (spread ~3), that error is several times the fp32-S error of the naive
+  // kernels; with large logits it fails the fp16 tolerance outright. Measured on H100: rel_l2 2.1e-3
+  // against a 2.0e-3 tolerance for one outlier case (docs/results).
+  for (lab::Dist dist : {lab::Dist::large_logits, lab::Dist::outliers}) {
+    ProblemSpec s = shape(1, 4, 4, 256, 1000, 64);
+    s.dist = dist;
+    s.seed = lab::test_seed() + 3;
+    const lab::CheckReport exact = lab::run_and_check(naive(), s);
+    const lab::CheckReport rounded = lab::run_and_check(cublas(), s);
+    INFO(lab::dist_name(dist));
+    INFO("naive (fp32 S): " << exact.summary());
+    INFO("cublas (fp16 S): " << rounded.summary());
+    LAB_REQUIRE_PASS(exact);
+    REQUIRE(rounded.rel_l2_err > 2 * exact.rel_l2_err);
+    if (dist == lab::Dist::large_logits) REQUIRE_FALSE(rounded.ok);
+  }
 }
 
 TEST_CASE("01_naive refuses what it does not support, naming the field", "[cpu]") {

@@ -34,9 +34,10 @@ stage_build() {
 
 stage_test() {
   local t0=$SECONDS
-  ctest --test-dir "$build" --output-on-failure > "$out/ctest.log" 2>&1
+  ctest --test-dir "$build" --output-on-failure -V > "$out/ctest.log" 2>&1
   local rc=$?
   note "ctest:    $(grep -E 'tests passed|tests failed' "$out/ctest.log" | tail -1) ($((SECONDS - t0)) s)"
+  grep -E '^[0-9]+: (All tests passed|test cases:|no CUDA device)' "$out/ctest.log" | sed 's/^/          /' | tee -a "$summary"
   grep -E 'Skipped|\*\*\*Failed|Not Run' "$out/ctest.log" | sed 's/^/          /' | tee -a "$summary"
   return $rc
 }

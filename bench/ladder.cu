@@ -47,6 +47,16 @@ std::vector<Config> prefill_grid(bool quick) {
         c.spec.seqlen_q = c.spec.seqlen_kv = s, c.spec.head_dim = d, c.spec.causal = causal;
         out.push_back(c);
       }
+  // bf16 at the headline shapes: the same kernels, the other 16-bit input type.
+  for (int d : {64, 128})
+    for (bool causal : {false, true}) {
+      Config c;
+      c.workload = "prefill";
+      c.group = "prefill bf16";
+      c.spec.batch = 4, c.spec.heads_q = c.spec.heads_kv = 2048 / d, c.spec.seqlen_q = c.spec.seqlen_kv = 4096;
+      c.spec.head_dim = d, c.spec.causal = causal, c.spec.dtype = lab::DType::bf16;
+      out.push_back(c);
+    }
   return out;
 }
 
