@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""README tables, drawn from the committed CSVs under docs/results/ (never typed by hand).
+
+    python3 docs/tables.py           rewrite every table between <!-- results:NAME --> markers
+    python3 docs/tables.py --check   exit 1 if a README is out of date with the CSVs (CI runs this)
+
+NAME is one of: summary, decode, chapter:<dir> (a chapter's rows over the prefill grid),
+compare:03_flash_v2 (chapter 03 next to PyTorch's backends, same GPU, same run).
+"""
+import csv
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "docs", "results", "h100")  # the GPU the README numbers come from
+READMES = ["README.md", "01_naive/README.md", "02_flash_v1/README.md", "03_flash_v2/README.md"]
+ORDER = ["01_naive/cublas", "01_naive/naive", "02_flash_v1", "03_flash_v2/mma", "03_flash_v2/fa2",
+         "03_flash_v2/overlap"]
+
+
+def load(name):
+    path = os.path.join(RESULTS, name)
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def step(r):
+    return r["chapter"] + ("/" + r["variant"] if r["variant"] else "")
+
+
+def key(r):
+    return (r["workload"], r["dtype"], int(r["batch"]), int(r["heads_q"]), int(r["heads_kv"]),
+            int(r["seqlen_q"]), int(r["seqlen_kv"]), int(r["head_dim"]), r["causal"] == "1")
+
+
+def index(rows, name_of):
+    out = {}
+    for r in rows:
+        if r.get("check", "PASS").startswith("PASS") and float(r["ms"]) > 0:
+            out[(name_of(r),) + key(r)] = r
+    return out
+
+
+def header(ceil):
+    return (f"{ceil['gpu']}, CUDA {ceil['cuda']}, measured {ceil['date']}; ceilings measured in the same run: "
+            f"copy {float(ceil['copy_gbps']):.0f} GB/s, fp16 GEMM {float(ceil['gemm_tflops']):.0f} TFLOPS. "
+            f"Source: `docs/results/{os.path.basename(RESULTS)}/`.")
+
+
+def prefill_key(d, s, causal, dtype="fp16"):
+    return ("prefill", dtype, 16384 // s, 2048 // d, 2048 // d, s, s, d, causal)
+
+
+def decode_key(b, hkv, kv):
+    return ("decode", "fp16", b, 32, hkv, 1, kv, 128, False)
+
+
+def summary(lab, torch, ceil):
+    cols = [("d128 full", prefill_key(128, 4096, False)), ("d128 causal", prefill_key(128, 4096, True)),
+            ("d64 full", prefill_key(64, 4096, False)), ("d64 causal", prefill_key(64, 4096, True))]
+    lines = ["Prefill, fp16, seqlen 4096 (batch 4, hidden 2048): TFLOPS (% of the measured fp16 GEMM rate). "
+             + header(ceil), "",
+             "| step | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    gemm = float(ceil["gemm_tflops"])
+
+    def cell(r):
+        return "-" if r is None else f"{float(r['tflops']):.0f} ({100 * float(r['tflops']) / gemm:.0f}%)"
+
+    for name in ORDER:
+        lines.append(f"| {name} | " + " | ".join(cell(lab.get((name,) + k)) for _, k in cols) + " |")
+    for name in ("eager_unfused", "flash", "cudnn"):
+        label = {"eager_unfused": "PyTorch eager (unfused)", "flash": "PyTorch SDPA flash (FlashAttention-2)",
+                 "cudnn": "PyTorch SDPA cuDNN"}[name]
+        lines.append(f"| {label} | " + " | ".join(cell(torch.get((name,) + k)) for _, k in cols) + " |")
+    return lines
+
+
+def decode(lab, torch, ceil):
+    cols = [(f"b{b} kv{kv // 1024}k {'MHA' if h == 32 else 'GQA 32/8'}", decode_key(b, h, kv))
+            for b, h, kv in ((1, 32, 32768), (8, 32, 4096), (128, 32, 4096), (8, 8, 4096))]
+    copy = float(ceil["copy_gbps"])
+    lines = ["Decode (one query token, d 128, 32 query heads), fp16: GB/s (% of the measured copy bandwidth). "
+             "None of chapters 01-03 is a decoding kernel; these rows are the baseline that 04-07 start from. "
+             + header(ceil), "",
+             "| step | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+
+    def cell(r):
+        return "-" if r is None else f"{float(r['gbps']):.0f} ({100 * float(r['gbps']) / copy:.0f}%)"
+
+    for name in ORDER:
+        lines.append(f"| {name} | " + " | ".join(cell(lab.get((name,) + k)) for _, k in cols) + " |")
+    for name in ("flash", "cudnn"):
+        lines.append(f"| PyTorch SDPA {name} | " + " | ".join(cell(torch.get((name,) + k)) for _, k in cols) + " |")
+    return lines
+
+
+def chapter(lab, ceil, ch):
+    steps = [n for n in ORDER if n.split("/")[0] == ch]
+    prev = {"01_naive": None, "02_flash_v1": "01_naive/naive", "03_flash_v2": "02_flash_v1"}[ch]
+    lines = [f"Prefill grid, fp16, TFLOPS (speedup over `{prev}` on the same shape)" if prev else
+             "Prefill grid, fp16, TFLOPS (speedup of the naive kernels over the cuBLAS baseline)",
+             header(ceil), ""]
+    seqs = [512, 1024, 2048, 4096, 8192, 16384]
+    lines += ["| step | d | mask | " + " | ".join(f"s{s}" for s in seqs) + " |", "|---|---|---|" + "---|" * len(seqs)]
+    for d in (64, 128):
+        for causal in (False, True):
+            for name in steps:
+                cells = []
+                for s in seqs:
+                    k = prefill_key(d, s, causal)
+                    r = lab.get((name,) + k)
+                    base_name = prev if prev else ("01_naive/cublas" if name != "01_naive/cublas" else None)
+                    b = lab.get((base_name,) + k) if base_name else None
+                    if r is None:
+                        cells.append("-")
+                    elif b is None:
+                        cells.append(f"{float(r['tflops']):.1f}")
+                    else:
+                        cells.append(f"{float(r['tflops']):.1f} ({float(b['ms']) / float(r['ms']):.1f}x)")
+                lines.append(f"| {name} | {d} | {'causal' if causal else 'full'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def compare03(lab, torch, ceil):
+    seqs = [512, 1024, 2048, 4096, 8192, 16384]
+    lines = ["Chapter 03 next to PyTorch's backends, fp16 TFLOPS, same GPU, same run; **bold**: 03's best "
+             "step at or above FlashAttention-2. " + header(ceil), "",
+             "| d | mask | | " + " | ".join(f"s{s}" for s in seqs) + " |", "|---|---|---|" + "---|" * len(seqs)]
+    for d in (64, 128):
+        for causal in (False, True):
+            best, fa2, cud = [], [], []
+            for s in seqs:
+                k = prefill_key(d, s, causal)
+                rs = [lab.get((n,) + k) for n in ("03_flash_v2/fa2", "03_flash_v2/overlap")]
+                rs = [r for r in rs if r]
+                f = torch.get(("flash",) + k)
+                c = torch.get(("cudnn",) + k)
+                if rs:
+                    r = max(rs, key=lambda r: float(r["tflops"]))
+                    v = f"{float(r['tflops']):.0f} {r['variant']}"
+                    best.append(f"**{v}**" if f and float(r["tflops"]) >= float(f["tflops"]) else v)
+                else:
+                    best.append("-")
+                fa2.append(f"{float(f['tflops']):.0f}" if f else "-")
+                cud.append(f"{float(c['tflops']):.0f}" if c else "-")
+            m = "causal" if causal else "full"
+            lines.append(f"| {d} | {m} | 03 best step | " + " | ".join(best) + " |")
+            lines.append(f"| {d} | {m} | FlashAttention-2 | " + " | ".join(fa2) + " |")
+            lines.append(f"| {d} | {m} | cuDNN | " + " | ".join(cud) + " |")
+    bf = []
+    for d in (64, 128):
+        for causal in (False, True):
+            for n in ("03_flash_v2/fa2", "03_flash_v2/overlap"):
+                a = lab.get((n,) + prefill_key(d, 4096, causal, "fp16"))
+                b = lab.get((n,) + prefill_key(d, 4096, causal, "bf16"))
+                if a and b:
+                    bf.append(f"| {n} | {d} | {'causal' if causal else 'full'} | {float(a['tflops']):.1f} | "
+                              f"{float(b['tflops']):.1f} | {100 * (float(b['tflops']) / float(a['tflops']) - 1):+.1f}% |")
+    if bf:
+        lines += ["", "bf16 against fp16, seqlen 4096, same run:", "",
+                  "| step | d | mask | fp16 TFLOPS | bf16 TFLOPS | bf16 vs fp16 |", "|---|---|---|---|---|---|"] + bf
+    return lines
+
+
+def render(name, lab, torch, ceil):
+    if name == "summary":
+        return summary(lab, torch, ceil)
+    if name == "decode":
+        return decode(lab, torch, ceil)
+    if name.startswith("chapter:"):
+        return chapter(lab, ceil, name.split(":", 1)[1])
+    if name == "compare:03_flash_v2":
+        return compare03(lab, torch, ceil)
+    raise SystemExit(f"unknown table {name}")
+
+
+def main():
+    check = "--check" in sys.argv
+    lab = index(load("ladder.csv"), step)
+    torch = index(load("torch_sdpa.csv"), lambda r: r["variant"])
+    ceil = load("ceilings.csv")[0]
+    stale = []
+    for rel in READMES:
+        path = os.path.join(ROOT, rel)
+        if not os.path.exists(path):
+            continue
+        text = open(path).read()
+
+        def fill(m):
+            body = "\n".join(render(m.group(1), lab, torch, ceil))
+            return f"<!-- results:{m.group(1)} -->\n{body}\n<!-- /results -->"
+
+        new = re.sub(r"<!-- results:(\S+) -->.*?<!-- /results -->", fill, text, flags=re.S)
+        if new != text:
+            stale.append(rel)
+            if not check:
+                open(path, "w").write(new)
+    if check and stale:
+        sys.exit("tables out of date with docs/results (run python3 docs/tables.py): " + ", ".join(stale))
+    print(("up to date: " if check else "rewrote: ") + (", ".join(stale) if stale else "nothing to change"))
+
+
+if __name__ == "__main__":
+    main()
