@@ -288,12 +288,16 @@ int run_cli(int argc, char** argv, const Chapter& chapter) {
         shape.max_pages_per_seq = (spec.seqlen_kv + spec.page_size - 1) / spec.page_size;
         shape.num_pages = shape.max_pages_per_seq * spec.batch;
       }
+      // Refused by every chosen variant: bad input (exit 2), not an empty success.
+      std::string first_reason;
+      size_t refused = 0;
       for (const Variant* v : chosen) {
         std::string why = v->support ? unsupported_reason(shape, *v->support) : "";
-        if (!why.empty() && chosen.size() == 1) {
-          std::fprintf(stderr, "error: %s\n", why.c_str());
-          return 2;
-        }
+        if (!why.empty()) ++refused, first_reason = first_reason.empty() ? why : first_reason;
+      }
+      if (refused == chosen.size()) {
+        std::fprintf(stderr, "error: %s\n", first_reason.c_str());
+        return 2;
       }
     }
     if (!cuda_device_present()) {

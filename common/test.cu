@@ -291,6 +291,9 @@ TEST_CASE("command line: run_cli exits with 2 on bad input, before touching a GP
   REQUIRE(run(one, {"--head-dim", "96"}) == 2);  // valid flag, unsupported by the chapter
   REQUIRE(run(one, {"--variant", "other"}) == 2);
   REQUIRE(run(one, {"--help"}) == 0);
+  Chapter two{"test_chapter", {{"a", +[](const AttnParams&, cudaStream_t) {}, &sup, nullptr},
+                               {"b", +[](const AttnParams&, cudaStream_t) {}, &sup, nullptr}}};
+  REQUIRE(run(two, {"--head-dim", "96"}) == 2);  // every variant refuses: still bad input
 }
 
 TEST_CASE("check_params names the field", "[cpu]") {
