@@ -210,7 +210,11 @@ RunOutcome run_variant(Problem& prob, const std::string& chapter, const Variant&
     out.row.reps = t.reps;
     if (ceil.gemm_tflops > 0) fill_rates(out.row, ceil.gemm_tflops, ceil.copy_gbps);
     else fill_rates(out.row, 1, 1), out.row.pct_peak = 0;
-    // The output of the last timed repetition must still be right.
+    // Once more after timing, from poisoned outputs: a launch that stopped writing some rows, or
+    // whose result depends on what the earlier runs left behind, fails here.
+    prob.poison_outputs(stream);
+    v.forward(p, stream);
+    LAB_CUDA_CHECK(cudaStreamSynchronize(stream));
     out.after = prob.check(opt.check);
     if (!out.after.ok) {
       out.row.check = "FAIL after timing";

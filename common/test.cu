@@ -229,6 +229,15 @@ TEST_CASE("validation catches unwritten, NaN and wrong elements; passes the exac
     REQUIRE(r.sampled);
     REQUIRE(r.rows_checked < r.rows_total);
     REQUIRE_FALSE(r.ok);
+
+    // A cap on sampled rows keeps every sampled row of the first and last (batch, head) only.
+    sampled.max_sampled_rows = 1;
+    CheckReport capped = check_output(hp, o, lse, sampled);
+    sampled.max_sampled_rows = 0;
+    CheckReport uncapped = check_output(hp, o, lse, sampled);
+    REQUIRE(capped.ok);
+    REQUIRE(capped.rows_checked == uncapped.rows_checked);  // 2 heads: both are first or last
+    REQUIRE(capped.rows_checked >= 2 * 13);                  // 13 edge rows exist below 70
   }
 }
 

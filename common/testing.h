@@ -18,7 +18,7 @@ namespace lab {
 // so every run draws new inputs and a failing run can be repeated.
 uint64_t test_seed();
 
-// The awkward prefill shapes every attention chapter is tested on (CONVENTIONS.md): seqlen 1, 17,
+// The awkward prefill shapes every attention chapter is tested on: seqlen 1, 17,
 // 1000 and other non-multiples of the tiles, seqlen_q != seqlen_kv both ways (with causal, rows
 // that see no key at all), large logits and outliers, GQA ratios 1, 4, 8 and MQA, batch 1 and
 // batch > #SMs. Seeds differ per shape and per run.

@@ -113,10 +113,15 @@ CheckReport check_output(const HostProblem& hp, const std::vector<uint16_t>& o_b
       }
     }
   if (r.sampled && opt.max_sampled_rows > 0 && int64_t(rows.size()) > opt.max_sampled_rows) {
-    // Keep the very first and very last rows, and a seeded random subset of the others.
-    std::vector<Row> kept{rows.front(), rows.back()};
-    std::shuffle(rows.begin() + 1, rows.end() - 1, rng);
-    kept.insert(kept.end(), rows.begin() + 1, rows.begin() + 1 + (opt.max_sampled_rows - 2));
+    // Keep every sampled row (edges included) of the first and the last (batch, head), and a
+    // seeded random subset of the rest up to the cap.
+    const Row first = rows.front(), last = rows.back();
+    std::vector<Row> kept, rest;
+    for (const Row& w : rows)
+      ((w.b == first.b && w.h == first.h) || (w.b == last.b && w.h == last.h) ? kept : rest).push_back(w);
+    std::shuffle(rest.begin(), rest.end(), rng);
+    const int64_t room = std::max<int64_t>(0, opt.max_sampled_rows - int64_t(kept.size()));
+    kept.insert(kept.end(), rest.begin(), rest.begin() + std::min<int64_t>(room, int64_t(rest.size())));
     rows = kept;
   }
   r.rows_checked = int64_t(rows.size());
