@@ -11,7 +11,7 @@
 // That traffic, and the CUDA-core arithmetic, are what 03_flash_v2 removes.
 //
 // Parallelism: the paper's kernel runs one block per (batch, head). One block per (batch, head)
-// is 64 to 512 blocks on the prefill grid, under 4 per SM, so each (batch, head) is also split
+// is 16 to 1024 blocks on the prefill grid, under 8 per SM, so each (batch, head) is also split
 // into groups of query tiles: each block runs Algorithm 1 on its group. With one group this is
 // exactly Algorithm 1; more groups only re-read K_j/V_j once per group.
 //
