@@ -129,6 +129,9 @@ std::string unsupported_reason(const AttnParams& p, const Support& s) {
     return who + "seqlen_q = " + std::to_string(p.seqlen_q) + " is not supported (supported: 1.." +
            std::to_string(s.max_seqlen_q) + ")";
   if (p.num_splits < 0) return who + "num_splits = " + std::to_string(p.num_splits) + " must be >= 0";
+  if (p.num_splits > 0 && !s.splits)
+    return who + "num_splits = " + std::to_string(p.num_splits) +
+           " is not supported (split-KV decoding: see 04_flash_decoding)";
   return "";
 }
 

@@ -88,6 +88,7 @@ struct Support {
   bool varlen = false;
   bool cache_seqlens = false;
   bool paged_kv = false;
+  bool splits = false;        // honours num_splits (split-KV decoding)
   int max_seqlen_q = 0;       // 0: no limit
   int vector_elems = 8;       // strides and pointers must be multiples of this many elements
 };

@@ -278,7 +278,7 @@ int run_cli(int argc, char** argv, const Chapter& chapter) {
       AttnParams shape;
       shape.dtype = spec.dtype, shape.batch = spec.batch, shape.heads_q = spec.heads_q;
       shape.heads_kv = spec.heads_kv, shape.seqlen_q = spec.seqlen_q, shape.seqlen_kv = spec.seqlen_kv;
-      shape.head_dim = spec.head_dim, shape.causal = spec.causal;
+      shape.head_dim = spec.head_dim, shape.causal = spec.causal, shape.num_splits = spec.num_splits;
       shape.softmax_scale = 1.f / std::sqrt(float(spec.head_dim));
       set_contiguous_strides(shape);
       alignas(16) static const char dummy[16] = {};

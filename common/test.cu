@@ -298,6 +298,7 @@ TEST_CASE("command line: run_cli exits with 2 on bad input, before touching a GP
   REQUIRE(run(one, {"--nope"}) == 2);
   REQUIRE(run(one, {"--iters"}) == 2);
   REQUIRE(run(one, {"--head-dim", "96"}) == 2);  // valid flag, unsupported by the chapter
+  REQUIRE(run(one, {"--splits", "4"}) == 2);     // accepted by the CLI, refused, not ignored
   REQUIRE(run(one, {"--variant", "other"}) == 2);
   REQUIRE(run(one, {"--help"}) == 0);
   Chapter two{"test_chapter", {{"a", +[](const AttnParams&, cudaStream_t) {}, &sup, nullptr},
@@ -329,6 +330,7 @@ TEST_CASE("check_params names the field", "[cpu]") {
   CHECK(why([](auto& c) { c.dtype = DType::bf16; }).find("dtype = bf16") != std::string::npos);
   CHECK(why([](auto& c) { c.seqlen_kv = 0; }).find("seqlen_kv = 0 must be > 0") != std::string::npos);
   CHECK(why([](auto& c) { c.v = nullptr; }).find("v is a null pointer") != std::string::npos);
+  CHECK(why([](auto& c) { c.num_splits = 4; }).find("num_splits = 4 is not supported") != std::string::npos);
   s.paged_kv = true;
   CHECK(why([](auto& c) {
           c.block_table = reinterpret_cast<const int*>(buf);
