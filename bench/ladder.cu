@@ -16,6 +16,8 @@
 #include "01_naive/kernel.h"
 #include "02_flash_v1/kernel.h"
 #include "03_flash_v2/kernel.h"
+#include "04_flash_decoding/kernel.h"
+#include "05_decoding_cuda_core/kernel.h"
 #include "common/cuda_check.h"
 #include "common/driver.h"
 
@@ -25,7 +27,7 @@ namespace {
 std::vector<lab::Chapter> all_chapters() {
   lab::Chapter c01 = ch01::chapter();
   std::reverse(c01.variants.begin(), c01.variants.end());  // cublas, then naive
-  return {c01, ch02::chapter(), ch03::chapter()};
+  return {c01, ch02::chapter(), ch03::chapter(), ch04::chapter(), ch05::chapter()};
 }
 
 struct Config {
@@ -79,11 +81,42 @@ std::vector<Config> decode_grid(bool quick) {
   return out;
 }
 
+// The KV cache as engines keep it: pages in shuffled order (page sizes 16..256, against the
+// contiguous rows of the decode grid), and the split count swept around the heuristic's choice.
+// Chapters without paged KV or split-KV refuse these shapes and are skipped.
+std::vector<Config> decode_cache_grid(bool quick) {
+  std::vector<Config> out;
+  const std::pair<int, int> batch_kv[] = {{1, 32768}, {8, 4096}, {32, 4096}};
+  for (auto [b, kv] : batch_kv)
+    for (int page : {16, 64, 256}) {
+      if (quick && page != 64) continue;
+      Config c;
+      c.workload = "decode_paged";
+      c.group = "decode paged MHA 32/32";
+      c.spec.batch = b, c.spec.heads_q = c.spec.heads_kv = 32, c.spec.seqlen_q = 1;
+      c.spec.seqlen_kv = kv, c.spec.head_dim = 128, c.spec.page_size = page;
+      out.push_back(c);
+    }
+  for (auto [b, kv] : {std::pair<int, int>{1, 32768}, {8, 4096}})
+    for (int splits : {1, 2, 4, 8, 16, 32, 64, 128}) {
+      if (quick && splits != 1 && splits != 16) continue;
+      Config c;
+      c.workload = "decode_splits";
+      c.group = "decode splits MHA 32/32";
+      c.spec.batch = b, c.spec.heads_q = c.spec.heads_kv = 32, c.spec.seqlen_q = 1;
+      c.spec.seqlen_kv = kv, c.spec.head_dim = 128, c.spec.num_splits = splits;
+      out.push_back(c);
+    }
+  return out;
+}
+
 std::string short_shape(const lab::ProblemSpec& s) {
   std::ostringstream o;
   o << "d" << s.head_dim << " b" << s.batch << " h" << s.heads_q;
   if (s.heads_kv != s.heads_q) o << "/" << s.heads_kv;
   o << " sq" << s.seqlen_q << " sk" << s.seqlen_kv << (s.causal ? " causal" : "");
+  if (s.page_size) o << " page" << s.page_size;
+  if (s.num_splits) o << " splits" << s.num_splits;
   return o.str();
 }
 
@@ -154,6 +187,7 @@ int main(int argc, char** argv) {
     std::vector<Config> configs;
     if (grid != "decode") for (auto& c : prefill_grid(quick)) configs.push_back(c);
     if (grid != "prefill") for (auto& c : decode_grid(quick)) configs.push_back(c);
+    if (grid != "prefill") for (auto& c : decode_cache_grid(quick)) configs.push_back(c);
     std::vector<lab::Chapter> chapters;
     for (auto& ch : all_chapters())
       if (only.empty() || only.find("," + ch.name + ",") != std::string::npos) chapters.push_back(ch);

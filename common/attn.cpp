@@ -1,5 +1,9 @@
 #include "common/attn.h"
 
+#include <cuda_runtime.h>
+
+#include "common/cuda_check.h"
+
 #include <cmath>
 #include <sstream>
 
@@ -126,12 +130,36 @@ std::string unsupported_reason(const AttnParams& p, const Support& s) {
     if (p.num_pages <= 0) return who + "num_pages = " + std::to_string(p.num_pages) + " must be > 0";
   }
   if (s.max_seqlen_q > 0 && p.seqlen_q > s.max_seqlen_q)
-    return who + "seqlen_q = " + std::to_string(p.seqlen_q) + " is not supported (supported: 1.." +
-           std::to_string(s.max_seqlen_q) + ")";
+    return who + "seqlen_q = " + std::to_string(p.seqlen_q) + " is not supported (supported: " +
+           (s.max_seqlen_q == 1 ? "1" : "1.." + std::to_string(s.max_seqlen_q)) + ")";
   if (p.num_splits < 0) return who + "num_splits = " + std::to_string(p.num_splits) + " must be >= 0";
   if (p.num_splits > 0 && !s.splits)
     return who + "num_splits = " + std::to_string(p.num_splits) +
            " is not supported (split-KV decoding: see 04_flash_decoding)";
+  return "";
+}
+
+std::string kv_cache_tables_reason(const AttnParams& p, const char* chapter) {
+  const std::string who = std::string(chapter) + ": ";
+  std::vector<int> lens(size_t(p.batch), p.seqlen_kv);
+  if (p.cache_seqlens) {
+    LAB_CUDA_CHECK(cudaMemcpy(lens.data(), p.cache_seqlens, lens.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    for (int b = 0; b < p.batch; ++b)
+      if (lens[b] < 0 || lens[b] > p.seqlen_kv)
+        return who + "cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(lens[b]) +
+               " is outside 0..seqlen_kv = " + std::to_string(p.seqlen_kv) + " (the cache capacity)";
+  }
+  if (p.block_table) {
+    std::vector<int> table(size_t(p.batch) * p.max_pages_per_seq);
+    LAB_CUDA_CHECK(cudaMemcpy(table.data(), p.block_table, table.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    for (int b = 0; b < p.batch; ++b)
+      for (int j = 0; j < (lens[b] + p.page_size - 1) / p.page_size; ++j) {
+        const int page = table[size_t(b) * p.max_pages_per_seq + j];
+        if (page < 0 || page >= p.num_pages)
+          return who + "block_table[" + std::to_string(b) + "][" + std::to_string(j) + "] = " +
+                 std::to_string(page) + " is outside 0..num_pages-1 = " + std::to_string(p.num_pages - 1);
+      }
+  }
   return "";
 }
 

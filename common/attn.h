@@ -99,4 +99,11 @@ void check_params(const AttnParams& p, const Support& s);
 // The same checks, returning the message instead of throwing ("" when supported).
 std::string unsupported_reason(const AttnParams& p, const Support& s);
 
+// The device-side KV-cache tables: every cache_seqlens[b] in 0..seqlen_kv (the capacity) and every
+// block_table entry a sequence uses in 0..num_pages-1. Copies the tables to the host (synchronous),
+// so it runs before timing, not per launch; "" when they are valid, else names the first bad entry.
+// The decoding kernels never read outside the cache whatever the tables hold: a bad entry they
+// meet turns that output row into NaN.
+std::string kv_cache_tables_reason(const AttnParams& p, const char* chapter);
+
 }  // namespace lab

@@ -188,7 +188,12 @@ RunOutcome run_variant(Problem& prob, const std::string& chapter, const Variant&
       return out;
     }
   }
+  if (prob.params.cache_seqlens || prob.params.block_table) {
+    const std::string why = kv_cache_tables_reason(prob.params, chapter.c_str());
+    if (!why.empty()) throw InvalidArgument(why);
+  }
   if (v.workspace) prob.ensure_workspace(v.workspace(prob.params));
+  if (v.splits) out.row.splits = v.splits(prob.params);
   const AttnParams p = prob.params;
 
   prob.poison_outputs(stream);

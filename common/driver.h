@@ -19,12 +19,14 @@ namespace lab {
 
 using ForwardFn = void (*)(const AttnParams&, cudaStream_t);
 using WorkspaceFn = size_t (*)(const AttnParams&);
+using SplitsFn = int (*)(const AttnParams&);
 
 struct Variant {
   std::string name;  // "" when the chapter has one kernel
   ForwardFn forward = nullptr;
   const Support* support = nullptr;
   WorkspaceFn workspace = nullptr;  // nullptr: needs none
+  SplitsFn splits = nullptr;        // split-KV chapters: the split count forward() will use
 };
 
 struct Chapter {

@@ -48,12 +48,43 @@ std::vector<ProblemSpec> awkward_prefill_shapes(int d, DType dtype) {
   return out;
 }
 
+std::vector<ProblemSpec> awkward_decode_shapes(int d, DType dtype, int seqlen_q) {
+  struct S { int b, hq, hkv, sk; std::vector<int> lens; int page; Dist dist; };
+  const S shapes[] = {
+      {1, 2, 2, 1, {}, 0, Dist::normal},
+      {1, 2, 2, 17, {}, 0, Dist::normal},
+      {2, 4, 4, 1000, {}, 0, Dist::large_logits},
+      {1, 2, 2, 4097, {}, 0, Dist::normal},
+      {3, 4, 1, 1000, {}, 0, Dist::outliers},                    // MQA
+      {4, 8, 2, 4097, {1, 4097, 17, 1000}, 0, Dist::normal},     // GQA 4, mixed lengths
+      {5, 4, 4, 3000, {0, 3000, 1, 64, 2049}, 0, Dist::large_logits},  // an empty cache too
+      {3, 4, 4, 1000, {1000, 999, 513}, 16, Dist::normal},       // paged, the smallest pages
+      {4, 8, 8, 4097, {4097, 1, 2000, 4096}, 64, Dist::large_logits},
+      {2, 4, 2, 3000, {}, 256, Dist::outliers},
+      {2, 2, 2, 700, {700, 5}, 32, Dist::normal},
+      {200, 1, 1, 65, {}, 0, Dist::normal},                      // batch > #SMs
+  };
+  std::vector<ProblemSpec> out;
+  uint64_t k = 0;
+  for (const S& s : shapes) {
+    ProblemSpec p;
+    p.batch = s.b, p.heads_q = s.hq, p.heads_kv = s.hkv, p.seqlen_q = seqlen_q, p.seqlen_kv = s.sk;
+    p.cache_seqlens = s.lens, p.page_size = s.page, p.dist = s.dist;
+    p.head_dim = d, p.dtype = dtype, p.lse = true;
+    p.causal = seqlen_q > 1 && k % 2 == 0;
+    p.seed = test_seed() * 1000 + 500 + (++k);
+    out.push_back(p);
+  }
+  return out;
+}
+
 std::string describe(const ProblemSpec& s) {
   std::ostringstream o;
   o << "b" << s.batch << " h" << s.heads_q << "/" << s.heads_kv << " sq" << s.seqlen_q << " sk"
     << s.seqlen_kv << " d" << s.head_dim << (s.causal ? " causal " : " ") << dtype_name(s.dtype)
     << " " << dist_name(s.dist) << (s.lse ? " lse" : "") << (s.row_pad ? " strided" : "")
-    << " seed " << s.seed;
+    << (s.cache_seqlens.empty() ? "" : " cache_seqlens") << (s.page_size ? " page " + std::to_string(s.page_size) : "")
+    << (s.num_splits ? " splits " + std::to_string(s.num_splits) : "") << " seed " << s.seed;
   return o.str();
 }
 

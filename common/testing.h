@@ -23,6 +23,11 @@ uint64_t test_seed();
 // that see no key at all), large logits and outliers, GQA ratios 1, 4, 8 and MQA, batch 1 and
 // batch > #SMs. Seeds differ per shape and per run.
 std::vector<ProblemSpec> awkward_prefill_shapes(int head_dim, DType dtype);
+// The awkward decode shapes: KV lengths 0, 1, 17, 1000, 4097 and mixed lengths in one batch
+// (cache_seqlens), paged caches with pages in shuffled order (page sizes 16 to 256), large logits
+// and outliers, GQA and MQA, batch 1 and batch > #SMs; seqlen_q queries per sequence (causal on
+// every other shape when seqlen_q > 1).
+std::vector<ProblemSpec> awkward_decode_shapes(int head_dim, DType dtype, int seqlen_q = 1);
 std::string describe(const ProblemSpec& s);
 
 // Builds the problem, poisons the outputs, runs the variant once and checks every row
@@ -30,6 +35,10 @@ std::string describe(const ProblemSpec& s);
 inline CheckReport run_and_check(const Variant& v, const ProblemSpec& spec, bool all_rows = true) {
   Problem prob(spec);
   if (v.support) check_params(prob.params, *v.support);
+  if (prob.params.cache_seqlens || prob.params.block_table) {
+    const std::string why = kv_cache_tables_reason(prob.params, "run_and_check");
+    if (!why.empty()) throw InvalidArgument(why);
+  }
   if (v.workspace) prob.ensure_workspace(v.workspace(prob.params));
   prob.poison_outputs(0);
   v.forward(prob.params, 0);

@@ -5,7 +5,9 @@
     python3 docs/tables.py --check   exit 1 if a README is out of date with the CSVs (CI runs this)
 
 NAME is one of: summary, decode, chapter:<dir> (a chapter's rows over the prefill grid),
-compare:03_flash_v2 (chapter 03 next to PyTorch's backends, same GPU, same run).
+compare:03_flash_v2 (chapter 03 next to PyTorch's backends, same GPU, same run),
+decode:<dir> (the decode grid for a decoding chapter and its predecessor, with PyTorch's backends),
+paged (paged against contiguous KV), splits (the num_splits sweep against the heuristic's choice).
 """
 import csv
 import os
@@ -14,9 +16,12 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results", "h100")  # the GPU the README numbers come from
-READMES = ["README.md", "01_naive/README.md", "02_flash_v1/README.md", "03_flash_v2/README.md"]
+READMES = ["README.md", "01_naive/README.md", "02_flash_v1/README.md", "03_flash_v2/README.md",
+           "04_flash_decoding/README.md", "05_decoding_cuda_core/README.md"]
 ORDER = ["01_naive/cublas", "01_naive/naive", "02_flash_v1", "03_flash_v2/mma", "03_flash_v2/fa2",
-         "03_flash_v2/overlap"]
+         "03_flash_v2/overlap", "04_flash_decoding", "05_decoding_cuda_core"]
+PREFILL_ORDER = ORDER[:6]  # 04 and 05 are decoding kernels (seqlen_q <= 64 and 1)
+DECODE_SHAPES = [(1, 1024), (1, 8192), (1, 32768), (8, 4096), (32, 4096), (128, 1024), (128, 4096), (64, 16384)]
 
 
 def load(name):
@@ -69,7 +74,7 @@ def summary(lab, torch, ceil):
     def cell(r):
         return "-" if r is None else f"{float(r['tflops']):.0f} ({100 * float(r['tflops']) / gemm:.0f}%)"
 
-    for name in ORDER:
+    for name in PREFILL_ORDER:
         lines.append(f"| {name} | " + " | ".join(cell(lab.get((name,) + k)) for _, k in cols) + " |")
     for name in ("eager_unfused", "flash", "cudnn"):
         label = {"eager_unfused": "PyTorch eager (unfused)", "flash": "PyTorch SDPA flash (FlashAttention-2)",
@@ -83,7 +88,7 @@ def decode(lab, torch, ceil):
             for b, h, kv in ((1, 32, 32768), (8, 32, 4096), (128, 32, 4096), (8, 8, 4096))]
     copy = float(ceil["copy_gbps"])
     lines = ["Decode (one query token, d 128, 32 query heads), fp16: GB/s (% of the measured copy bandwidth). "
-             "None of chapters 01-03 is a decoding kernel; these rows are the baseline that 04-07 start from. "
+             "Chapters 01-03 are prefill kernels run on decoding shapes, the baseline 04 and 05 start from. "
              + header(ceil), "",
              "| step | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
 
@@ -94,6 +99,92 @@ def decode(lab, torch, ceil):
         lines.append(f"| {name} | " + " | ".join(cell(lab.get((name,) + k)) for _, k in cols) + " |")
     for name in ("flash", "cudnn"):
         lines.append(f"| PyTorch SDPA {name} | " + " | ".join(cell(torch.get((name,) + k)) for _, k in cols) + " |")
+    return lines
+
+
+def decode_grid(lab, torch, ceil, steps):
+    """Every decode-grid shape, MHA and GQA, for `steps` and PyTorch's backends."""
+    copy = float(ceil["copy_gbps"])
+    lines = ["Decode grid (one query token, d 128, 32 query heads, fp16): GB/s of unique bytes (% of the "
+             "measured copy bandwidth); splits as chosen by the heuristic in parentheses after the chapter's "
+             "figure. **bold**: the faster of 04/05 at or above cuDNN. " + header(ceil), ""]
+    for hkv in (32, 8):
+        lines += [f"{'MHA 32/32' if hkv == 32 else 'GQA 32/8 (each query head reads its KV head: see 06)'}:", "",
+                  "| step | " + " | ".join(f"b{b} kv{kv // 1024}k" for b, kv in DECODE_SHAPES) + " |",
+                  "|---|" + "---|" * len(DECODE_SHAPES)]
+        best = {}
+        for b, kv in DECODE_SHAPES:
+            rs = [lab.get((n,) + decode_key(b, hkv, kv)) for n in ("04_flash_decoding", "05_decoding_cuda_core")]
+            rs = [r for r in rs if r]
+            best[(b, kv)] = max(float(r["gbps"]) for r in rs) if rs else None
+        for name in steps + ["flash", "cudnn"]:
+            src = torch if name in ("flash", "cudnn") else lab
+            cells = []
+            for b, kv in DECODE_SHAPES:
+                r = src.get((name,) + decode_key(b, hkv, kv))
+                if r is None:
+                    cells.append("-")
+                    continue
+                g = float(r["gbps"])
+                c = f"{g:.0f} ({100 * g / copy:.0f}%)"
+                if name in ("04_flash_decoding", "05_decoding_cuda_core"):
+                    c += f" s{r['splits']}"
+                    cud = torch.get(("cudnn",) + decode_key(b, hkv, kv))
+                    if best[(b, kv)] == g and cud and g >= float(cud["gbps"]):
+                        c = f"**{c}**"
+                cells.append(c)
+            label = {"flash": "PyTorch SDPA flash", "cudnn": "PyTorch SDPA cuDNN"}.get(name, name)
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines[:-1]
+
+
+def raw_rows(workload):
+    return [r for r in load("ladder.csv") if r["workload"] == workload and r["check"].startswith("PASS")
+            and float(r["ms"]) > 0]
+
+
+def paged(lab, ceil):
+    """Paged KV against contiguous KV, same shapes, same run."""
+    lines = ["Paged KV cache (pages in shuffled order) against contiguous KV, fp16, d 128, 32 heads: GB/s "
+             "(change against contiguous). " + header(ceil), "",
+             "| chapter | shape | contiguous | page 16 | page 64 | page 256 |", "|---|---|---|---|---|---|"]
+    pg = {}
+    for r in raw_rows("decode_paged"):
+        pg[(r["chapter"], int(r["batch"]), int(r["seqlen_kv"]), r["features"])] = float(r["gbps"])
+    for ch in ("04_flash_decoding", "05_decoding_cuda_core"):
+        for b, kv in ((1, 32768), (8, 4096), (32, 4096)):
+            c = lab.get((ch,) + decode_key(b, 32, kv))
+            if c is None:
+                continue
+            base = float(c["gbps"])
+            cells = []
+            for page in (16, 64, 256):
+                g = pg.get((ch, b, kv, f"paged{page}"))
+                cells.append("-" if g is None else f"{g:.0f} ({100 * (g / base - 1):+.1f}%)")
+            lines.append(f"| {ch} | b{b} kv{kv // 1024}k | {base:.0f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def splits_sweep(lab, ceil):
+    """The split count forced from 1 to 128, against the heuristic's choice."""
+    sweep = {}
+    for r in raw_rows("decode_splits"):
+        sweep[(r["chapter"], int(r["batch"]), int(r["seqlen_kv"]), int(r["splits"]))] = float(r["gbps"])
+    counts = sorted({k[3] for k in sweep})
+    lines = ["num_splits forced (MHA, d 128, 32 heads, fp16): GB/s; **bold**: the count the heuristic picks. "
+             + header(ceil), "",
+             "| chapter | shape | " + " | ".join(f"{c}" for c in counts) + " |", "|---|---|" + "---|" * len(counts)]
+    for ch in ("04_flash_decoding", "05_decoding_cuda_core"):
+        for b, kv in ((1, 32768), (8, 4096)):
+            h = lab.get((ch,) + decode_key(b, 32, kv))
+            chosen = int(h["splits"]) if h else None
+            cells = []
+            for c in counts:
+                g = sweep.get((ch, b, kv, c))
+                cell = "-" if g is None else f"{g:.0f}"
+                cells.append(f"**{cell}**" if c == chosen else cell)
+            lines.append(f"| {ch} | b{b} kv{kv // 1024}k | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -174,6 +265,14 @@ def render(name, lab, torch, ceil):
         return chapter(lab, ceil, name.split(":", 1)[1])
     if name == "compare:03_flash_v2":
         return compare03(lab, torch, ceil)
+    if name == "decode:04_flash_decoding":
+        return decode_grid(lab, torch, ceil, ["03_flash_v2/fa2", "04_flash_decoding"])
+    if name == "decode:05_decoding_cuda_core":
+        return decode_grid(lab, torch, ceil, ["04_flash_decoding", "05_decoding_cuda_core"])
+    if name == "paged":
+        return paged(lab, ceil)
+    if name == "splits":
+        return splits_sweep(lab, ceil)
     raise SystemExit(f"unknown table {name}")
 
 

@@ -1,0 +1,110 @@
+// 04_flash_decoding: merging the splits, and choosing how many.
+//
+// Split s of a query row computed, over its own chunk of keys, lse_s = log sum_j exp(s_j) and
+// O_s = sum_j exp(s_j - lse_s) v_j. The whole row's result follows from these alone:
+//   lse = log sum_s exp(lse_s)               (taken as m + log sum_s exp(lse_s - m), m = max_s lse_s)
+//   O   = sum_s exp(lse_s - lse) O_s          (the weights sum to 1)
+// An empty chunk has lse_s = -inf and weight 0; a row with no visible key at all gets O = 0 and
+// lse = -inf, as in one pass. This is the same merge the 4 warps of a block do at its end.
+#include <algorithm>
+#include <cmath>
+
+#include "04_flash_decoding/kernel.h"
+#include "03_flash_v2/tensor_core.cuh"
+#include "common/cuda_check.h"
+
+namespace ch04 {
+
+int choose_num_splits(int requested, int64_t work_items, int max_keys, int min_keys_per_split,
+                      int target_blocks) {
+  if (requested > 0) return requested;
+  // Decoding is bound by loads in flight, not by waves: once every SM runs enough blocks to keep
+  // its share of the bandwidth busy, more splits only add partials to write, read and merge. So:
+  // the fewest splits that reach `target_blocks`, each chunk keeping min_keys_per_split keys.
+  const int64_t wanted = (target_blocks + std::max<int64_t>(1, work_items) - 1) / std::max<int64_t>(1, work_items);
+  const int max_splits = std::clamp(max_keys / std::max(1, min_keys_per_split), 1, kMaxSplits);
+  return int(std::clamp<int64_t>(wanted, 1, max_splits));
+}
+
+size_t partials_bytes(const lab::AttnParams& p, int splits) {
+  if (splits <= 1) return 0;
+  return size_t(splits) * p.batch * p.heads_q * p.seqlen_q * (size_t(p.head_dim) + 1) * sizeof(float);
+}
+
+namespace {
+
+// One warp per query row (b, h, i); lanes cover head_dim in float4 steps.
+template <class T>
+__global__ void __launch_bounds__(128) combine_splits_kernel(const lab::AttnParams p, int splits,
+                                                             const float* o_partial,
+                                                             const float* lse_partial) {
+#if __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the split kernel: this block may already be resident
+  // while the split kernel's last blocks run; wait here until all of them have finished and their
+  // partials are visible.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  const int64_t row = int64_t(blockIdx.x) * 4 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const int i = int(row % p.seqlen_q), h = int(row / p.seqlen_q % p.heads_q), b = int(row / p.seqlen_q / p.heads_q);
+
+  // lse = m + log sum_s exp(lse_s - m). A NaN partial (a bad cache table) must stay visible:
+  // fmaxf would drop it.
+  float m = -INFINITY;
+  bool nan = false;
+  for (int s = lane; s < splits; s += 32) {
+    const float l = lse_partial[s * rows + row];
+    nan |= l != l;
+    m = fmaxf(m, l);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  nan = __any_sync(0xffffffffu, nan);
+  float sum = 0.f;
+  if (m != -INFINITY)
+    for (int s = lane; s < splits; s += 32) sum += expf(lse_partial[s * rows + row] - m);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  const float lse = nan ? NAN : (m == -INFINITY ? -INFINITY : m + logf(sum));
+
+  T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + int64_t(i) * p.o_row_stride + h * p.o_head_stride;
+  for (int c = 4 * lane; c < p.head_dim; c += 128) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (m != -INFINITY)
+      for (int s = 0; s < splits; ++s) {
+        const float w = expf(lse_partial[s * rows + row] - lse);  // 0 for an empty split
+        const float4 o = *reinterpret_cast<const float4*>(o_partial + (s * rows + row) * p.head_dim + c);
+        acc.x += w * o.x, acc.y += w * o.y, acc.z += w * o.z, acc.w += w * o.w;
+      }
+    if (nan) acc = make_float4(NAN, NAN, NAN, NAN);
+    uint2 packed = {ch03::pack2<T>(acc.x, acc.y), ch03::pack2<T>(acc.z, acc.w)};
+    *reinterpret_cast<uint2*>(O + c) = packed;
+  }
+  if (p.lse && lane == 0) p.lse[row] = lse;  // [batch, heads_q, seqlen_q]: the same row order
+}
+
+}  // namespace
+
+void combine_splits(const lab::AttnParams& p, int splits, const float* o_partial,
+                    const float* lse_partial, cudaStream_t stream) {
+  const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  // Programmatic dependent launch (Hopper): the launch of this kernel overlaps the tail of the
+  // split kernel instead of starting after it; griddepcontrol.wait above keeps the order.
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned((rows + 3) / 4));
+  cfg.blockDim = dim3(128);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (p.dtype == lab::DType::fp16)
+    LAB_CUDA_CHECK(cudaLaunchKernelEx(&cfg, combine_splits_kernel<__half>, p, splits, o_partial, lse_partial));
+  else
+    LAB_CUDA_CHECK(cudaLaunchKernelEx(&cfg, combine_splits_kernel<__nv_bfloat16>, p, splits, o_partial, lse_partial));
+}
+
+}  // namespace ch04

@@ -1,0 +1,53 @@
+// Chapter 04: flash decoding. One new query token (or a few) per sequence attends to a long KV
+// cache: the work is memory-bound, and one block per (batch, head) leaves most SMs idle.
+//   kernel.cu:  the 03 tensor-core kernel turned for decoding: B_r = 16 query rows, the block's
+//               4 warps split each K/V tile between them instead of the query rows, and blocks
+//               split the KV sequence (num_splits chunks), each writing a partial O and its LSE;
+//               per-sequence KV lengths (cache_seqlens) and a paged KV cache (block_table).
+//   combine.cu: the kernel that merges the partial outputs with their log-sum-exps, and the
+//               num_splits heuristic (05_decoding_cuda_core uses both).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common/attn.h"
+#include "common/driver.h"
+
+namespace ch04 {
+
+// head_dim 64, 128, 256; fp16, bf16; seqlen_q 1..64 (causal, bottom-right, when > 1); GQA/MQA
+// (each query head reads its KV head; 06_gqa_alibi shares the reads); lse; cache_seqlens; paged
+// KV (page size a power of two >= 16); num_splits.
+extern const lab::Support kSupport;
+
+// num_splits in 0..kMaxSplits (0: the heuristic picks).
+constexpr int kMaxSplits = 256;
+
+// The split count forward() uses for this problem on the current device.
+int num_splits_for(const lab::AttnParams& p);
+// Partial outputs and LSEs when num_splits > 1: num_splits * batch * heads_q * seqlen_q * (head_dim + 1) floats.
+size_t workspace_bytes(const lab::AttnParams& p);
+void forward(const lab::AttnParams& p, cudaStream_t stream);
+
+// ---- shared with 05_decoding_cuda_core (combine.cu) ----
+
+// How many chunks to split each sequence's keys into: the fewest that launch `target_blocks`
+// blocks, given `work_items` blocks per split (batch x heads x query tiles), with no chunk shorter
+// than `min_keys_per_split`. A nonzero `requested` (the caller's num_splits) wins.
+int choose_num_splits(int requested, int64_t work_items, int max_keys, int min_keys_per_split,
+                      int target_blocks);
+
+// Bytes of partial results for `splits` chunks (0 when splits == 1: the kernel writes O directly).
+size_t partials_bytes(const lab::AttnParams& p, int splits);
+
+// o_partial: [splits][batch][heads_q][seqlen_q][head_dim] fp32, each chunk's O normalized by its
+// own sum; lse_partial: [splits][batch][heads_q][seqlen_q] (natural log, -inf for an empty chunk).
+// Writes O = sum_s exp(lse_s - lse) O_s with lse = log sum_s exp(lse_s), and lse if asked.
+void combine_splits(const lab::AttnParams& p, int splits, const float* o_partial,
+                    const float* lse_partial, cudaStream_t stream);
+
+inline lab::Chapter chapter() {
+  return {"04_flash_decoding", {{"", forward, &kSupport, workspace_bytes, num_splits_for}}};
+}
+
+}  // namespace ch04

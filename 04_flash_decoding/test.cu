@@ -1,0 +1,233 @@
+// Tests of 04_flash_decoding against the fp64 reference, and of the split combine.
+#include <cmath>
+#include <cstring>
+
+#include <cuda_fp16.h>
+
+#include "04_flash_decoding/kernel.h"
+#include "common/testing.h"
+
+using lab::DType;
+
+namespace {
+const lab::Variant& variant() { static lab::Chapter c = ch04::chapter(); return c.variants[0]; }
+
+// Runs the chapter on `spec` and returns O (as bits) and lse, after checking against the reference.
+struct Result { std::vector<uint16_t> o; std::vector<float> lse; };
+Result run_checked(const lab::ProblemSpec& spec) {
+  lab::Problem prob(spec);
+  prob.ensure_workspace(ch04::workspace_bytes(prob.params));
+  prob.poison_outputs(0);
+  ch04::forward(prob.params, 0);
+  LAB_CUDA_CHECK(cudaDeviceSynchronize());
+  lab::CheckOptions opt;
+  opt.seed = spec.seed;
+  LAB_REQUIRE_PASS(prob.check(opt));
+  Result r;
+  r.o = lab::download_bits(prob.params.o, prob.o_elems);
+  if (prob.lse_elems) r.lse = lab::download_f32(prob.params.lse, prob.lse_elems);
+  return r;
+}
+}  // namespace
+
+TEST_CASE("04_flash_decoding matches the reference on awkward decode shapes", "[gpu]") {
+  for (DType t : {DType::fp16, DType::bf16})
+    for (int d : {64, 128})
+      for (const lab::ProblemSpec& s : lab::awkward_decode_shapes(d, t)) {
+        INFO(lab::describe(s));
+        LAB_REQUIRE_PASS(lab::run_and_check(variant(), s));
+      }
+}
+
+TEST_CASE("04_flash_decoding: a few query tokens per sequence (speculative decoding)", "[gpu]") {
+  for (int sq : {2, 5, 16, 17, 64})
+    for (const lab::ProblemSpec& s : lab::awkward_decode_shapes(128, DType::fp16, sq)) {
+      INFO(lab::describe(s));
+      LAB_REQUIRE_PASS(lab::run_and_check(variant(), s));
+    }
+}
+
+TEST_CASE("04_flash_decoding: head_dim 256, strided rows", "[gpu]") {
+  for (DType t : {DType::fp16, DType::bf16}) {
+    lab::ProblemSpec s;
+    s.batch = 3, s.heads_q = 4, s.heads_kv = 2, s.seqlen_q = 3, s.seqlen_kv = 2500, s.head_dim = 256;
+    s.dtype = t, s.causal = true, s.lse = true, s.row_pad = 8, s.cache_seqlens = {2500, 1, 1300};
+    s.seed = lab::test_seed() + 31;
+    INFO(lab::describe(s));
+    LAB_REQUIRE_PASS(lab::run_and_check(variant(), s));
+  }
+}
+
+TEST_CASE("04_flash_decoding: any split count gives the one-pass result", "[gpu]") {
+  // The combine must reproduce what one pass over all keys computes: same O within rounding of the
+  // fp32 partials, same lse. Splits beyond the key count leave empty chunks (lse = -inf).
+  for (int page : {0, 64}) {
+    lab::ProblemSpec s;
+    s.batch = 3, s.heads_q = 4, s.heads_kv = 4, s.seqlen_q = 1, s.seqlen_kv = 5000, s.head_dim = 128;
+    s.cache_seqlens = {5000, 300, 4097}, s.page_size = page, s.lse = true;
+    s.dist = lab::Dist::large_logits, s.seed = lab::test_seed() + 7;
+    s.num_splits = 1;
+    const Result one = run_checked(s);
+    for (int splits : {2, 3, 8, 37, 128, 256}) {
+      s.num_splits = splits;
+      INFO(lab::describe(s));
+      const Result many = run_checked(s);
+      // The two differ only in rounding: each split rescales with its own running max, so P is
+      // rounded to 16 bits at different points (|dP| <= 2^-11 P), and O = sum P v / l moves by at
+      // most ~2^-11 max|v| (|v| < 8 here); the fp32 partials add ~1e-6. A wrong combine weight
+      // moves O by the size of O itself.
+      double max_o = 0, max_lse = 0;
+      for (size_t i = 0; i < one.o.size(); ++i) {
+        __half a, b;
+        std::memcpy(&a, &one.o[i], 2), std::memcpy(&b, &many.o[i], 2);
+        max_o = std::max(max_o, double(std::fabs(__half2float(a) - __half2float(b))));
+      }
+      for (size_t i = 0; i < one.lse.size(); ++i) {
+        if (std::isinf(one.lse[i]) || std::isinf(many.lse[i])) REQUIRE(one.lse[i] == many.lse[i]);
+        else max_lse = std::max(max_lse, double(std::fabs(one.lse[i] - many.lse[i])));
+      }
+      INFO("max |O_1 - O_splits| = " << max_o << ", max |lse_1 - lse_splits| = " << max_lse);
+      CHECK(max_o <= 8.0 / 2048);
+      CHECK(max_lse <= 1e-4);
+    }
+  }
+}
+
+TEST_CASE("04_flash_decoding: the same input gives bit-identical output twice", "[gpu]") {
+  lab::ProblemSpec s;
+  s.batch = 2, s.heads_q = 8, s.heads_kv = 8, s.seqlen_q = 1, s.seqlen_kv = 9000, s.head_dim = 128;
+  s.num_splits = 16, s.seed = lab::test_seed();
+  lab::Problem prob(s);
+  prob.ensure_workspace(ch04::workspace_bytes(prob.params));
+  std::vector<uint16_t> first;
+  for (int run = 0; run < 3; ++run) {
+    prob.poison_outputs(0);
+    ch04::forward(prob.params, 0);
+    LAB_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<uint16_t> o = lab::download_bits(prob.params.o, prob.o_elems);
+    if (run == 0) first = o;
+    else REQUIRE(std::memcmp(o.data(), first.data(), o.size() * 2) == 0);
+  }
+}
+
+TEST_CASE("04_flash_decoding: bad cache tables are refused by name, and never read outside", "[gpu]") {
+  lab::ProblemSpec s;
+  s.batch = 2, s.heads_q = 2, s.heads_kv = 2, s.seqlen_q = 1, s.seqlen_kv = 256, s.head_dim = 64;
+  s.cache_seqlens = {256, 100}, s.page_size = 64, s.seed = lab::test_seed();
+  lab::Problem prob(s);
+  lab::AttnParams& p = prob.params;
+  prob.ensure_workspace(ch04::workspace_bytes(p));
+  REQUIRE(lab::kv_cache_tables_reason(p, "04").empty());
+
+  // A cache length above the capacity.
+  int* lens = const_cast<int*>(p.cache_seqlens);
+  const int too_long = 257;
+  LAB_CUDA_CHECK(cudaMemcpy(lens + 1, &too_long, sizeof(int), cudaMemcpyHostToDevice));
+  std::string why = lab::kv_cache_tables_reason(p, "04");
+  INFO(why);
+  CHECK(why.find("cache_seqlens[1] = 257") != std::string::npos);
+  prob.poison_outputs(0);
+  ch04::forward(p, 0);  // still launched: the kernel must poison, not read past the cache
+  LAB_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<uint16_t> o = lab::download_bits(p.o, prob.o_elems);
+  __half x;
+  std::memcpy(&x, &o[s.heads_q * s.head_dim], 2);  // sequence 1, head 0, element 0
+  CHECK(std::isnan(__half2float(x)));
+  const int ok_len = 100;
+  LAB_CUDA_CHECK(cudaMemcpy(lens + 1, &ok_len, sizeof(int), cudaMemcpyHostToDevice));
+
+  // A page index outside the pool.
+  int* table = const_cast<int*>(p.block_table);
+  const int bad_page = p.num_pages;
+  LAB_CUDA_CHECK(cudaMemcpy(table + 2, &bad_page, sizeof(int), cudaMemcpyHostToDevice));
+  why = lab::kv_cache_tables_reason(p, "04");
+  INFO(why);
+  CHECK(why.find("block_table[0][2] = " + std::to_string(bad_page)) != std::string::npos);
+  prob.poison_outputs(0);
+  ch04::forward(p, 0);
+  LAB_CUDA_CHECK(cudaDeviceSynchronize());
+  o = lab::download_bits(p.o, prob.o_elems);
+  std::memcpy(&x, &o[0], 2);  // sequence 0 uses page entry 2
+  CHECK(std::isnan(__half2float(x)));
+}
+
+TEST_CASE("04_flash_decoding: too small a workspace is refused by name", "[gpu]") {
+  lab::ProblemSpec s;
+  s.batch = 1, s.heads_q = 2, s.heads_kv = 2, s.seqlen_q = 1, s.seqlen_kv = 4096, s.head_dim = 128;
+  s.num_splits = 8, s.seed = lab::test_seed();
+  lab::Problem prob(s);
+  try {
+    ch04::forward(prob.params, 0);
+    FAIL("a forward without workspace was accepted");
+  } catch (const lab::InvalidArgument& e) {
+    CHECK(std::string(e.what()).find("workspace_bytes") != std::string::npos);
+  }
+}
+
+TEST_CASE("04_flash_decoding: a small case for the sanitizers", "[gpu][sanitize]") {
+  lab::ProblemSpec s;
+  s.batch = 3, s.heads_q = 4, s.heads_kv = 2, s.seqlen_q = 1, s.seqlen_kv = 700, s.head_dim = 128;
+  s.cache_seqlens = {700, 0, 65}, s.page_size = 16, s.num_splits = 5, s.lse = true;
+  s.seed = lab::test_seed();
+  LAB_REQUIRE_PASS(lab::run_and_check(variant(), s));
+  s.page_size = 0, s.num_splits = 1, s.seqlen_q = 3, s.causal = true, s.head_dim = 64;
+  LAB_REQUIRE_PASS(lab::run_and_check(variant(), s));
+}
+
+TEST_CASE("04_flash_decoding: the split heuristic", "[cpu]") {
+  // 132 SMs, one block each wanted. Batch 1 x 32 heads: 5 splits launch 160 blocks.
+  CHECK(ch04::choose_num_splits(0, 32, 32768, 256, 132) == 5);
+  // Enough (batch, head) blocks already: no split.
+  CHECK(ch04::choose_num_splits(0, 4096, 4096, 256, 132) == 1);
+  CHECK(ch04::choose_num_splits(0, 256, 4096, 256, 132) == 1);
+  CHECK(ch04::choose_num_splits(0, 132, 4096, 256, 132) == 1);
+  CHECK(ch04::choose_num_splits(0, 131, 4096, 256, 132) == 2);
+  // Short caches cap the count: chunks keep min_keys_per_split keys.
+  CHECK(ch04::choose_num_splits(0, 32, 1024, 256, 132) == 4);
+  CHECK(ch04::choose_num_splits(0, 1, 100, 256, 132) == 1);
+  CHECK(ch04::choose_num_splits(0, 1, 1 << 30, 256, 100000) == ch04::kMaxSplits);
+  // The caller's count wins.
+  CHECK(ch04::choose_num_splits(5, 4096, 4096, 256, 132) == 5);
+}
+
+TEST_CASE("04_flash_decoding refuses what it does not support, naming the field", "[cpu]") {
+  lab::AttnParams p;
+  p.batch = 2, p.heads_q = 8, p.heads_kv = 8, p.seqlen_q = 1, p.seqlen_kv = 1024, p.head_dim = 128;
+  p.softmax_scale = 0.088f;
+  lab::set_contiguous_strides(p);
+  alignas(16) static char buf[16];
+  p.q = p.k = p.v = buf;
+  p.o = buf;
+  CHECK(lab::unsupported_reason(p, ch04::kSupport).empty());
+  auto refused = [&](lab::AttnParams bad, const std::string& field) {
+    const std::string why = lab::unsupported_reason(bad, ch04::kSupport);
+    INFO(why);
+    CHECK(why.find(field) != std::string::npos);
+  };
+  lab::AttnParams bad = p;
+  bad.head_dim = 96;
+  lab::set_contiguous_strides(bad);
+  refused(bad, "head_dim = 96");
+  bad = p, bad.seqlen_q = 65;
+  refused(bad, "seqlen_q = 65");
+  bad = p, bad.heads_kv = 3;
+  refused(bad, "heads_q = 8 is not a multiple of heads_kv = 3");
+  bad = p, bad.batch = 0;
+  refused(bad, "batch = 0");
+  bad = p, bad.block_table = reinterpret_cast<const int*>(buf), bad.page_size = 24, bad.max_pages_per_seq = 64;
+  bad.num_pages = 128;
+  refused(bad, "page_size = 24");
+  bad.page_size = 16, bad.max_pages_per_seq = 8;  // 128 keys < seqlen_kv
+  refused(bad, "exceeds the block table's capacity");
+  bad = p, bad.k = buf + 2;
+  refused(bad, "k pointer");
+  bad = p, bad.alibi_slopes = reinterpret_cast<const float*>(buf);
+  refused(bad, "alibi_slopes");
+  bad = p, bad.num_splits = 300;
+  try {
+    ch04::forward(bad, 0);
+    FAIL("num_splits = 300 was accepted");
+  } catch (const lab::InvalidArgument& e) {
+    CHECK(std::string(e.what()).find("num_splits = 300") != std::string::npos);
+  }
+}
