@@ -49,6 +49,13 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const lab::AttnPara
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const int i = int(row % p.seqlen_q), h = int(row / p.seqlen_q % p.heads_q), b = int(row / p.seqlen_q / p.heads_q);
+  // Varlen batches (06): rows are laid out for the longest sequence; shorter ones stop early, and
+  // their O rows sit at their packed offset.
+  int64_t o_row = i;
+  if (p.cu_seqlens_q) {
+    if (i >= p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b]) return;
+    o_row += p.cu_seqlens_q[b];
+  }
 
   // lse = m + log sum_s exp(lse_s - m). A NaN partial (a bad cache table) must stay visible:
   // fmaxf would drop it.
@@ -69,7 +76,7 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const lab::AttnPara
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   const float lse = nan ? NAN : (m == -INFINITY ? -INFINITY : m + logf(sum));
 
-  T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + int64_t(i) * p.o_row_stride + h * p.o_head_stride;
+  T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + o_row * p.o_row_stride + h * p.o_head_stride;
   for (int c = 4 * lane; c < p.head_dim; c += 128) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     if (m != -INFINITY)

@@ -18,6 +18,7 @@
 #include "03_flash_v2/kernel.h"
 #include "04_flash_decoding/kernel.h"
 #include "05_decoding_cuda_core/kernel.h"
+#include "06_gqa_alibi/kernel.h"
 #include "common/cuda_check.h"
 #include "common/driver.h"
 
@@ -27,12 +28,13 @@ namespace {
 std::vector<lab::Chapter> all_chapters() {
   lab::Chapter c01 = ch01::chapter();
   std::reverse(c01.variants.begin(), c01.variants.end());  // cublas, then naive
-  return {c01, ch02::chapter(), ch03::chapter(), ch04::chapter(), ch05::chapter()};
+  return {c01, ch02::chapter(), ch03::chapter(), ch04::chapter(), ch05::chapter(), ch06::chapter()};
 }
 
 struct Config {
   std::string workload, group;  // group: the table it belongs to, e.g. "prefill d128 causal"
   lab::ProblemSpec spec;
+  std::vector<std::string> chapters;  // empty: every chapter; else only these (by directory name)
 };
 
 // FlashAttention's benchmark grid: fp16, hidden 2048 (heads = 2048 / d), d in {64, 128},
@@ -95,6 +97,7 @@ std::vector<Config> decode_cache_grid(bool quick) {
       c.group = "decode paged MHA 32/32";
       c.spec.batch = b, c.spec.heads_q = c.spec.heads_kv = 32, c.spec.seqlen_q = 1;
       c.spec.seqlen_kv = kv, c.spec.head_dim = 128, c.spec.page_size = page;
+      c.chapters = {"04_flash_decoding", "05_decoding_cuda_core"};
       out.push_back(c);
     }
   for (auto [b, kv] : {std::pair<int, int>{1, 32768}, {8, 4096}})
@@ -105,8 +108,28 @@ std::vector<Config> decode_cache_grid(bool quick) {
       c.group = "decode splits MHA 32/32";
       c.spec.batch = b, c.spec.heads_q = c.spec.heads_kv = 32, c.spec.seqlen_q = 1;
       c.spec.seqlen_kv = kv, c.spec.head_dim = 128, c.spec.num_splits = splits;
+      c.chapters = {"04_flash_decoding", "05_decoding_cuda_core"};
       out.push_back(c);
     }
+  return out;
+}
+
+// GQA and ALiBi in prefill: d 128, seqlen 4096, 32 query heads, against MHA at the same heads_q
+// (chapters 03 and 06; others refuse ALiBi and are skipped).
+std::vector<Config> prefill_gqa_grid(bool quick) {
+  std::vector<Config> out;
+  for (bool causal : {false, true})
+    for (int hkv : {32, 8, 1})
+      for (bool alibi : {false, true}) {
+        if (quick && (hkv == 1 || causal)) continue;
+        Config c;
+        c.workload = "prefill_gqa";
+        c.group = std::string("prefill GQA/ALiBi d128 s4096") + (causal ? " causal" : " full");
+        c.spec.batch = 2, c.spec.heads_q = 32, c.spec.heads_kv = hkv, c.spec.seqlen_q = c.spec.seqlen_kv = 4096;
+        c.spec.head_dim = 128, c.spec.causal = causal, c.spec.alibi = alibi;
+        c.chapters = {"03_flash_v2", "06_gqa_alibi"};
+        out.push_back(c);
+      }
   return out;
 }
 
@@ -116,6 +139,7 @@ std::string short_shape(const lab::ProblemSpec& s) {
   if (s.heads_kv != s.heads_q) o << "/" << s.heads_kv;
   o << " sq" << s.seqlen_q << " sk" << s.seqlen_kv << (s.causal ? " causal" : "");
   if (s.page_size) o << " page" << s.page_size;
+  if (s.alibi) o << " alibi";
   if (s.num_splits) o << " splits" << s.num_splits;
   return o.str();
 }
@@ -187,12 +211,18 @@ int main(int argc, char** argv) {
     std::vector<Config> configs;
     if (grid != "decode") for (auto& c : prefill_grid(quick)) configs.push_back(c);
     if (grid != "prefill") for (auto& c : decode_grid(quick)) configs.push_back(c);
+    if (grid != "decode") for (auto& c : prefill_gqa_grid(quick)) configs.push_back(c);
     if (grid != "prefill") for (auto& c : decode_cache_grid(quick)) configs.push_back(c);
     std::vector<lab::Chapter> chapters;
     for (auto& ch : all_chapters())
       if (only.empty() || only.find("," + ch.name + ",") != std::string::npos) chapters.push_back(ch);
+    auto runs = [](const Config& c, const lab::Chapter& ch) {
+      return c.chapters.empty() || std::find(c.chapters.begin(), c.chapters.end(), ch.name) != c.chapters.end();
+    };
     size_t total = 0;
-    for (auto& ch : chapters) total += ch.variants.size() * configs.size();
+    for (auto& c : configs)
+      for (auto& ch : chapters)
+        if (runs(c, ch)) total += ch.variants.size();
 
     lab::RunOptions ro;
     ro.timing.warmup = 2;
@@ -217,6 +247,7 @@ int main(int argc, char** argv) {
       double prev_ms = 0, base_ms = 0;
       for (const lab::Chapter& ch : chapters)
         for (const lab::Variant& v : ch.variants) {
+          if (!runs(c, ch)) continue;
           ++step;
           const std::string name = ch.name + (v.name.empty() ? "" : "/" + v.name);
           const double elapsed =
@@ -256,6 +287,64 @@ int main(int argc, char** argv) {
           lab::write_csv(out_dir + "/ladder.csv", {r.row}, rows.size() > 1);
         }
     }
+    // Hybrid batches (06): 32 sequences with 4096 keys of context, GQA 32/8, d 128, causal. n_pre of
+    // them bring a 512-token prefill chunk, the rest one decode token. One varlen launch serves them
+    // all; against it, the prefill part and the decode part as two launches of the same kernel.
+    const bool hybrid = grid != "prefill" &&
+                        std::any_of(chapters.begin(), chapters.end(), [](auto& ch) { return ch.name == "06_gqa_alibi"; });
+    for (int n_pre : {0, 2, 4, 8, 16, 32}) {
+      if (!hybrid || (quick && n_pre != 4)) continue;
+      const int n = 32, q_pre = 512, kv = 4096;
+      lab::ProblemSpec hs;
+      hs.heads_q = 32, hs.heads_kv = 8, hs.head_dim = 128, hs.causal = true, hs.seed = seed + 900 + n_pre;
+      for (int i = 0; i < n; ++i) hs.varlen_q.push_back(i < n_pre ? q_pre : 1), hs.varlen_kv.push_back(kv);
+      lab::Problem hy(hs);
+      ro.check.seed = hs.seed;
+      lab::Variant one = ch06::chapter().variants[0];
+      one.name = "one_launch";
+      const std::string frac = "prefill" + std::to_string(n_pre) + "/" + std::to_string(n);
+      std::printf("[hybrid] 06_gqa_alibi one launch, %s       ", frac.c_str());
+      lab::RunOutcome r = lab::run_variant(hy, "06_gqa_alibi", one, ro, ceil, gpu, &flusher, "hybrid");
+      r.row.features += "+" + frac;
+      std::printf("%9.4f ms  %s\n", r.row.ms, r.ok ? r.row.check.c_str() : r.message.c_str());
+      if (!r.ok) ++failures;
+      rows.push_back(r.row);
+      if (!tables.count("hybrid")) table_order.push_back("hybrid");
+      tables["hybrid"].push_back(r.row);
+      lab::write_csv(out_dir + "/ladder.csv", {r.row}, true);
+      if (n_pre == 0 || n_pre == n || !r.ok) continue;
+
+      // The same sequences as two batches, launched back to back (each checked on its own first).
+      lab::ProblemSpec ps = hs, ds = hs;
+      ps.varlen_q.clear(), ps.varlen_kv.clear(), ds.varlen_q.clear(), ds.varlen_kv.clear();
+      ps.batch = n_pre, ps.seqlen_q = q_pre, ps.seqlen_kv = kv, ps.seed = hs.seed + 1;
+      ds.batch = n - n_pre, ds.seqlen_q = 1, ds.seqlen_kv = kv, ds.seed = hs.seed + 2;
+      lab::Problem pp(ps), dp(ds);
+      const lab::Variant& v = ch06::chapter().variants[0];
+      pp.ensure_workspace(v.workspace(pp.params));
+      dp.ensure_workspace(v.workspace(dp.params));
+      auto both = [&](cudaStream_t st) { v.forward(pp.params, st); v.forward(dp.params, st); };
+      pp.poison_outputs(0), dp.poison_outputs(0);
+      both(0);
+      LAB_CUDA_CHECK(cudaDeviceSynchronize());
+      const lab::CheckReport cp = pp.check(ro.check), cd = dp.check(ro.check);
+      lab::ResultRow two = r.row;
+      two.variant = "two_launches";
+      two.check = cp.ok && cd.ok ? "PASS sampled" : "FAIL";
+      two.max_err = std::max(cp.max_abs_err, cd.max_abs_err);
+      two.rel_err = std::max(cp.rel_l2_err, cd.rel_l2_err);
+      const lab::Timing tm = lab::time_it(both, 0, ro.timing, &flusher);
+      two.ms = tm.median_ms, two.ms_p10 = tm.p10_ms, two.ms_p90 = tm.p90_ms, two.reps = tm.reps;
+      lab::fill_rates(two, ceil.gemm_tflops, ceil.copy_gbps);
+      two.speedup_prev = r.row.ms / two.ms;  // vs the one launch above: < 1 means one launch wins
+      std::printf("[hybrid] 06_gqa_alibi two launches, %s      %9.4f ms  %s (one launch: %.2fx)\n", frac.c_str(),
+                  two.ms, two.check.c_str(), two.ms / r.row.ms);
+      if (!(cp.ok && cd.ok)) ++failures;
+      rows.push_back(two);
+      tables["hybrid"].push_back(two);
+      lab::write_csv(out_dir + "/ladder.csv", {two}, true);
+    }
+
     for (const std::string& g : table_order) lab::print_table(stdout, g, tables[g]);
     std::printf("\nceilings: copy %.0f GB/s, fp16 GEMM %.1f TFLOPS; %zu rows in %s/ladder.csv; %d failed\n",
                 ceil.copy_gbps, ceil.gemm_tflops, rows.size(), out_dir.c_str(), failures);

@@ -163,6 +163,28 @@ std::string kv_cache_tables_reason(const AttnParams& p, const char* chapter) {
   return "";
 }
 
+std::string varlen_offsets_reason(const AttnParams& p, const char* chapter) {
+  if (!p.cu_seqlens_q || !p.cu_seqlens_kv) return "";
+  const std::string who = std::string(chapter) + ": ";
+  struct Named { const char* name; const int* ptr; int longest; const char* longest_name; };
+  for (Named t : {Named{"cu_seqlens_q", p.cu_seqlens_q, p.seqlen_q, "seqlen_q"},
+                  Named{"cu_seqlens_kv", p.cu_seqlens_kv, p.seqlen_kv, "seqlen_kv"}}) {
+    std::vector<int> cu(size_t(p.batch) + 1);
+    LAB_CUDA_CHECK(cudaMemcpy(cu.data(), t.ptr, cu.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    if (cu[0] != 0) return who + t.name + "[0] = " + std::to_string(cu[0]) + " must be 0";
+    for (int b = 0; b < p.batch; ++b) {
+      const int len = cu[b + 1] - cu[b];
+      if (len < 0)
+        return who + t.name + " is not increasing: " + t.name + "[" + std::to_string(b + 1) + "] = " +
+               std::to_string(cu[b + 1]) + " < " + t.name + "[" + std::to_string(b) + "] = " + std::to_string(cu[b]);
+      if (len > t.longest)
+        return who + t.name + ": sequence " + std::to_string(b) + " has " + std::to_string(len) +
+               " rows, more than " + t.longest_name + " = " + std::to_string(t.longest) + " (the longest)";
+    }
+  }
+  return "";
+}
+
 void check_params(const AttnParams& p, const Support& s) {
   std::string why = unsupported_reason(p, s);
   if (!why.empty()) throw InvalidArgument(why);

@@ -106,4 +106,8 @@ std::string unsupported_reason(const AttnParams& p, const Support& s);
 // meet turns that output row into NaN.
 std::string kv_cache_tables_reason(const AttnParams& p, const char* chapter);
 
+// The same for varlen offsets: cu_seqlens_q and cu_seqlens_kv start at 0, never decrease, and no
+// sequence is longer than seqlen_q / seqlen_kv (the longest, which sizes the grid).
+std::string varlen_offsets_reason(const AttnParams& p, const char* chapter);
+
 }  // namespace lab

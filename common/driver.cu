@@ -192,6 +192,10 @@ RunOutcome run_variant(Problem& prob, const std::string& chapter, const Variant&
     const std::string why = kv_cache_tables_reason(prob.params, chapter.c_str());
     if (!why.empty()) throw InvalidArgument(why);
   }
+  if (prob.params.cu_seqlens_q) {
+    const std::string why = varlen_offsets_reason(prob.params, chapter.c_str());
+    if (!why.empty()) throw InvalidArgument(why);
+  }
   if (v.workspace) prob.ensure_workspace(v.workspace(prob.params));
   if (v.splits) out.row.splits = v.splits(prob.params);
   const AttnParams p = prob.params;

@@ -39,6 +39,10 @@ inline CheckReport run_and_check(const Variant& v, const ProblemSpec& spec, bool
     const std::string why = kv_cache_tables_reason(prob.params, "run_and_check");
     if (!why.empty()) throw InvalidArgument(why);
   }
+  if (prob.params.cu_seqlens_q) {
+    const std::string why = varlen_offsets_reason(prob.params, "run_and_check");
+    if (!why.empty()) throw InvalidArgument(why);
+  }
   if (v.workspace) prob.ensure_workspace(v.workspace(prob.params));
   prob.poison_outputs(0);
   v.forward(prob.params, 0);

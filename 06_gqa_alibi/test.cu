@@ -1,0 +1,162 @@
+// Tests of 06_gqa_alibi against the fp64 reference: GQA ratios, ALiBi, varlen (hybrid) batches,
+// decoding with splits, and the refusals.
+#include <cmath>
+#include <cstring>
+
+#include <cuda_fp16.h>
+
+#include "06_gqa_alibi/kernel.h"
+#include "common/testing.h"
+
+using lab::DType;
+
+namespace {
+const lab::Variant& variant() { static lab::Chapter c = ch06::chapter(); return c.variants[0]; }
+}  // namespace
+
+TEST_CASE("06_gqa_alibi matches the reference on awkward prefill shapes (GQA 1, 4, 8, MQA)", "[gpu]") {
+  for (DType t : {DType::fp16, DType::bf16})
+    for (int d : {64, 128})
+      for (lab::ProblemSpec s : lab::awkward_prefill_shapes(d, t)) {
+        INFO(lab::describe(s));
+        LAB_REQUIRE_PASS(lab::run_and_check(variant(), s));
+        s.alibi = true, s.seed += 100;
+        INFO("with ALiBi");
+        LAB_REQUIRE_PASS(lab::run_and_check(variant(), s));
+      }
+}
+
+TEST_CASE("06_gqa_alibi: ALiBi with head counts that are not powers of two", "[gpu]") {
+  struct H { int hq, hkv; };
+  for (H h : {H{12, 12}, H{12, 4}, H{12, 3}, H{20, 4}, H{20, 20}, H{40, 8}, H{40, 1}})
+    for (bool causal : {false, true})
+      for (auto [sq, sk] : {std::pair<int, int>{300, 300}, {1, 1000}, {100, 777}, {513, 129}}) {
+        lab::ProblemSpec s;
+        s.batch = 2, s.heads_q = h.hq, s.heads_kv = h.hkv, s.seqlen_q = sq, s.seqlen_kv = sk;
+        s.head_dim = 128, s.causal = causal, s.alibi = true, s.lse = true;
+        s.dist = causal ? lab::Dist::large_logits : lab::Dist::normal;
+        s.seed = lab::test_seed() + 13 * h.hq + h.hkv + sq;
+        INFO(lab::describe(s) << " alibi");
+        LAB_REQUIRE_PASS(lab::run_and_check(variant(), s));
+      }
+}
+
+TEST_CASE("06_gqa_alibi: varlen batches mixing prefill and decode sequences", "[gpu]") {
+  // Lengths 1..3000 in one launch; some sequences with more queries than keys (causal: rows that
+  // see nothing), an empty KV, a long prefill next to single-token decodes.
+  const std::vector<int> q_lens = {1, 3000, 17, 1, 700, 1, 64, 5};
+  const std::vector<int> kv_lens = {4000, 3000, 17, 1, 1000, 2500, 0, 3};
+  struct H { int hq, hkv; };
+  for (H h : {H{8, 8}, H{8, 2}, H{12, 4}, H{8, 1}})
+    for (bool causal : {false, true})
+      for (bool alibi : {false, true}) {
+        lab::ProblemSpec s;
+        s.varlen_q = q_lens, s.varlen_kv = kv_lens;
+        s.heads_q = h.hq, s.heads_kv = h.hkv, s.head_dim = 128, s.causal = causal, s.alibi = alibi;
+        s.lse = true, s.seed = lab::test_seed() + 7 * h.hq + h.hkv + 2 * causal + alibi;
+        INFO(lab::describe(s) << " varlen" << (alibi ? " alibi" : ""));
+        LAB_REQUIRE_PASS(lab::run_and_check(variant(), s, false));
+      }
+  // d = 64 and bf16 with every sequence short enough to check every row.
+  lab::ProblemSpec s;
+  s.varlen_q = {1, 200, 1, 33}, s.varlen_kv = {900, 200, 1, 65};
+  s.heads_q = 16, s.heads_kv = 4, s.head_dim = 64, s.dtype = DType::bf16, s.causal = true, s.alibi = true;
+  s.lse = true, s.seed = lab::test_seed() + 99;
+  LAB_REQUIRE_PASS(lab::run_and_check(variant(), s));
+}
+
+TEST_CASE("06_gqa_alibi: decoding, group ratios 1, 2, 4, 8 and MQA, with splits", "[gpu]") {
+  for (int hkv : {32, 16, 8, 4, 1})
+    for (int kv : {1, 17, 1000, 4097})
+      for (int splits : {0, 1, 7, 64}) {
+        lab::ProblemSpec s;
+        s.batch = 3, s.heads_q = 32, s.heads_kv = hkv, s.seqlen_q = 1, s.seqlen_kv = kv, s.head_dim = 128;
+        s.num_splits = splits, s.lse = true, s.alibi = kv == 4097;
+        s.dist = kv == 1000 ? lab::Dist::large_logits : lab::Dist::normal;
+        s.seed = lab::test_seed() + hkv * 100000 + kv + splits;
+        INFO(lab::describe(s));
+        LAB_REQUIRE_PASS(lab::run_and_check(variant(), s));
+      }
+  // A few query tokens (speculative decoding), causal, GQA: rows are (token, head) pairs.
+  for (int sq : {2, 3, 16, 17}) {
+    lab::ProblemSpec s;
+    s.batch = 2, s.heads_q = 32, s.heads_kv = 8, s.seqlen_q = sq, s.seqlen_kv = 2000, s.head_dim = 128;
+    s.causal = true, s.lse = true, s.num_splits = 5, s.seed = lab::test_seed() + sq;
+    INFO(lab::describe(s));
+    LAB_REQUIRE_PASS(lab::run_and_check(variant(), s));
+  }
+}
+
+TEST_CASE("06_gqa_alibi: the same input gives bit-identical output twice", "[gpu]") {
+  lab::ProblemSpec s;
+  s.varlen_q = {1, 700, 1, 300}, s.varlen_kv = {5000, 900, 33, 300};
+  s.heads_q = 16, s.heads_kv = 4, s.head_dim = 128, s.causal = true, s.alibi = true;
+  s.seed = lab::test_seed();
+  lab::Problem prob(s);
+  prob.ensure_workspace(ch06::workspace_bytes(prob.params));
+  std::vector<uint16_t> first;
+  for (int run = 0; run < 3; ++run) {
+    prob.poison_outputs(0);
+    ch06::forward(prob.params, 0);
+    LAB_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<uint16_t> o = lab::download_bits(prob.params.o, prob.o_elems);
+    if (run == 0) first = o;
+    else REQUIRE(std::memcmp(o.data(), first.data(), o.size() * 2) == 0);
+  }
+}
+
+TEST_CASE("06_gqa_alibi: offsets that are not increasing are refused by name", "[gpu]") {
+  lab::ProblemSpec s;
+  s.varlen_q = {3, 5, 2}, s.varlen_kv = {10, 20, 30};
+  s.heads_q = 4, s.heads_kv = 2, s.head_dim = 64, s.seed = lab::test_seed();
+  lab::Problem prob(s);
+  REQUIRE(lab::varlen_offsets_reason(prob.params, "06").empty());
+  int* cu = const_cast<int*>(prob.params.cu_seqlens_q);
+  const int bad = 2;  // cu_seqlens_q = {0, 3, 2, 10}
+  LAB_CUDA_CHECK(cudaMemcpy(cu + 2, &bad, sizeof(int), cudaMemcpyHostToDevice));
+  const std::string why = lab::varlen_offsets_reason(prob.params, "06");
+  INFO(why);
+  CHECK(why.find("cu_seqlens_q is not increasing: cu_seqlens_q[2] = 2 < cu_seqlens_q[1] = 3") != std::string::npos);
+}
+
+TEST_CASE("06_gqa_alibi: a small case for the sanitizers", "[gpu][sanitize]") {
+  lab::ProblemSpec s;
+  s.varlen_q = {1, 150, 1, 20}, s.varlen_kv = {300, 150, 0, 90};
+  s.heads_q = 12, s.heads_kv = 4, s.head_dim = 64, s.causal = true, s.alibi = true, s.lse = true;
+  s.seed = lab::test_seed();
+  LAB_REQUIRE_PASS(lab::run_and_check(variant(), s));
+  lab::ProblemSpec d;
+  d.batch = 2, d.heads_q = 8, d.heads_kv = 2, d.seqlen_q = 1, d.seqlen_kv = 700, d.head_dim = 128;
+  d.num_splits = 3, d.lse = true, d.alibi = true, d.seed = lab::test_seed() + 1;
+  LAB_REQUIRE_PASS(lab::run_and_check(variant(), d));
+}
+
+TEST_CASE("06_gqa_alibi refuses what it does not support, naming the field", "[cpu]") {
+  lab::AttnParams p;
+  p.batch = 2, p.heads_q = 32, p.heads_kv = 8, p.seqlen_q = 100, p.seqlen_kv = 1024, p.head_dim = 128;
+  p.softmax_scale = 0.088f;
+  lab::set_contiguous_strides(p);
+  alignas(16) static char buf[16];
+  p.q = p.k = p.v = buf;
+  p.o = buf;
+  CHECK(lab::unsupported_reason(p, ch06::kSupport).empty());
+  auto refused = [&](lab::AttnParams bad, const std::string& field) {
+    const std::string why = lab::unsupported_reason(bad, ch06::kSupport);
+    INFO(why);
+    CHECK(why.find(field) != std::string::npos);
+  };
+  lab::AttnParams bad = p;
+  bad.heads_kv = 6;
+  refused(bad, "heads_q = 32 is not a multiple of heads_kv = 6");
+  bad = p, bad.head_dim = 96;
+  lab::set_contiguous_strides(bad);
+  refused(bad, "head_dim = 96");
+  bad = p, bad.cu_seqlens_q = reinterpret_cast<const int*>(buf);
+  refused(bad, "cu_seqlens_q and cu_seqlens_kv must be given together");
+  bad = p, bad.cache_seqlens = reinterpret_cast<const int*>(buf);
+  refused(bad, "cache_seqlens");
+  bad = p, bad.seqlen_q = -3;
+  refused(bad, "seqlen_q = -3");
+  bad = p, bad.o = nullptr;
+  refused(bad, "o is a null pointer");
+}
