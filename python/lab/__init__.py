@@ -5,6 +5,7 @@
     o = lab.forward(q, k, v, chapter="03", causal=True)              # 03_flash_v2, its default "fa2"
     o, lse = lab.forward(q, k, v, chapter="01", variant="naive", lse=True)
     print(lab.chapters())        # {'01_naive': ['naive', 'cublas'], '02_flash_v1': [''], ...}
+    call = lab.prepare(q, k, v, chapter="03"); call.run(); call.run()   # checked once, run again
 
 Tensors use FlashAttention's layout: q, out [batch, seqlen_q, heads_q, head_dim], k, v
 [batch, seqlen_kv, heads_kv, head_dim] (varlen: [total, heads, head_dim]; paged KV: k, v
@@ -22,7 +23,7 @@ import os
 import pathlib
 import threading
 
-__all__ = ["forward", "chapters", "variants", "support", "library_path", "load_library",
+__all__ = ["forward", "prepare", "Call", "chapters", "variants", "support", "library_path", "load_library",
            "LabError", "InvalidArgument", "UnknownName", "CudaError", "LibraryNotFound"]
 
 ABI_VERSION = 1  # LAB_ATTENTION_ABI_VERSION in capi/lab_attention.h
@@ -246,9 +247,7 @@ def _longest(cu_seqlens):
     return int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
 
 
-def forward(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=None, lse=False,
-            alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None,
-            max_seqlen_kv=None, cache_seqlens=None, block_table=None, num_splits=0, out=None):
+def forward(q, k, v, chapter="03", causal=False, **kwargs):
     """Attention of one lab chapter: returns out, or (out, lse) when lse=True.
 
     chapter: "03" or "03_flash_v2"; variant: the chapter's step ("mma", "fa2", ...), default its
@@ -259,6 +258,31 @@ def forward(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=
     longest), cache_seqlens (int32 [batch]: keys per sequence), paged KV (block_table int32
     [batch, max_pages_per_seq], k, v [num_pages, page_size, heads_kv, head_dim]), num_splits.
     """
+    call = prepare(q, k, v, chapter, causal, **kwargs).run()
+    return (call.out, call.lse) if kwargs.get("lse") else call.out
+
+
+class Call:
+    """A checked, ready call of one chapter: run() enqueues its kernels again on the stream that was
+    current when it was prepared, with no Python-side work (what bench/compare_torch.py times).
+    It keeps the tensors it points at alive; out and lse hold the results."""
+
+    def __init__(self, lib, chapter, variant, params, device, stream, out, lse, keep_alive):
+        self._lib, self._chapter, self._variant, self._params = lib, chapter, variant, params
+        self._device, self._stream, self._keep_alive = device, ctypes.c_void_p(stream), keep_alive
+        self.out, self.lse = out, lse
+
+    def run(self):
+        with _torch().cuda.device(self._device):
+            _check(self._lib, self._lib.lab_forward(self._chapter, self._variant, ctypes.byref(self._params),
+                                                    self._stream))
+        return self
+
+
+def prepare(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=None, lse=False,
+            alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None,
+            max_seqlen_kv=None, cache_seqlens=None, block_table=None, num_splits=0, out=None):
+    """forward()'s checks and allocations, without running: returns a Call (see forward for the arguments)."""
     torch = _torch()
     if isinstance(q, torch.Tensor) and q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q: dtype {q.dtype} is not supported (supported: torch.float16, torch.bfloat16)")
@@ -334,15 +358,14 @@ def forward(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=
 
     lib = load_library()
     ch, var = _name(chapter), _name(variant)
-    with torch.cuda.device(device):
-        bytes_needed = ctypes.c_size_t(0)
-        _check(lib, lib.lab_workspace_bytes(ch, var, ctypes.byref(p), ctypes.byref(bytes_needed)))
-        workspace = None
-        if bytes_needed.value:
-            # Freed when this function returns: PyTorch's allocator reuses it only for work that is
-            # ordered after the kernels on this stream.
-            workspace = torch.empty(bytes_needed.value, dtype=torch.uint8, device=device)
-            p.workspace, p.workspace_bytes = workspace.data_ptr(), bytes_needed.value
-        stream = torch.cuda.current_stream(device).cuda_stream
-        _check(lib, lib.lab_forward(ch, var, ctypes.byref(p), ctypes.c_void_p(stream)))
-    return (out, lse_out) if lse else out
+    bytes_needed = ctypes.c_size_t(0)
+    _check(lib, lib.lab_workspace_bytes(ch, var, ctypes.byref(p), ctypes.byref(bytes_needed)))
+    workspace = None
+    if bytes_needed.value:
+        # Allocated on the current stream: once the Call is dropped, PyTorch's allocator reuses it
+        # only for work ordered after the kernels on that stream.
+        workspace = torch.empty(bytes_needed.value, dtype=torch.uint8, device=device)
+        p.workspace, p.workspace_bytes = workspace.data_ptr(), bytes_needed.value
+    stream = torch.cuda.current_stream(device).cuda_stream
+    keep_alive = (q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_kv, cache_seqlens, block_table, workspace)
+    return Call(lib, ch, var, p, device, stream, out, lse_out, keep_alive)
