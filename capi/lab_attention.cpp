@@ -17,6 +17,12 @@
 #include "common/cuda_check.h"
 #include "common/driver.h"
 
+// LabAttnParams mirrors lab::AttnParams field for field. When a field is added there (07's KV
+// quantization descriptor, say), this stops the build until it is added to LabAttnParams, to
+// to_attn_params() below and to python/lab's copy, with LAB_ATTENTION_ABI_VERSION bumped.
+static_assert(sizeof(void*) != 8 || sizeof(lab::AttnParams) == 248,
+              "lab::AttnParams changed: mirror it in LabAttnParams (capi/lab_attention.h)");
+
 namespace {
 
 struct Registered {
