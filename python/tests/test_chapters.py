@@ -18,6 +18,7 @@ import itertools
 import os
 import pathlib
 import random
+import re
 import sys
 
 import pytest
@@ -81,13 +82,46 @@ def test_lists_the_chapters_and_one_default_each():
     assert lab.support("01", "cublas")["lse"] is False and lab.support("01")["lse"] is True
 
 
-def valid_c_params(head_dim=64):
-    """A problem every chapter accepts, with fake (aligned, never dereferenced) device pointers."""
+def c_struct_fields(name):
+    """(field, C type) pairs of a struct in capi/lab_attention.h, in order."""
+    header = (pathlib.Path(__file__).resolve().parents[2] / "capi" / "lab_attention.h").read_text()
+    body = re.search(r"typedef struct %s \{(.*?)\} %s;" % (name, name), header, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    fields = []
+    for decl in filter(None, (d.strip() for d in body.split(";"))):
+        c_type, names = re.match(r"((?:const )?\w+\*?)\s+(.*)", decl, re.S).groups()
+        for n in names.split(","):
+            n = n.strip()
+            array = re.match(r"(\w+)\[(\d+)\]", n)
+            fields.append((array.group(1), f"{c_type}[{array.group(2)}]") if array else (n, c_type))
+    return fields
+
+
+@pytest.mark.parametrize("struct", ["LabAttnParams", "LabSupport"])
+def test_python_structs_mirror_the_c_header(struct):
+    c_types = {"uint32_t": ctypes.c_uint32, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64,
+               "uint64_t": ctypes.c_uint64, "float": ctypes.c_float, "int32_t[16]": ctypes.c_int32 * 16}
+    py = getattr(lab, struct)._fields_
+    c = c_struct_fields(struct)
+    assert [n for n, _ in py] == [n for n, _ in c]
+    for (name, py_type), (_, c_type) in zip(py, c):
+        want = ctypes.c_void_p if c_type.endswith("*") else c_types[c_type]
+        assert ctypes.sizeof(py_type) == ctypes.sizeof(want) and \
+            (py_type is want or c_type.endswith("[16]")), f"{struct}.{name}: {py_type} for C {c_type}"
+
+
+def fit_seqlen_q(support, sq):
+    """sq, or the longest a decode-only variant takes."""
+    return min(sq, support["max_seqlen_q"]) if support["max_seqlen_q"] else sq
+
+
+def valid_c_params(head_dim=64, seqlen_q=33):
+    """A problem the variant accepts, with fake (aligned, never dereferenced) device pointers."""
     p = lab.LabAttnParams.new()
-    p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_kv, p.head_dim = 2, 4, 4, 33, 65, head_dim
+    p.batch, p.heads_q, p.heads_kv, p.seqlen_q, p.seqlen_kv, p.head_dim = 2, 4, 4, seqlen_q, 65, head_dim
     p.softmax_scale = head_dim ** -0.5
     p.q, p.k, p.v, p.o = 0x10000, 0x20000, 0x30000, 0x40000
-    for t, heads, rows in (("q", 4, 33), ("k", 4, 65), ("v", 4, 65), ("o", 4, 33)):
+    for t, heads, rows in (("q", 4, seqlen_q), ("k", 4, 65), ("v", 4, 65), ("o", 4, seqlen_q)):
         setattr(p, t + "_head_stride", head_dim)
         setattr(p, t + "_row_stride", heads * head_dim)
         setattr(p, t + "_batch_stride", rows * heads * head_dim)
@@ -124,7 +158,8 @@ BAD_C_PARAMS = {  # field: (the value that breaks a valid problem, what the mess
 @pytest.mark.parametrize("field", list(BAD_C_PARAMS))
 @pytest.mark.parametrize("entry", variant_params())
 def test_c_api_refuses_bad_params_by_name(entry, field, function):
-    p = valid_c_params(head_dim=entry["support"]["head_dims"][0] if entry["support"]["head_dims"] else 64)
+    s = entry["support"]
+    p = valid_c_params(head_dim=head_dims_of(s)[0], seqlen_q=fit_seqlen_q(s, 33))
     value, expected = BAD_C_PARAMS[field]
     setattr(p, field, value)
     rc, message, _ = c_call(function, entry["chapter"], entry["variant"], p)
@@ -352,7 +387,8 @@ def test_every_head_dim_and_layout(cuda, entry, layout):
             for causal in [False, True] if s["causal"] else [False]:
                 torch.manual_seed(SEED + d + 7 * causal)
                 hkv = 2 if s["gqa"] else 4
-                run_and_check(torch, entry, getattr(torch, dtype), 2, 4, hkv, 200, 333, d, causal, layout=layout)
+                run_and_check(torch, entry, getattr(torch, dtype), 2, 4, hkv, fit_seqlen_q(s, 200), 333, d, causal,
+                              layout=layout)
 
 
 @pytest.mark.parametrize("entry", variant_params())
@@ -394,6 +430,7 @@ def test_alibi(cuda, entry):
     for hq, sq, sk, causal in ((8, 300, 300, True), (6, 17, 1000, False), (8, 1, 4000, False)):
         if causal and not s["causal"]:
             continue
+        sq = fit_seqlen_q(s, sq)
         torch.manual_seed(SEED + sq)
         q, k, v = (input_tensor(torch, (2, n, hq, d), dtype) for n in (sq, sk, sk))
         slopes = torch.tensor(alibi_slopes_standard(hq), device="cuda", dtype=torch.float32)
@@ -410,8 +447,7 @@ def test_varlen(cuda, entry):
     dtype, d = base_dtype_d(torch, s)
     hq, hkv = (8, 2) if s["gqa"] else (4, 4)
     lens_q, lens_kv = [1, 17, 300, 129, 1000], [17, 1, 300, 1000, 1000]
-    if s["max_seqlen_q"]:
-        lens_q = [min(n, s["max_seqlen_q"]) for n in lens_q]
+    lens_q = [fit_seqlen_q(s, n) for n in lens_q]
     cu = lambda lens: torch.tensor([0] + list(itertools.accumulate(lens)), device="cuda", dtype=torch.int32)
     for causal in [False, True] if s["causal"] else [False]:
         torch.manual_seed(SEED + causal)
