@@ -93,12 +93,11 @@ lab::AttnParams to_attn_params(const LabAttnParams* c) {
   if (!c) throw lab::InvalidArgument("params is a null pointer");
   if (c->abi_version != LAB_ATTENTION_ABI_VERSION)
     throw lab::InvalidArgument("abi_version = " + std::to_string(c->abi_version) +
-                               " does not match the library's " +
-                               std::to_string(LAB_ATTENTION_ABI_VERSION));
+                               " does not match the library's " + std::to_string(LAB_ATTENTION_ABI_VERSION));
   if (c->struct_size != sizeof(LabAttnParams))
-    throw lab::InvalidArgument("struct_size = " + std::to_string(c->struct_size) +
-                               " does not match the library's sizeof(LabAttnParams) = " +
-                               std::to_string(sizeof(LabAttnParams)));
+    throw lab::InvalidArgument(
+        "struct_size = " + std::to_string(c->struct_size) +
+        " does not match the library's sizeof(LabAttnParams) = " + std::to_string(sizeof(LabAttnParams)));
   if (c->dtype != LAB_DTYPE_FP16 && c->dtype != LAB_DTYPE_BF16)
     throw lab::InvalidArgument("dtype = " + std::to_string(c->dtype) +
                                " is unknown (supported: 0 = fp16, 1 = bf16)");
@@ -169,8 +168,7 @@ int lab_forward(const char* chapter, const char* variant, const LabAttnParams* p
   });
 }
 
-int lab_workspace_bytes(const char* chapter, const char* variant, const LabAttnParams* p,
-                        size_t* bytes) {
+int lab_workspace_bytes(const char* chapter, const char* variant, const LabAttnParams* p, size_t* bytes) {
   return guarded([&] {
     if (!bytes) throw lab::InvalidArgument("bytes is a null pointer");
     *bytes = 0;
@@ -213,9 +211,9 @@ int lab_variant_support(int i, LabSupport* out) {
                         std::to_string(int(entries().size()) - 1) + ")");
     if (!out) throw lab::InvalidArgument("out is a null pointer");
     if (out->struct_size != sizeof(LabSupport))
-      throw lab::InvalidArgument("struct_size = " + std::to_string(out->struct_size) +
-                                 " does not match the library's sizeof(LabSupport) = " +
-                                 std::to_string(sizeof(LabSupport)));
+      throw lab::InvalidArgument(
+          "struct_size = " + std::to_string(out->struct_size) +
+          " does not match the library's sizeof(LabSupport) = " + std::to_string(sizeof(LabSupport)));
     const lab::Support none{};  // a variant without a Support refuses nothing it can check here
     const lab::Support& s = e->variant->support ? *e->variant->support : none;
     LabSupport r;

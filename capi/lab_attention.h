@@ -84,8 +84,8 @@ typedef struct LabAttnParams {
 
 /* What a variant computes (lab::Support): anything else it refuses by name. */
 typedef struct LabSupport {
-  uint32_t struct_size; /* set to sizeof(LabSupport) before the call */
-  int32_t num_head_dims;  /* 0: any head_dim in 1..max_head_dim */
+  uint32_t struct_size;  /* set to sizeof(LabSupport) before the call */
+  int32_t num_head_dims; /* 0: any head_dim in 1..max_head_dim */
   int32_t head_dims[16];
   int32_t max_head_dim;
   int32_t fp16, bf16, causal, gqa, lse, alibi, varlen, cache_seqlens, paged_kv, splits;
@@ -104,8 +104,7 @@ int lab_forward(const char* chapter, const char* variant, const LabAttnParams* p
 
 /* The workspace lab_forward needs for this problem (0 for most chapters). Checks the problem
  * first, so an unsupported one is refused here with the same message. */
-int lab_workspace_bytes(const char* chapter, const char* variant, const LabAttnParams* p,
-                        size_t* bytes);
+int lab_workspace_bytes(const char* chapter, const char* variant, const LabAttnParams* p, size_t* bytes);
 
 /* The message of this thread's last failed call ("" if none). Valid until the next call. */
 const char* lab_last_error(void);
