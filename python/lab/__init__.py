@@ -359,7 +359,8 @@ def prepare(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=
     lib = load_library()
     ch, var = _name(chapter), _name(variant)
     bytes_needed = ctypes.c_size_t(0)
-    _check(lib, lib.lab_workspace_bytes(ch, var, ctypes.byref(p), ctypes.byref(bytes_needed)))
+    with torch.cuda.device(device):  # a split-KV chapter sizes its workspace for this device's SMs
+        _check(lib, lib.lab_workspace_bytes(ch, var, ctypes.byref(p), ctypes.byref(bytes_needed)))
     workspace = None
     if bytes_needed.value:
         # Allocated on the current stream: once the Call is dropped, PyTorch's allocator reuses it
