@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# The whole GPU check in one command: configure, build, ctest (every test), compute-sanitizer
-# (memcheck and racecheck over each chapter's [sanitize] tests), the ladder, the plots, and
-# PyTorch's attention backends timed on the same GPU (if PyTorch is installed).
+# The whole GPU check in one command: configure, build, ctest (every test), the Python tests of
+# every chapter against PyTorch, compute-sanitizer (memcheck and racecheck over each chapter's
+# [sanitize] tests), the ladder, the plots, PyTorch's attention backends timed on the same GPU, and
+# the chapters timed next to them in one process (the last three stages need PyTorch).
 # Logs and CSVs go to one folder; a short summary prints last.
 #
-#   bench/gpu_check.sh [STAGE...]      stages: build test sanitize ladder plot torch  (default: all)
+#   bench/gpu_check.sh [STAGE...]   stages: build test pytest sanitize ladder plot torch compare
+#                                   (default: all)
 #
 # Environment: OUT_DIR (default ./gpu_check_out), BUILD_DIR (./build-gpu), CUDA_ARCH (90),
-#              CMAKE_ARGS (extra configure flags, e.g. -DCMAKE_PREFIX_PATH=...), LADDER_ARGS.
+#              CMAKE_ARGS (extra configure flags, e.g. -DCMAKE_PREFIX_PATH=...), LADDER_ARGS,
+#              TORCH_ARGS (bench/torch_sdpa.py), COMPARE_ARGS (bench/compare_torch.py, e.g. --quick).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT_DIR:-$root/gpu_check_out}
 build=${BUILD_DIR:-$root/build-gpu}
 mkdir -p "$out"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test sanitize ladder plot torch)
+[ ${#stages[@]} -eq 0 ] && stages=(build test pytest sanitize ladder plot torch compare)
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -39,6 +42,23 @@ stage_test() {
   note "ctest:    $(grep -E 'tests passed|tests failed' "$out/ctest.log" | tail -1) ($((SECONDS - t0)) s)"
   grep -E '^[0-9]+: (All tests passed|test cases:|no CUDA device)' "$out/ctest.log" | sed 's/^/          /' | tee -a "$summary"
   grep -E 'Skipped|\*\*\*Failed|Not Run' "$out/ctest.log" | sed 's/^/          /' | tee -a "$summary"
+  return $rc
+}
+
+torch_with_cuda() { python3 -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; }
+
+# Every chapter through liblab_attention.so against PyTorch's SDPA (python/tests). Without PyTorch
+# the library-only tests still run and the rest report as skipped.
+stage_pytest() {
+  local t0=$SECONDS
+  if ! python3 -c "import pytest" 2> /dev/null; then
+    note "pytest:   skipped (pytest is not installed: pip install pytest)"; return 0
+  fi
+  torch_with_cuda || note "pytest:   note: no PyTorch with CUDA, only the library-only tests run"
+  LAB_ATTENTION_LIB="$build/lib/liblab_attention.so" python3 -m pytest -q -rs "$root/python/tests" \
+    > "$out/pytest.log" 2>&1
+  local rc=$?
+  note "pytest:   exit $rc, $(grep -E '(passed|failed|skipped|error)' "$out/pytest.log" | tail -1) ($((SECONDS - t0)) s)"
   return $rc
 }
 
@@ -77,7 +97,7 @@ stage_plot() {
 }
 
 stage_torch() {
-  if ! python3 -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
+  if ! torch_with_cuda; then
     note "torch:    skipped (no PyTorch with CUDA)"; return 0
   fi
   local t0=$SECONDS
@@ -87,12 +107,25 @@ stage_torch() {
   return $rc
 }
 
+# The chapters (through liblab_attention.so) and PyTorch's backends on the same tensors, one process.
+stage_compare() {
+  if ! torch_with_cuda; then
+    note "compare:  skipped (no PyTorch with CUDA)"; return 0
+  fi
+  local t0=$SECONDS
+  LAB_ATTENTION_LIB="$build/lib/liblab_attention.so" PYTHONUNBUFFERED=1 \
+    python3 "$root/bench/compare_torch.py" "$out" ${COMPARE_ARGS:-} > "$out/compare.log" 2>&1
+  local rc=$?
+  note "compare:  exit $rc, $(tail -1 "$out/compare.log") ($((SECONDS - t0)) s)"
+  return $rc
+}
+
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu \
   --format=csv > "$out/gpu.txt" 2>&1 || true
 for s in "${stages[@]}"; do
   case "$s" in
-    build|test|sanitize|ladder|plot|torch) "stage_$s" || status=1 ;;
-    *) echo "gpu_check: unknown stage '$s' (allowed: build test sanitize ladder plot torch)" >&2; exit 2 ;;
+    build|test|pytest|sanitize|ladder|plot|torch|compare) "stage_$s" || status=1 ;;
+    *) echo "gpu_check: unknown stage '$s' (allowed: build test pytest sanitize ladder plot torch compare)" >&2; exit 2 ;;
   esac
   [ "$s" = build ] && [ $status -ne 0 ] && break
 done

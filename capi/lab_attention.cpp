@@ -1,0 +1,239 @@
+// The C interface of capi/lab_attention.h on top of the chapters' own launchers: name lookup, a
+// field-for-field copy of LabAttnParams into lab::AttnParams, and exceptions turned into return
+// codes and a thread-local message (no C++ exception may cross into a C or Python caller).
+#include "capi/lab_attention.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "01_naive/kernel.h"
+#include "02_flash_v1/kernel.h"
+#include "03_flash_v2/kernel.h"
+#include "common/cuda_check.h"
+#include "common/driver.h"
+
+// LabAttnParams mirrors lab::AttnParams field for field. When a field is added there (07's KV
+// quantization descriptor, say), this stops the build until it is added to LabAttnParams, to
+// to_attn_params() below and to python/lab's copy, with LAB_ATTENTION_ABI_VERSION bumped.
+static_assert(sizeof(void*) != 8 || sizeof(lab::AttnParams) == 248,
+              "lab::AttnParams changed: mirror it in LabAttnParams (capi/lab_attention.h)");
+
+namespace {
+
+struct Registered {
+  lab::Chapter chapter;
+  std::string default_variant;  // the chapter's main kernel: used when the caller names none
+};
+
+// The registry: every chapter the library exports, in lab order, and its default variant.
+// Adding a chapter is one line here (and its kernel.h include above); its library is linked in
+// already, since add_chapter() in the top-level CMakeLists.txt collects LAB_CHAPTER_LIBS.
+const std::vector<Registered>& registry() {
+  static const std::vector<Registered> chapters = {
+      {ch01::chapter(), "naive"},
+      {ch02::chapter(), ""},
+      {ch03::chapter(), "fa2"},
+  };
+  return chapters;
+}
+
+// One (chapter, variant) pair of the flat list that lab_num_variants() counts.
+struct Entry {
+  const Registered* chapter;
+  const lab::Variant* variant;
+};
+
+const std::vector<Entry>& entries() {
+  static const std::vector<Entry> all = [] {
+    std::vector<Entry> out;
+    for (const Registered& r : registry())
+      for (const lab::Variant& v : r.chapter.variants) out.push_back({&r, &v});
+    return out;
+  }();
+  return all;
+}
+
+thread_local std::string t_last_error;
+
+// Thrown for a chapter or variant name the registry does not know (code LAB_ERR_UNKNOWN_NAME).
+struct UnknownName : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::string variant_names(const lab::Chapter& c) {
+  std::string s;
+  for (const lab::Variant& v : c.variants) s += (s.empty() ? "\"" : ", \"") + v.name + "\"";
+  return s;
+}
+
+// "03_flash_v2" or "03" -> the chapter; NULL/"" variant -> its default.
+const lab::Variant& find_variant(const char* chapter, const char* variant) {
+  const std::string want = chapter ? chapter : "";
+  const Registered* found = nullptr;
+  std::string known;
+  for (const Registered& r : registry()) {
+    const std::string& name = r.chapter.name;
+    if (want == name || (want.size() == 2 && name.compare(0, 3, want + "_") == 0)) found = &r;
+    known += (known.empty() ? "" : ", ") + name;
+  }
+  if (!found) throw UnknownName("chapter = \"" + want + "\" is unknown (known: " + known + ")");
+  const std::string v = variant && *variant ? variant : found->default_variant;
+  for (const lab::Variant& candidate : found->chapter.variants)
+    if (candidate.name == v) return candidate;
+  throw UnknownName("variant = \"" + v + "\" is unknown in " + found->chapter.name +
+                    " (known: " + variant_names(found->chapter) + ")");
+}
+
+lab::AttnParams to_attn_params(const LabAttnParams* c) {
+  if (!c) throw lab::InvalidArgument("params is a null pointer");
+  if (c->abi_version != LAB_ATTENTION_ABI_VERSION)
+    throw lab::InvalidArgument("abi_version = " + std::to_string(c->abi_version) +
+                               " does not match the library's " + std::to_string(LAB_ATTENTION_ABI_VERSION));
+  if (c->struct_size != sizeof(LabAttnParams))
+    throw lab::InvalidArgument(
+        "struct_size = " + std::to_string(c->struct_size) +
+        " does not match the library's sizeof(LabAttnParams) = " + std::to_string(sizeof(LabAttnParams)));
+  if (c->dtype != LAB_DTYPE_FP16 && c->dtype != LAB_DTYPE_BF16)
+    throw lab::InvalidArgument("dtype = " + std::to_string(c->dtype) +
+                               " is unknown (supported: 0 = fp16, 1 = bf16)");
+  if (c->causal != 0 && c->causal != 1)
+    throw lab::InvalidArgument("causal = " + std::to_string(c->causal) + " must be 0 or 1");
+  lab::AttnParams p;
+  p.q = c->q, p.k = c->k, p.v = c->v, p.o = c->o, p.lse = c->lse;
+  p.q_batch_stride = c->q_batch_stride, p.q_row_stride = c->q_row_stride, p.q_head_stride = c->q_head_stride;
+  p.k_batch_stride = c->k_batch_stride, p.k_row_stride = c->k_row_stride, p.k_head_stride = c->k_head_stride;
+  p.v_batch_stride = c->v_batch_stride, p.v_row_stride = c->v_row_stride, p.v_head_stride = c->v_head_stride;
+  p.o_batch_stride = c->o_batch_stride, p.o_row_stride = c->o_row_stride, p.o_head_stride = c->o_head_stride;
+  p.dtype = c->dtype == LAB_DTYPE_FP16 ? lab::DType::fp16 : lab::DType::bf16;
+  p.batch = c->batch, p.heads_q = c->heads_q, p.heads_kv = c->heads_kv;
+  p.seqlen_q = c->seqlen_q, p.seqlen_kv = c->seqlen_kv, p.head_dim = c->head_dim;
+  p.softmax_scale = c->softmax_scale;
+  p.causal = c->causal != 0;
+  p.alibi_slopes = c->alibi_slopes;
+  p.cu_seqlens_q = c->cu_seqlens_q, p.cu_seqlens_kv = c->cu_seqlens_kv;
+  p.cache_seqlens = c->cache_seqlens;
+  p.block_table = c->block_table;
+  p.page_size = c->page_size, p.max_pages_per_seq = c->max_pages_per_seq, p.num_pages = c->num_pages;
+  p.num_splits = c->num_splits;
+  p.workspace = c->workspace;
+  p.workspace_bytes = size_t(c->workspace_bytes);
+  return p;
+}
+
+// Runs `body`, turning every exception into a return code and this thread's message.
+template <class Body>
+int guarded(Body body) {
+  t_last_error.clear();
+  try {
+    body();
+    return LAB_OK;
+  } catch (const lab::InvalidArgument& e) {
+    t_last_error = e.what();
+    return LAB_ERR_INVALID_ARGUMENT;
+  } catch (const UnknownName& e) {
+    t_last_error = e.what();
+    return LAB_ERR_UNKNOWN_NAME;
+  } catch (const lab::CudaError& e) {
+    t_last_error = e.what();
+    return LAB_ERR_CUDA;
+  } catch (const std::exception& e) {
+    t_last_error = e.what();
+    return LAB_ERR_OTHER;
+  } catch (...) {
+    t_last_error = "unknown C++ exception";
+    return LAB_ERR_OTHER;
+  }
+}
+
+const Entry* entry_at(int i) {
+  return i >= 0 && size_t(i) < entries().size() ? &entries()[size_t(i)] : nullptr;
+}
+
+}  // namespace
+
+extern "C" {
+
+int lab_abi_version(void) { return LAB_ATTENTION_ABI_VERSION; }
+size_t lab_params_size(void) { return sizeof(LabAttnParams); }
+
+int lab_forward(const char* chapter, const char* variant, const LabAttnParams* p, void* cuda_stream) {
+  return guarded([&] {
+    const lab::Variant& v = find_variant(chapter, variant);
+    v.forward(to_attn_params(p), static_cast<cudaStream_t>(cuda_stream));
+  });
+}
+
+int lab_workspace_bytes(const char* chapter, const char* variant, const LabAttnParams* p, size_t* bytes) {
+  return guarded([&] {
+    if (!bytes) throw lab::InvalidArgument("bytes is a null pointer");
+    *bytes = 0;
+    const lab::Variant& v = find_variant(chapter, variant);
+    const lab::AttnParams ap = to_attn_params(p);
+    // The size formulas assume a valid shape (a negative seqlen would wrap around).
+    if (v.support) lab::check_params(ap, *v.support);
+    *bytes = v.workspace ? v.workspace(ap) : 0;
+  });
+}
+
+const char* lab_last_error(void) { return t_last_error.c_str(); }
+
+int lab_num_variants(void) {
+  int n = 0;
+  guarded([&] { n = int(entries().size()); });
+  return n;
+}
+
+const char* lab_variant_chapter(int i) {
+  const Entry* e = entry_at(i);
+  return e ? e->chapter->chapter.name.c_str() : nullptr;
+}
+
+const char* lab_variant_name(int i) {
+  const Entry* e = entry_at(i);
+  return e ? e->variant->name.c_str() : nullptr;
+}
+
+int lab_variant_is_default(int i) {
+  const Entry* e = entry_at(i);
+  return e && e->variant->name == e->chapter->default_variant ? 1 : 0;
+}
+
+int lab_variant_support(int i, LabSupport* out) {
+  return guarded([&] {
+    const Entry* e = entry_at(i);
+    if (!e)
+      throw UnknownName("variant index " + std::to_string(i) + " is out of range (0.." +
+                        std::to_string(int(entries().size()) - 1) + ")");
+    if (!out) throw lab::InvalidArgument("out is a null pointer");
+    if (out->struct_size != sizeof(LabSupport))
+      throw lab::InvalidArgument(
+          "struct_size = " + std::to_string(out->struct_size) +
+          " does not match the library's sizeof(LabSupport) = " + std::to_string(sizeof(LabSupport)));
+    const lab::Support none{};  // a variant without a Support refuses nothing it can check here
+    const lab::Support& s = e->variant->support ? *e->variant->support : none;
+    LabSupport r;
+    std::memset(&r, 0, sizeof r);
+    r.struct_size = sizeof r;
+    const size_t max_dims = sizeof r.head_dims / sizeof r.head_dims[0];
+    if (s.head_dims.size() > max_dims)
+      throw std::length_error("more than " + std::to_string(max_dims) + " head_dims in " +
+                              e->chapter->chapter.name);
+    r.num_head_dims = int32_t(s.head_dims.size());
+    std::copy(s.head_dims.begin(), s.head_dims.end(), r.head_dims);
+    r.max_head_dim = s.max_head_dim;
+    r.fp16 = s.fp16, r.bf16 = s.bf16, r.causal = s.causal, r.gqa = s.gqa, r.lse = s.lse;
+    r.alibi = s.alibi, r.varlen = s.varlen, r.cache_seqlens = s.cache_seqlens;
+    r.paged_kv = s.paged_kv, r.splits = s.splits;
+    r.max_seqlen_q = s.max_seqlen_q;
+    r.vector_elems = s.vector_elems;
+    r.needs_workspace = e->variant->workspace != nullptr;
+    *out = r;
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,123 @@
+/* The lab's chapters behind a plain C interface, so that Python (python/lab, through ctypes) or
+ * any other language can call every chapter's forward on its own tensors and stream.
+ *
+ *   LabAttnParams p = {0};
+ *   p.struct_size = sizeof p;  p.abi_version = LAB_ATTENTION_ABI_VERSION;
+ *   ... pointers, strides (in elements), shape, softmax_scale ...
+ *   size_t ws;  lab_workspace_bytes("03", NULL, &p, &ws);   (allocate ws bytes if > 0)
+ *   if (lab_forward("03", NULL, &p, stream) != LAB_OK) puts(lab_last_error());
+ *
+ * A chapter is named by its directory ("03_flash_v2") or its two-digit prefix ("03"); a variant by
+ * the name the chapter gives it ("fa2", "cublas"), NULL or "" for the chapter's default. Every
+ * call is checked: a problem a chapter does not support is refused with a message naming the field
+ * (the same message as the chapter's own command line), never computed wrong. Nothing here throws,
+ * exits or synchronizes: lab_forward only enqueues work on the stream.
+ */
+#ifndef LAB_ATTENTION_H
+#define LAB_ATTENTION_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Bumped whenever LabAttnParams or LabSupport change layout; callers put it in abi_version. */
+#define LAB_ATTENTION_ABI_VERSION 1
+
+/* Return codes. */
+#define LAB_OK 0
+#define LAB_ERR_INVALID_ARGUMENT 1 /* the problem is refused; the message names the field */
+#define LAB_ERR_UNKNOWN_NAME 2     /* no such chapter or variant */
+#define LAB_ERR_CUDA 3             /* a CUDA or cuBLAS call failed */
+#define LAB_ERR_OTHER 4
+
+#define LAB_DTYPE_FP16 0
+#define LAB_DTYPE_BF16 1
+
+/* lab::AttnParams (common/attn.h) field for field, in C types; see there for what each means.
+ * Layout is FlashAttention's: Q, O [batch, seqlen_q, heads_q, head_dim], K, V
+ * [batch, seqlen_kv, heads_kv, head_dim] (paged: [num_pages, page_size, heads_kv, head_dim]),
+ * head_dim contiguous, all strides in elements. Device pointers unless said otherwise. */
+typedef struct LabAttnParams {
+  /* Set to sizeof(LabAttnParams) and LAB_ATTENTION_ABI_VERSION: a caller built against another
+   * layout is refused instead of read wrong. */
+  uint32_t struct_size;
+  uint32_t abi_version;
+
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  float* lse; /* optional, [batch, heads_q, seqlen_q] fp32, natural log */
+
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+
+  int32_t dtype; /* LAB_DTYPE_FP16 or LAB_DTYPE_BF16 */
+  int32_t batch;
+  int32_t heads_q;
+  int32_t heads_kv;
+  int32_t seqlen_q;  /* with cu_seqlens_q: the longest sequence */
+  int32_t seqlen_kv; /* with cu_seqlens_kv: the longest; with cache_seqlens: the capacity */
+  int32_t head_dim;
+  float softmax_scale; /* usually 1/sqrt(head_dim); must be > 0 */
+  int32_t causal;      /* 0 or 1; aligned bottom-right as in FlashAttention */
+
+  const float* alibi_slopes;   /* optional, [heads_q] */
+  const int32_t* cu_seqlens_q; /* optional (varlen), [batch + 1] */
+  const int32_t* cu_seqlens_kv;
+  const int32_t* cache_seqlens; /* optional, [batch] */
+  const int32_t* block_table;   /* optional (paged KV), [batch, max_pages_per_seq] */
+  int32_t page_size;
+  int32_t max_pages_per_seq;
+  int32_t num_pages;
+
+  int32_t num_splits; /* split-KV decoding: 0 lets the chapter choose */
+
+  void* workspace; /* lab_workspace_bytes() bytes of device memory, or NULL when that is 0 */
+  uint64_t workspace_bytes;
+} LabAttnParams;
+
+/* What a variant computes (lab::Support): anything else it refuses by name. */
+typedef struct LabSupport {
+  uint32_t struct_size;  /* set to sizeof(LabSupport) before the call */
+  int32_t num_head_dims; /* 0: any head_dim in 1..max_head_dim */
+  int32_t head_dims[16];
+  int32_t max_head_dim;
+  int32_t fp16, bf16, causal, gqa, lse, alibi, varlen, cache_seqlens, paged_kv, splits;
+  int32_t max_seqlen_q; /* 0: no limit */
+  int32_t vector_elems; /* strides and pointers must be multiples of this many elements */
+  int32_t needs_workspace;
+} LabSupport;
+
+/* LAB_ATTENTION_ABI_VERSION and sizeof(LabAttnParams) as the library was built. */
+int lab_abi_version(void);
+size_t lab_params_size(void);
+
+/* Runs the chapter's forward on `cuda_stream` (a cudaStream_t; NULL for the default stream) on
+ * the current device. Returns LAB_OK or an error code; lab_last_error() then says why. */
+int lab_forward(const char* chapter, const char* variant, const LabAttnParams* p, void* cuda_stream);
+
+/* The workspace lab_forward needs for this problem (0 for most chapters). Checks the problem
+ * first, so an unsupported one is refused here with the same message. */
+int lab_workspace_bytes(const char* chapter, const char* variant, const LabAttnParams* p, size_t* bytes);
+
+/* The message of this thread's last failed call ("" if none). Valid until the next call. */
+const char* lab_last_error(void);
+
+/* The variants, chapter by chapter in lab order: i in 0..lab_num_variants()-1. */
+int lab_num_variants(void);
+const char* lab_variant_chapter(int i); /* "03_flash_v2" */
+const char* lab_variant_name(int i);    /* "fa2"; "" for a chapter with one kernel */
+int lab_variant_is_default(int i);      /* 1 for the variant used when none is named */
+int lab_variant_support(int i, LabSupport* out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LAB_ATTENTION_H */

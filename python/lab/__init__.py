@@ -1,0 +1,372 @@
+"""Every chapter of the lab, called on PyTorch CUDA tensors through the C interface (ctypes only).
+
+    import torch, lab
+    q, k, v = (torch.randn(2, 1000, 8, 128, device="cuda", dtype=torch.float16) for _ in range(3))
+    o = lab.forward(q, k, v, chapter="03", causal=True)              # 03_flash_v2, its default "fa2"
+    o, lse = lab.forward(q, k, v, chapter="01", variant="naive", lse=True)
+    print(lab.chapters())        # {'01_naive': ['naive', 'cublas'], '02_flash_v1': [''], ...}
+    call = lab.prepare(q, k, v, chapter="03"); call.run(); call.run()   # checked once, run again
+
+Tensors use FlashAttention's layout: q, out [batch, seqlen_q, heads_q, head_dim], k, v
+[batch, seqlen_kv, heads_kv, head_dim] (varlen: [total, heads, head_dim]; paged KV: k, v
+[num_pages, page_size, heads_kv, head_dim]), any strides but a contiguous head_dim. The call is
+enqueued on PyTorch's current stream of the tensors' device. What a chapter does not support is
+refused by the library, and its message (naming the field) becomes the exception's message.
+
+The library is liblab_attention.so from the lab's build: $LAB_ATTENTION_LIB (the file, or the
+folder holding it), else build/lib/ or build-gpu/lib/ under the repository root. Importing this
+module needs neither the library nor PyTorch; the functions that do load them when first called.
+"""
+import ctypes
+import math
+import os
+import pathlib
+import threading
+
+__all__ = ["forward", "prepare", "Call", "chapters", "variants", "support", "library_path", "load_library",
+           "LabError", "InvalidArgument", "UnknownName", "CudaError", "LibraryNotFound"]
+
+ABI_VERSION = 1  # LAB_ATTENTION_ABI_VERSION in capi/lab_attention.h
+LIB_NAME = "liblab_attention.so"
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+LAB_OK, LAB_ERR_INVALID_ARGUMENT, LAB_ERR_UNKNOWN_NAME, LAB_ERR_CUDA = 0, 1, 2, 3
+DTYPE_FP16, DTYPE_BF16 = 0, 1
+
+
+class LabError(RuntimeError):
+    """A call into the library failed; `code` is its return code, the message is the library's."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidArgument(LabError, ValueError):
+    """The chapter refuses the problem; the message names the field and what is allowed."""
+
+
+class UnknownName(LabError, LookupError):
+    """No such chapter or variant."""
+
+
+class CudaError(LabError):
+    """A CUDA or cuBLAS call inside the library failed."""
+
+
+class LibraryNotFound(LabError, OSError):
+    """liblab_attention.so was not found: build the lab first (see the README)."""
+
+
+# ---- the C structs (capi/lab_attention.h), field for field ----
+
+class LabAttnParams(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_uint32), ("abi_version", ctypes.c_uint32),
+        ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+        ("o", ctypes.c_void_p), ("lse", ctypes.c_void_p),
+        ("q_batch_stride", ctypes.c_int64), ("q_row_stride", ctypes.c_int64), ("q_head_stride", ctypes.c_int64),
+        ("k_batch_stride", ctypes.c_int64), ("k_row_stride", ctypes.c_int64), ("k_head_stride", ctypes.c_int64),
+        ("v_batch_stride", ctypes.c_int64), ("v_row_stride", ctypes.c_int64), ("v_head_stride", ctypes.c_int64),
+        ("o_batch_stride", ctypes.c_int64), ("o_row_stride", ctypes.c_int64), ("o_head_stride", ctypes.c_int64),
+        ("dtype", ctypes.c_int32), ("batch", ctypes.c_int32), ("heads_q", ctypes.c_int32),
+        ("heads_kv", ctypes.c_int32), ("seqlen_q", ctypes.c_int32), ("seqlen_kv", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32), ("softmax_scale", ctypes.c_float), ("causal", ctypes.c_int32),
+        ("alibi_slopes", ctypes.c_void_p), ("cu_seqlens_q", ctypes.c_void_p),
+        ("cu_seqlens_kv", ctypes.c_void_p), ("cache_seqlens", ctypes.c_void_p),
+        ("block_table", ctypes.c_void_p), ("page_size", ctypes.c_int32),
+        ("max_pages_per_seq", ctypes.c_int32), ("num_pages", ctypes.c_int32),
+        ("num_splits", ctypes.c_int32), ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_uint64),
+    ]
+
+    @classmethod
+    def new(cls):
+        p = cls()
+        p.struct_size, p.abi_version = ctypes.sizeof(cls), ABI_VERSION
+        return p
+
+
+class LabSupport(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("num_head_dims", ctypes.c_int32),
+                ("head_dims", ctypes.c_int32 * 16), ("max_head_dim", ctypes.c_int32)] + [
+        (name, ctypes.c_int32) for name in ("fp16", "bf16", "causal", "gqa", "lse", "alibi", "varlen",
+                                            "cache_seqlens", "paged_kv", "splits", "max_seqlen_q",
+                                            "vector_elems", "needs_workspace")]
+
+
+# ---- finding and loading the library ----
+
+_lib = None
+_lib_lock = threading.Lock()
+
+
+def library_path():
+    """Where the library is looked for, first match wins; raises LibraryNotFound listing them."""
+    tried = []
+    env = os.environ.get("LAB_ATTENTION_LIB")
+    if env:
+        path = pathlib.Path(env)
+        candidates = [path / LIB_NAME if path.is_dir() else path]
+    else:
+        candidates = [REPO_ROOT / b / "lib" / LIB_NAME for b in ("build", "build-gpu")]
+    for c in candidates:
+        if c.is_file():
+            return c
+        tried.append(str(c))
+    raise LibraryNotFound(f"{LIB_NAME} not found (tried: {', '.join(tried)}); build the lab "
+                          "(cmake --build build) or set LAB_ATTENTION_LIB to the library's path")
+
+
+def load_library():
+    """The loaded library (ctypes.CDLL), with argument types set and its layout checked."""
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            lib = ctypes.CDLL(str(library_path()))
+            c_char_p, c_int, c_void_p, c_size_t = ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t
+            params_p = ctypes.POINTER(LabAttnParams)
+            for name, restype, argtypes in (
+                    ("lab_abi_version", c_int, []),
+                    ("lab_params_size", c_size_t, []),
+                    ("lab_forward", c_int, [c_char_p, c_char_p, params_p, c_void_p]),
+                    ("lab_workspace_bytes", c_int, [c_char_p, c_char_p, params_p, ctypes.POINTER(c_size_t)]),
+                    ("lab_last_error", c_char_p, []),
+                    ("lab_num_variants", c_int, []),
+                    ("lab_variant_chapter", c_char_p, [c_int]),
+                    ("lab_variant_name", c_char_p, [c_int]),
+                    ("lab_variant_is_default", c_int, [c_int]),
+                    ("lab_variant_support", c_int, [c_int, ctypes.POINTER(LabSupport)])):
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = restype, argtypes
+            if lib.lab_abi_version() != ABI_VERSION or lib.lab_params_size() != ctypes.sizeof(LabAttnParams):
+                raise LabError(f"{library_path()}: ABI version {lib.lab_abi_version()} with a "
+                               f"{lib.lab_params_size()}-byte LabAttnParams, this module expects version "
+                               f"{ABI_VERSION} and {ctypes.sizeof(LabAttnParams)} bytes: rebuild the library")
+            _lib = lib
+        return _lib
+
+
+_ERRORS = {LAB_ERR_INVALID_ARGUMENT: InvalidArgument, LAB_ERR_UNKNOWN_NAME: UnknownName, LAB_ERR_CUDA: CudaError}
+
+
+def _check(lib, rc):
+    if rc != LAB_OK:
+        message = (lib.lab_last_error() or b"").decode(errors="replace")
+        raise _ERRORS.get(rc, LabError)(message or f"liblab_attention returned {rc}", rc)
+
+
+def _name(s):
+    return None if s is None else s.encode()
+
+
+# ---- what the library offers ----
+
+def variants():
+    """Every (chapter, variant) pair the library exports: dicts with chapter, variant, default, support."""
+    lib = load_library()
+    out = []
+    for i in range(lib.lab_num_variants()):
+        s = LabSupport()
+        s.struct_size = ctypes.sizeof(LabSupport)
+        _check(lib, lib.lab_variant_support(i, ctypes.byref(s)))
+        support = {name: getattr(s, name) for name, _ in LabSupport._fields_
+                   if name not in ("struct_size", "num_head_dims", "head_dims")}
+        for flag in ("fp16", "bf16", "causal", "gqa", "lse", "alibi", "varlen", "cache_seqlens", "paged_kv",
+                     "splits", "needs_workspace"):
+            support[flag] = bool(support[flag])
+        support["head_dims"] = list(s.head_dims[:s.num_head_dims])
+        out.append(dict(chapter=lib.lab_variant_chapter(i).decode(), variant=lib.lab_variant_name(i).decode(),
+                        default=bool(lib.lab_variant_is_default(i)), support=support))
+    return out
+
+
+def chapters():
+    """{chapter directory name: [variant names]}, in lab order."""
+    out = {}
+    for entry in variants():
+        out.setdefault(entry["chapter"], []).append(entry["variant"])
+    return out
+
+
+def support(chapter, variant=None):
+    """What one variant computes (head_dims, max_head_dim, bf16, causal, gqa, lse, ...)."""
+    for entry in variants():
+        if _same_chapter(entry["chapter"], chapter) and (
+                entry["variant"] == variant or (not variant and entry["default"])):
+            return entry["support"]
+    raise UnknownName(f"chapter = {chapter!r}, variant = {variant!r} is unknown (known: {chapters()})",
+                      LAB_ERR_UNKNOWN_NAME)
+
+
+def _same_chapter(name, wanted):
+    return wanted == name or (len(wanted) == 2 and name.startswith(wanted + "_"))
+
+
+# ---- the call ----
+
+def _torch():
+    import torch  # only here: importing the module must not need PyTorch
+    return torch
+
+
+def _check_tensor(name, t, dtype=None, device=None):
+    torch = _torch()
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name}: dtype {t.dtype} does not match {dtype}")
+    if t.device.type != "cuda":
+        raise ValueError(f"{name}: must be a CUDA tensor, got device {t.device}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: is on {t.device}, q is on {device}")
+
+
+def _check_meta(name, t, device, length=None):
+    """int32 metadata (cu_seqlens, cache_seqlens, block_table) on q's device, contiguous."""
+    torch = _torch()
+    _check_tensor(name, t, torch.int32, device)
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous")
+    if length is not None and t.numel() != length:
+        raise ValueError(f"{name}: has {t.numel()} elements, expected {length}")
+    return t.data_ptr()
+
+
+def _rows(name, t, dims):
+    """(batch stride, row stride, head stride) of a [batch, seqlen, heads, d] or [rows, heads, d] tensor."""
+    if t.dim() != dims:
+        shape = "[batch, seqlen, heads, head_dim]" if dims == 4 else "[total, heads, head_dim]"
+        raise ValueError(f"{name}: expected {dims} dimensions {shape}, got shape {tuple(t.shape)}")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: head_dim stride is {t.stride(-1)}, must be 1 (the last dimension "
+                         "contiguous; call .contiguous())")
+    return (t.stride(0), t.stride(1), t.stride(2)) if dims == 4 else (0, t.stride(0), t.stride(1))
+
+
+def _longest(cu_seqlens):
+    return int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
+
+
+def forward(q, k, v, chapter="03", causal=False, **kwargs):
+    """Attention of one lab chapter: returns out, or (out, lse) when lse=True.
+
+    chapter: "03" or "03_flash_v2"; variant: the chapter's step ("mma", "fa2", ...), default its
+    main one. causal is aligned bottom-right (FlashAttention's convention). lse is float32
+    [batch, heads_q, seqlen_q] (varlen: seqlen_q = max_seqlen_q). Optional, as the chapters
+    support them: alibi_slopes (float32 [heads_q]), varlen (cu_seqlens_q/cu_seqlens_kv int32
+    [batch + 1], with q, k, v packed as [total, heads, head_dim]; max_seqlen_q/kv default to the
+    longest), cache_seqlens (int32 [batch]: keys per sequence), paged KV (block_table int32
+    [batch, max_pages_per_seq], k, v [num_pages, page_size, heads_kv, head_dim]), num_splits.
+    """
+    call = prepare(q, k, v, chapter, causal, **kwargs).run()
+    return (call.out, call.lse) if kwargs.get("lse") else call.out
+
+
+class Call:
+    """A checked, ready call of one chapter: run() enqueues its kernels again on the stream that was
+    current when it was prepared, with no Python-side work (what bench/compare_torch.py times).
+    It keeps the tensors it points at alive; out and lse hold the results."""
+
+    def __init__(self, lib, chapter, variant, params, device, stream, out, lse, keep_alive):
+        self._lib, self._chapter, self._variant, self._params = lib, chapter, variant, params
+        self._device, self._stream, self._keep_alive = device, ctypes.c_void_p(stream), keep_alive
+        self.out, self.lse = out, lse
+
+    def run(self):
+        with _torch().cuda.device(self._device):
+            _check(self._lib, self._lib.lab_forward(self._chapter, self._variant, ctypes.byref(self._params),
+                                                    self._stream))
+        return self
+
+
+def prepare(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=None, lse=False,
+            alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None,
+            max_seqlen_kv=None, cache_seqlens=None, block_table=None, num_splits=0, out=None):
+    """forward()'s checks and allocations, without running: returns a Call (see forward for the arguments)."""
+    torch = _torch()
+    if isinstance(q, torch.Tensor) and q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q: dtype {q.dtype} is not supported (supported: torch.float16, torch.bfloat16)")
+    _check_tensor("q", q)
+    device = q.device
+    _check_tensor("k", k, q.dtype, device)
+    _check_tensor("v", v, q.dtype, device)
+    if k.shape != v.shape:
+        raise ValueError(f"v: shape {tuple(v.shape)} does not match k's {tuple(k.shape)}")
+    varlen = cu_seqlens_q is not None or cu_seqlens_kv is not None
+    if varlen and (cu_seqlens_q is None or cu_seqlens_kv is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_kv must be given together")
+    if varlen and block_table is not None:
+        raise ValueError("block_table: paged KV with varlen is not supported by this module")
+    dims = 3 if varlen else 4
+    q_strides = _rows("q", q, dims)
+    k_strides = _rows("k", k, dims)
+    v_strides = _rows("v", v, dims)
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k: head_dim {k.shape[-1]} does not match q's {q.shape[-1]}")
+    if out is None:
+        out = torch.empty_like(q)
+    else:
+        _check_tensor("out", out, q.dtype, device)
+        if out.shape != q.shape:
+            raise ValueError(f"out: shape {tuple(out.shape)} does not match q's {tuple(q.shape)}")
+    o_strides = _rows("out", out, dims)
+
+    p = LabAttnParams.new()
+    p.q, p.k, p.v, p.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+    (p.q_batch_stride, p.q_row_stride, p.q_head_stride) = q_strides
+    (p.k_batch_stride, p.k_row_stride, p.k_head_stride) = k_strides
+    (p.v_batch_stride, p.v_row_stride, p.v_head_stride) = v_strides
+    (p.o_batch_stride, p.o_row_stride, p.o_head_stride) = o_strides
+    p.dtype = DTYPE_FP16 if q.dtype == torch.float16 else DTYPE_BF16
+    p.heads_q, p.heads_kv, p.head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    p.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    p.causal = int(bool(causal))
+    p.num_splits = num_splits
+
+    if varlen:
+        p.batch = cu_seqlens_q.numel() - 1
+        p.cu_seqlens_q = _check_meta("cu_seqlens_q", cu_seqlens_q, device)
+        p.cu_seqlens_kv = _check_meta("cu_seqlens_kv", cu_seqlens_kv, device, cu_seqlens_q.numel())
+        # The longest sequence, as FlashAttention's varlen API takes it (computed here if not given).
+        p.seqlen_q = max_seqlen_q if max_seqlen_q is not None else _longest(cu_seqlens_q)
+        p.seqlen_kv = max_seqlen_kv if max_seqlen_kv is not None else _longest(cu_seqlens_kv)
+    else:
+        p.batch, p.seqlen_q = q.shape[0], q.shape[1]
+        if block_table is None:
+            if k.shape[0] != q.shape[0]:
+                raise ValueError(f"k: batch {k.shape[0]} does not match q's {q.shape[0]}")
+            p.seqlen_kv = k.shape[1]
+        else:
+            if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
+                raise ValueError(f"block_table: expected [batch = {q.shape[0]}, max_pages_per_seq], "
+                                 f"got shape {tuple(block_table.shape)}")
+            p.block_table = _check_meta("block_table", block_table, device)
+            p.num_pages, p.page_size, p.max_pages_per_seq = k.shape[0], k.shape[1], block_table.shape[1]
+            p.seqlen_kv = max_seqlen_kv if max_seqlen_kv is not None else p.max_pages_per_seq * p.page_size
+    if cache_seqlens is not None:
+        p.cache_seqlens = _check_meta("cache_seqlens", cache_seqlens, device, p.batch)
+    if alibi_slopes is not None:
+        _check_tensor("alibi_slopes", alibi_slopes, torch.float32, device)
+        if not alibi_slopes.is_contiguous() or alibi_slopes.numel() != p.heads_q:
+            raise ValueError(f"alibi_slopes: expected a contiguous float32 [heads_q = {p.heads_q}] tensor, "
+                             f"got shape {tuple(alibi_slopes.shape)}")
+        p.alibi_slopes = alibi_slopes.data_ptr()
+    lse_out = None
+    if lse:
+        lse_out = torch.empty((p.batch, p.heads_q, p.seqlen_q), dtype=torch.float32, device=device)
+        p.lse = lse_out.data_ptr()
+
+    lib = load_library()
+    ch, var = _name(chapter), _name(variant)
+    bytes_needed = ctypes.c_size_t(0)
+    with torch.cuda.device(device):  # a split-KV chapter sizes its workspace for this device's SMs
+        _check(lib, lib.lab_workspace_bytes(ch, var, ctypes.byref(p), ctypes.byref(bytes_needed)))
+    workspace = None
+    if bytes_needed.value:
+        # Allocated on the current stream: once the Call is dropped, PyTorch's allocator reuses it
+        # only for work ordered after the kernels on that stream.
+        workspace = torch.empty(bytes_needed.value, dtype=torch.uint8, device=device)
+        p.workspace, p.workspace_bytes = workspace.data_ptr(), bytes_needed.value
+    stream = torch.cuda.current_stream(device).cuda_stream
+    keep_alive = (q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_kv, cache_seqlens, block_table, workspace)
+    return Call(lib, ch, var, p, device, stream, out, lse_out, keep_alive)
