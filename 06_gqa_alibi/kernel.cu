@@ -118,7 +118,8 @@ __device__ __forceinline__ float tree_reduce(const float (&v)[N], F op) {
 template <class T, int D, int M_FRAGS, bool ALIBI>
 __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::AttnParams p, int splits,
                                                                      float* o_partial, float* lse_partial) {
-  constexpr int B_r = 16 * kWarps * M_FRAGS, B_c = Tiles<D>::B_c, QK_UNROLL = Tiles<D>::QK_UNROLL;
+  constexpr int B_r = 16 * kWarps * M_FRAGS, B_c = Tiles<D>::B_c;
+  constexpr int QK_UNROLL = ALIBI && D == 128 ? 1 : Tiles<D>::QK_UNROLL;
   constexpr int ROW = (D + 63) / 64 * 64;
   constexpr int N_S = B_c / 8, N_O = D / 8, CHUNKS = D / 8;
   constexpr uint32_t ROW_BYTES = ROW * sizeof(T), KV_TILE = B_c * ROW * sizeof(T);
@@ -172,22 +173,22 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
   }
   cp_async_commit();
 
-  // This thread's rows g and g + 8 of each fragment: their token, and their ALiBi slope in score
-  // units (slope / scale), for the mask and the bias.
-  int tok_of[M_FRAGS][2];
-  float slope_of[M_FRAGS][2];
+  // This thread's rows are g and g + 8 of each fragment; their tokens are computed where needed
+  // (the mask of diagonal tiles), not kept in registers. With ALiBi each row keeps its slope in
+  // score units (slope / scale) and slope (2t - i - diag): the bias of key n0 + 8 nj + 2t + c is
+  // then slope (8 nj + c) (an FMA with a constant) plus a per-row term for the whole tile.
+  const int row_base = r0 + warp_row0 + g;
+  auto token_of = [&](int mi, int r) { return (row_base + mi * 16 + 8 * r) / G; };
+  float slope_of[M_FRAGS][2], slope_shift[M_FRAGS][2];
 #pragma unroll
   for (int mi = 0; mi < M_FRAGS; ++mi)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = r0 + warp_row0 + mi * 16 + g + 8 * r;
-      tok_of[mi][r] = row / G;
+      const int row = row_base + mi * 16 + 8 * r;
       slope_of[mi][r] = ALIBI && row < rows ? p.alibi_slopes[h_kv * G + row % G] / p.softmax_scale : 0.f;
+      slope_shift[mi][r] = slope_of[mi][r] * float(2 * t - token_of(mi, r) - diag);
     }
-  // ALiBi's column part, per thread: key n0 + 8 nj + 2t + c sits 8 nj + 2t + c right of n0.
-  float col_of[N_S][2];
-#pragma unroll
-  for (int nj = 0; nj < N_S; ++nj) col_of[nj][0] = float(8 * nj + 2 * t), col_of[nj][1] = float(8 * nj + 2 * t + 1);
+  const int crossing = first_tok + diag;  // tiles with a key right of this is the first row's diagonal
 
   float o[M_FRAGS][N_O][4] = {};
   float m_i[M_FRAGS][2], l_i[M_FRAGS][2];
@@ -230,22 +231,25 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
 
   // Keys past the sequence (or the split's causal range) and right of each row's diagonal.
   auto mask_scores = [&](float (&s)[M_FRAGS][N_S][4], int n0) {
-    if (n0 + B_c > k_end || (p.causal && n0 + B_c - 1 > first_tok + diag)) {
+    if (n0 + B_c > k_end || (p.causal && n0 + B_c - 1 > crossing)) {
 #pragma unroll
       for (int mi = 0; mi < M_FRAGS; ++mi)
 #pragma unroll
-        for (int nj = 0; nj < N_S; ++nj)
+        for (int r = 0; r < 2; ++r) {
+          const int last_col = p.causal ? min(k_end - 1, token_of(mi, r) + diag) : k_end - 1;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int col = n0 + nj * 8 + 2 * t + e % 2;
-            if (col >= k_end || (p.causal && col > tok_of[mi][e / 2] + diag)) s[mi][nj][e] = -INFINITY;
-          }
+          for (int nj = 0; nj < N_S; ++nj)
+#pragma unroll
+            for (int c = 0; c < 2; ++c)
+              if (n0 + nj * 8 + 2 * t + c > last_col) s[mi][nj][2 * r + c] = -INFINITY;
+        }
     }
   };
 
-  // 03's online softmax on biased scores. With ALiBi the score held is s + slope (8 nj + 2t + c)
-  // (one FMA); the rest of the bias, slope (n0 - i - diag), is the same for the whole row of the
-  // tile, so it is added to the row max and folded into the exp2 argument.
+  // 03's online softmax on biased scores. With ALiBi the score held is s + slope (8 nj + c) (one
+  // FMA with a constant); the rest of the bias, slope (n0 + 2t - i - diag), is the same for the
+  // thread's whole row of the tile, so it is added to the row max and folded into the exp2
+  // argument. (The 4 threads of a quad hold different 2t: each adds its own before the shuffles.)
   auto online_softmax = [&](float (&s)[M_FRAGS][N_S][4], int n0) {
 #pragma unroll
     for (int mi = 0; mi < M_FRAGS; ++mi)
@@ -253,11 +257,11 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
       for (int r = 0; r < 2; ++r) {
         float row_bias = 0.f;
         if constexpr (ALIBI) {
-          row_bias = slope_of[mi][r] * float(n0 - tok_of[mi][r] - diag);
+          row_bias = fmaf(slope_of[mi][r], float(n0), slope_shift[mi][r]);
 #pragma unroll
           for (int nj = 0; nj < N_S; ++nj) {
-            s[mi][nj][2 * r] = fmaf(slope_of[mi][r], col_of[nj][0], s[mi][nj][2 * r]);
-            s[mi][nj][2 * r + 1] = fmaf(slope_of[mi][r], col_of[nj][1], s[mi][nj][2 * r + 1]);
+            s[mi][nj][2 * r] = fmaf(slope_of[mi][r], float(8 * nj), s[mi][nj][2 * r]);
+            s[mi][nj][2 * r + 1] = fmaf(slope_of[mi][r], float(8 * nj + 1), s[mi][nj][2 * r + 1]);
           }
         }
         float pair[N_S];
@@ -418,8 +422,10 @@ int splits_for(const lab::AttnParams& p) {
   LAB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const int B_r = 64 * m_frags_for(p);
   const int64_t row_tiles = (int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv) + B_r - 1) / B_r;
-  // As in 04: a block keeps one 32 KB K/V tile in flight (d = 128); one block per SM is enough.
-  return ch04::choose_num_splits(p.num_splits, row_tiles * p.heads_kv * p.batch, p.seqlen_kv, 4 * 64, sms);
+  // A block keeps about one 32 KB K/V tile in flight (d = 128), and with GQA a decoding batch
+  // has few blocks (batch x heads_kv) over few bytes, so balance matters as much as bytes in
+  // flight: aim for 4 blocks per SM (as 05 does), chunks of at least 4 tiles.
+  return ch04::choose_num_splits(p.num_splits, row_tiles * p.heads_kv * p.batch, p.seqlen_kv, 4 * 64, 4 * sms);
 }
 
 template <class T, int D>

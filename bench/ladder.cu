@@ -320,7 +320,8 @@ int main(int argc, char** argv) {
       ps.batch = n_pre, ps.seqlen_q = q_pre, ps.seqlen_kv = kv, ps.seed = hs.seed + 1;
       ds.batch = n - n_pre, ds.seqlen_q = 1, ds.seqlen_kv = kv, ds.seed = hs.seed + 2;
       lab::Problem pp(ps), dp(ds);
-      const lab::Variant& v = ch06::chapter().variants[0];
+      const lab::Chapter c06 = ch06::chapter();
+      const lab::Variant& v = c06.variants[0];
       pp.ensure_workspace(v.workspace(pp.params));
       dp.ensure_workspace(v.workspace(dp.params));
       auto both = [&](cudaStream_t st) { v.forward(pp.params, st); v.forward(dp.params, st); };

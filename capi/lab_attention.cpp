@@ -14,6 +14,9 @@
 #include "01_naive/kernel.h"
 #include "02_flash_v1/kernel.h"
 #include "03_flash_v2/kernel.h"
+#include "04_flash_decoding/kernel.h"
+#include "05_decoding_cuda_core/kernel.h"
+#include "06_gqa_alibi/kernel.h"
 #include "common/cuda_check.h"
 #include "common/driver.h"
 
@@ -38,6 +41,9 @@ const std::vector<Registered>& registry() {
       {ch01::chapter(), "naive"},
       {ch02::chapter(), ""},
       {ch03::chapter(), "fa2"},
+      {ch04::chapter(), ""},
+      {ch05::chapter(), ""},
+      {ch06::chapter(), ""},
   };
   return chapters;
 }
@@ -164,7 +170,20 @@ size_t lab_params_size(void) { return sizeof(LabAttnParams); }
 int lab_forward(const char* chapter, const char* variant, const LabAttnParams* p, void* cuda_stream) {
   return guarded([&] {
     const lab::Variant& v = find_variant(chapter, variant);
-    v.forward(to_attn_params(p), static_cast<cudaStream_t>(cuda_stream));
+    const lab::AttnParams ap = to_attn_params(p);
+    // Device-side tables (varlen offsets, cache lengths, page table) are checked on the host, by
+    // name, after the chapter's own checks: it costs a copy and a synchronization per call with
+    // such tables, and it keeps a bad table from producing rows that were never computed.
+    if (v.support) lab::check_params(ap, *v.support);
+    if (ap.cache_seqlens || ap.block_table) {
+      const std::string why = lab::kv_cache_tables_reason(ap, chapter ? chapter : "");
+      if (!why.empty()) throw lab::InvalidArgument(why);
+    }
+    if (ap.cu_seqlens_q) {
+      const std::string why = lab::varlen_offsets_reason(ap, chapter ? chapter : "");
+      if (!why.empty()) throw lab::InvalidArgument(why);
+    }
+    v.forward(ap, static_cast<cudaStream_t>(cuda_stream));
   });
 }
 

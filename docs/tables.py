@@ -17,10 +17,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results", "h100")  # the GPU the README numbers come from
 READMES = ["README.md", "01_naive/README.md", "02_flash_v1/README.md", "03_flash_v2/README.md",
-           "04_flash_decoding/README.md", "05_decoding_cuda_core/README.md"]
+           "04_flash_decoding/README.md", "05_decoding_cuda_core/README.md", "06_gqa_alibi/README.md"]
 ORDER = ["01_naive/cublas", "01_naive/naive", "02_flash_v1", "03_flash_v2/mma", "03_flash_v2/fa2",
-         "03_flash_v2/overlap", "04_flash_decoding", "05_decoding_cuda_core"]
-PREFILL_ORDER = ORDER[:6]  # 04 and 05 are decoding kernels (seqlen_q <= 64 and 1)
+         "03_flash_v2/overlap", "04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi"]
+PREFILL_ORDER = ORDER[:6] + ["06_gqa_alibi"]  # 04 and 05 are decoding kernels (seqlen_q <= 64 and 1)
 DECODE_SHAPES = [(1, 1024), (1, 8192), (1, 32768), (8, 4096), (32, 4096), (128, 1024), (128, 4096), (64, 16384)]
 
 
@@ -106,15 +106,16 @@ def decode_grid(lab, torch, ceil, steps):
     """Every decode-grid shape, MHA and GQA, for `steps` and PyTorch's backends."""
     copy = float(ceil["copy_gbps"])
     lines = ["Decode grid (one query token, d 128, 32 query heads, fp16): GB/s of unique bytes (% of the "
-             "measured copy bandwidth); splits as chosen by the heuristic in parentheses after the chapter's "
-             "figure. **bold**: the faster of 04/05 at or above cuDNN. " + header(ceil), ""]
+             "measured copy bandwidth); `sN`: the split count the heuristic chose. **bold**: the fastest of "
+             "the decoding chapters shown, at or above cuDNN. " + header(ceil), ""]
+    mine = [n for n in steps if not n.startswith("03")]
     for hkv in (32, 8):
         lines += [f"{'MHA 32/32' if hkv == 32 else 'GQA 32/8 (each query head reads its KV head: see 06)'}:", "",
                   "| step | " + " | ".join(f"b{b} kv{kv // 1024}k" for b, kv in DECODE_SHAPES) + " |",
                   "|---|" + "---|" * len(DECODE_SHAPES)]
         best = {}
         for b, kv in DECODE_SHAPES:
-            rs = [lab.get((n,) + decode_key(b, hkv, kv)) for n in ("04_flash_decoding", "05_decoding_cuda_core")]
+            rs = [lab.get((n,) + decode_key(b, hkv, kv)) for n in mine]
             rs = [r for r in rs if r]
             best[(b, kv)] = max(float(r["gbps"]) for r in rs) if rs else None
         for name in steps + ["flash", "cudnn"]:
@@ -127,7 +128,7 @@ def decode_grid(lab, torch, ceil, steps):
                     continue
                 g = float(r["gbps"])
                 c = f"{g:.0f} ({100 * g / copy:.0f}%)"
-                if name in ("04_flash_decoding", "05_decoding_cuda_core"):
+                if name in mine:
                     c += f" s{r['splits']}"
                     cud = torch.get(("cudnn",) + decode_key(b, hkv, kv))
                     if best[(b, kv)] == g and cud and g >= float(cud["gbps"]):
@@ -137,6 +138,53 @@ def decode_grid(lab, torch, ceil, steps):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines[:-1]
+
+
+def prefill_gqa(ceil):
+    """GQA/MQA and ALiBi in prefill, against MHA at the same 32 query heads, same run."""
+    rows = raw_rows("prefill_gqa")
+    t = {}
+    for r in rows:
+        t[(step(r), int(r["heads_kv"]), r["causal"] == "1", "alibi" in r["features"])] = float(r["tflops"])
+    lines = ["Prefill with 32 query heads, d 128, seqlen 4096, batch 2, fp16: TFLOPS (change against the same "
+             "chapter's MHA without ALiBi). " + header(ceil), "",
+             "| step | mask | MHA 32/32 | GQA 32/8 | MQA 32/1 | MHA + ALiBi | GQA 32/8 + ALiBi | MQA + ALiBi |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name in ("03_flash_v2/fa2", "03_flash_v2/overlap", "06_gqa_alibi"):
+        for causal in (False, True):
+            base = t.get((name, 32, causal, False))
+            cells = []
+            for alibi in (False, True):
+                for hkv in (32, 8, 1):
+                    v = t.get((name, hkv, causal, alibi))
+                    if v is None:
+                        cells.append("-")
+                    elif base and (hkv, alibi) != (32, False):
+                        cells.append(f"{v:.0f} ({100 * (v / base - 1):+.1f}%)")
+                    else:
+                        cells.append(f"{v:.0f}")
+            if any(c != "-" for c in cells):
+                lines.append(f"| {name} | {'causal' if causal else 'full'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def hybrid(ceil):
+    """One varlen launch for a mixed prefill + decode batch, against two launches."""
+    one, two = {}, {}
+    for r in raw_rows("hybrid"):
+        frac = [f for f in r["features"].split("+") if f.startswith("prefill")][0][len("prefill"):]
+        (one if r["variant"] == "one_launch" else two)[frac] = r
+    lines = ["Hybrid batches: 32 sequences with 4096 keys of context each, GQA 32/8, d 128, causal, fp16; "
+             "some bring a 512-token prefill chunk, the others one decode token. ms (lower is better). "
+             + header(ceil), "",
+             "| prefill sequences | one varlen launch | prefill and decode as two launches | one launch vs two |",
+             "|---|---|---|---|"]
+    for frac in sorted(one, key=lambda f: int(f.split("/")[0])):
+        o = one[frac]
+        t = two.get(frac)
+        lines.append(f"| {frac} | {float(o['ms']):.3f} | " + (f"{float(t['ms']):.3f} | {float(t['ms']) / float(o['ms']):.2f}x"
+                                                              if t else "- | -") + " |")
+    return lines
 
 
 def raw_rows(workload):
@@ -269,6 +317,12 @@ def render(name, lab, torch, ceil):
         return decode_grid(lab, torch, ceil, ["03_flash_v2/fa2", "04_flash_decoding"])
     if name == "decode:05_decoding_cuda_core":
         return decode_grid(lab, torch, ceil, ["04_flash_decoding", "05_decoding_cuda_core"])
+    if name == "decode:06_gqa_alibi":
+        return decode_grid(lab, torch, ceil, ["04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi"])
+    if name == "prefill_gqa":
+        return prefill_gqa(ceil)
+    if name == "hybrid":
+        return hybrid(ceil)
     if name == "paged":
         return paged(lab, ceil)
     if name == "splits":
