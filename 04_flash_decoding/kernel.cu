@@ -343,8 +343,8 @@ int splits_for(const lab::AttnParams& p) {
   LAB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const int64_t work = int64_t(p.batch) * p.heads_q * ((p.seqlen_q + B_r - 1) / B_r);
   // One block per SM already keeps 32 KB of K/V in flight there (4 warps x one 8 KB slice at
-  // d = 128), enough for its share of HBM: the split sweep in the README peaks at splits = 4 for
-  // batch 1 x 32 heads (128 blocks). Chunks keep at least 4 tiles (256 keys).
+  // d = 128), enough for its share of HBM: a wave is one block per SM (the split sweep in the
+  // README peaks at 4 splits for batch 1 x 32 heads: 128 blocks). Chunks keep >= 4 tiles.
   return choose_num_splits(p.num_splits, work, p.seqlen_kv, 4 * kTile, sms);
 }
 

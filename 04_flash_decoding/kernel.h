@@ -31,9 +31,9 @@ void forward(const lab::AttnParams& p, cudaStream_t stream);
 
 // ---- shared with 05_decoding_cuda_core (combine.cu) ----
 
-// How many chunks to split each sequence's keys into: the fewest that launch `target_blocks`
-// blocks, given `work_items` blocks per split (batch x heads x query tiles), with no chunk shorter
-// than `min_keys_per_split`. A nonzero `requested` (the caller's num_splits) wins.
+// How many chunks to split each sequence's keys into: the fewest whose blocks fill their last wave
+// of `target_blocks` to at least 90%, given `work_items` blocks per split (batch x heads x query
+// tiles), with no chunk shorter than `min_keys_per_split`. A nonzero `requested` wins.
 int choose_num_splits(int requested, int64_t work_items, int max_keys, int min_keys_per_split,
                       int target_blocks);
 

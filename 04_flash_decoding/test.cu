@@ -175,14 +175,17 @@ TEST_CASE("04_flash_decoding: a small case for the sanitizers", "[gpu][sanitize]
 }
 
 TEST_CASE("04_flash_decoding: the split heuristic", "[cpu]") {
-  // 132 SMs, one block each wanted. Batch 1 x 32 heads: 5 splits launch 160 blocks.
-  CHECK(ch04::choose_num_splits(0, 32, 32768, 256, 132) == 5);
+  // 132 SMs, one block each wanted. Batch 1 x 32 heads: 4 splits give 128 blocks (97% of a
+  // wave); 5 would give 160, one more block on 28 SMs.
+  CHECK(ch04::choose_num_splits(0, 32, 32768, 256, 132) == 4);
   // Enough (batch, head) blocks already: no split.
-  CHECK(ch04::choose_num_splits(0, 4096, 4096, 256, 132) == 1);
-  CHECK(ch04::choose_num_splits(0, 256, 4096, 256, 132) == 1);
+  CHECK(ch04::choose_num_splits(0, 4096, 4096, 256, 132) == 1);  // 31.0 waves
+  CHECK(ch04::choose_num_splits(0, 256, 4096, 256, 132) == 1);   // 1.94 waves
   CHECK(ch04::choose_num_splits(0, 132, 4096, 256, 132) == 1);
-  CHECK(ch04::choose_num_splits(0, 131, 4096, 256, 132) == 2);
-  // Short caches cap the count: chunks keep min_keys_per_split keys.
+  // 05 and 06 aim at 4 blocks per SM (528): batch 8 x 32 heads -> 2 splits, 8 x 8 -> 8.
+  CHECK(ch04::choose_num_splits(0, 256, 4096, 128, 528) == 2);
+  CHECK(ch04::choose_num_splits(0, 64, 4096, 256, 528) == 8);
+  // Short caches cap the count (chunks keep min_keys_per_split keys); the best fill below the cap.
   CHECK(ch04::choose_num_splits(0, 32, 1024, 256, 132) == 4);
   CHECK(ch04::choose_num_splits(0, 1, 100, 256, 132) == 1);
   CHECK(ch04::choose_num_splits(0, 1, 1 << 30, 256, 100000) == ch04::kMaxSplits);

@@ -79,6 +79,11 @@ template <> struct Tiles<128> { static constexpr int B_c = 64, QK_UNROLL = 2; };
 
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 
+// K/V stages: 03's double buffer for prefill tiles (B_r = 128); the decoding tile (B_r = 64) has
+// little math to hide loads behind and a smaller Q tile, so it keeps two tiles in flight (112 KB
+// at d = 128, still two blocks per SM).
+template <int M_FRAGS> struct Stages { static constexpr int value = M_FRAGS == 1 ? 3 : 2; };
+
 template <int ROW>
 __device__ __forceinline__ uint32_t smem_offset(int r, int c) {
   return uint32_t((r * (ROW / 8) + (c ^ (r & 7))) * 16);
@@ -123,11 +128,12 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
   constexpr int ROW = (D + 63) / 64 * 64;
   constexpr int N_S = B_c / 8, N_O = D / 8, CHUNKS = D / 8;
   constexpr uint32_t ROW_BYTES = ROW * sizeof(T), KV_TILE = B_c * ROW * sizeof(T);
+  constexpr int NST = Stages<M_FRAGS>::value;
 
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sQ = smem_addr(smem);
   const uint32_t sK = sQ + B_r * ROW_BYTES;
-  const uint32_t sV = sK + 2 * KV_TILE;
+  const uint32_t sV = sK + NST * KV_TILE;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int G = p.heads_q / p.heads_kv;
@@ -167,11 +173,15 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
     const T* src = valid ? Q + tok * p.q_row_stride + h * p.q_head_stride + c * 8 : Q;
     cp_async_16(sQ + smem_offset<ROW>(r, c), src, valid ? 16 : 0);
   }
-  if (T_c > 0) {
-    load_tile_async<T, D, ROW, B_c>(sK, K, p.k_row_stride, k_end - k_begin);
-    load_tile_async<T, D, ROW, B_c>(sV, V, p.v_row_stride, k_end - k_begin);
+  // ... and the first NST - 1 K/V tiles, one commit group each (Q rides with tile 0).
+#pragma unroll
+  for (int j = 0; j < NST - 1; ++j) {
+    if (j < T_c) {
+      load_tile_async<T, D, ROW, B_c>(sK + j * KV_TILE, K + j * B_c * p.k_row_stride, p.k_row_stride, k_end - k_begin - j * B_c);
+      load_tile_async<T, D, ROW, B_c>(sV + j * KV_TILE, V + j * B_c * p.v_row_stride, p.v_row_stride, k_end - k_begin - j * B_c);
+    }
+    cp_async_commit();
   }
-  cp_async_commit();
 
   // This thread's rows are g and g + 8 of each fragment; their tokens are computed where needed
   // (the mask of diagonal tiles), not kept in registers. With ALiBi each row keeps its slope in
@@ -314,16 +324,17 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
 
   for (int j = 0; j < T_c; ++j) {
     const int n0 = k_begin + j * B_c;  // key index within the sequence
-    cp_async_wait<0>();
-    __syncthreads();
-    if (j + 1 < T_c) {
-      const uint32_t next = ((j + 1) & 1) * KV_TILE;
-      load_tile_async<T, D, ROW, B_c>(sK + next, K + (j + 1) * B_c * p.k_row_stride, p.k_row_stride, k_end - n0 - B_c);
-      load_tile_async<T, D, ROW, B_c>(sV + next, V + (j + 1) * B_c * p.v_row_stride, p.v_row_stride, k_end - n0 - B_c);
-      cp_async_commit();
+    cp_async_wait<NST - 2>();  // tile j has landed (the NST - 2 newer groups may still fly)
+    __syncthreads();           // ... for every thread; and every warp is done with tile j - 1
+    const int ahead = j + NST - 1;  // prefetch into the buffer tile j - 1 used
+    if (ahead < T_c) {
+      const uint32_t next = (ahead % NST) * KV_TILE;
+      load_tile_async<T, D, ROW, B_c>(sK + next, K + ahead * B_c * p.k_row_stride, p.k_row_stride, k_end - k_begin - ahead * B_c);
+      load_tile_async<T, D, ROW, B_c>(sV + next, V + ahead * B_c * p.v_row_stride, p.v_row_stride, k_end - k_begin - ahead * B_c);
     }
+    cp_async_commit();  // possibly empty: keeps one group per iteration for wait_group
     if (warp_active) {  // warp-uniform: padding-only warps (decoding) just load
-      const uint32_t sK_j = sK + (j & 1) * KV_TILE, sV_j = sV + (j & 1) * KV_TILE;
+      const uint32_t sK_j = sK + (j % NST) * KV_TILE, sV_j = sV + (j % NST) * KV_TILE;
       float s[M_FRAGS][N_S][4];
       compute_scores(s, sK_j);
       mask_scores(s, n0);
@@ -391,7 +402,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
 
 template <class T, int D, int M_FRAGS>
 constexpr int smem_bytes() {
-  return (16 * kWarps * M_FRAGS + 4 * Tiles<D>::B_c) * ((D + 63) / 64 * 64) * int(sizeof(T));
+  return (16 * kWarps * M_FRAGS + 2 * Stages<M_FRAGS>::value * Tiles<D>::B_c) * ((D + 63) / 64 * 64) * int(sizeof(T));
 }
 
 template <class T, int D, int M_FRAGS, bool ALIBI>
