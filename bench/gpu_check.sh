@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command: configure, build, ctest (every test), compute-sanitizer
-# (memcheck and racecheck over each chapter's [sanitize] tests), the ladder, the plots, and
-# PyTorch's attention backends timed on the same GPU (if PyTorch is installed).
+# (memcheck and racecheck over each chapter's [sanitize] tests), the ladder, chapter 07's KV cache
+# table (kv_quant.csv), the plots, and PyTorch's attention backends timed on the same GPU (if
+# PyTorch is installed).
 # Logs and CSVs go to one folder; a short summary prints last.
 #
-#   bench/gpu_check.sh [STAGE...]      stages: build test sanitize ladder plot torch  (default: all)
+#   bench/gpu_check.sh [STAGE...]      stages: build test sanitize ladder kvquant plot torch  (default: all)
 #
 # Environment: OUT_DIR (default ./gpu_check_out), BUILD_DIR (./build-gpu), CUDA_ARCH (90),
 #              CMAKE_ARGS (extra configure flags, e.g. -DCMAKE_PREFIX_PATH=...), LADDER_ARGS.
@@ -14,7 +15,7 @@ out=${OUT_DIR:-$root/gpu_check_out}
 build=${BUILD_DIR:-$root/build-gpu}
 mkdir -p "$out"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test sanitize ladder plot torch)
+[ ${#stages[@]} -eq 0 ] && stages=(build test sanitize ladder kvquant plot torch)
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -68,6 +69,14 @@ stage_ladder() {
   return $rc
 }
 
+stage_kvquant() {
+  local t0=$SECONDS
+  "$build/bin/07_kv_quant_table" --out "$out" 2>&1 | tee "$out/kv_quant.log"
+  local rc=${PIPESTATUS[0]}
+  note "kvquant:  exit $rc, $(grep -E '^speed target' "$out/kv_quant.log" | tail -1); $(tail -1 "$out/kv_quant.log") ($((SECONDS - t0)) s)"
+  return $rc
+}
+
 stage_plot() {
   if python3 "$root/docs/plot.py" "$out" > "$out/plot.log" 2>&1; then
     note "plot:     $(tail -1 "$out/plot.log")"
@@ -91,8 +100,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.g
   --format=csv > "$out/gpu.txt" 2>&1 || true
 for s in "${stages[@]}"; do
   case "$s" in
-    build|test|sanitize|ladder|plot|torch) "stage_$s" || status=1 ;;
-    *) echo "gpu_check: unknown stage '$s' (allowed: build test sanitize ladder plot torch)" >&2; exit 2 ;;
+    build|test|sanitize|ladder|kvquant|plot|torch) "stage_$s" || status=1 ;;
+    *) echo "gpu_check: unknown stage '$s' (allowed: build test sanitize ladder kvquant plot torch)" >&2; exit 2 ;;
   esac
   [ "$s" = build ] && [ $status -ne 0 ] && break
 done
