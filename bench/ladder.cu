@@ -18,16 +18,18 @@
 #include "03_flash_v2/kernel.h"
 #include "04_flash_decoding/kernel.h"
 #include "05_decoding_cuda_core/kernel.h"
+#include "07_kv_quant/kernel.h"
 #include "common/cuda_check.h"
 #include "common/driver.h"
 
 namespace {
 
-// Ladder order: the unfused library baseline first, then each chapter's steps.
+// Ladder order: the unfused library baseline first, then each chapter's steps. 07's variants
+// (fp16, then every quantized KV scheme) decode only; their GB/s count the bytes they store.
 std::vector<lab::Chapter> all_chapters() {
   lab::Chapter c01 = ch01::chapter();
   std::reverse(c01.variants.begin(), c01.variants.end());  // cublas, then naive
-  return {c01, ch02::chapter(), ch03::chapter(), ch04::chapter(), ch05::chapter()};
+  return {c01, ch02::chapter(), ch03::chapter(), ch04::chapter(), ch05::chapter(), ch07::chapter()};
 }
 
 struct Config {
