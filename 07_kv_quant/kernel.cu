@@ -14,10 +14,12 @@
 //   - scales: a per-tensor or per-KV-head scale is folded into q (for K) and into the final O
 //     (for V), costing nothing per key; per-token, per-head and per-group scales are loaded per
 //     key beside the codes and applied once per key and thread: to the thread's part of q . k_j
-//     before the shuffle reduction, and to p_j before O += p_j v_j.
+//     before the shuffle reduction, and to p_j before O += p_j v_j;
+//   - addresses: a key is half the bytes, so per byte its address arithmetic weighs twice as much;
+//     contiguous caches step pointers (adds only), paged ones find the page with a shift and mask.
 // Cost: about one instruction per element more than fp16 (the conversion), with twice the
-// elements per byte: about twice the instructions per byte of 05; at d = 128 that is still under
-// half of what an SM can issue while its loads run at full bandwidth. Per-key scales add 4 bytes per token
+// elements per byte: about twice the instructions per byte of 05; at d = 128 that is about half of
+// what an SM can issue while its loads run at full bandwidth. Per-key scales add 4 bytes per token
 // and head (int8_head: 3% more bytes than the codes alone; int8_group32: 12.5%, so at best 1.78x faster than
 // fp16). The fp16 variant is the same kernel with 8 elements per thread: the baseline of the speedups.
 //
@@ -159,14 +161,15 @@ __device__ __forceinline__ void decode(const uint4& raw, float* f) {
   }
 }
 
-// Blocks per SM the compiler must allow (__launch_bounds__' second argument; 0: no minimum).
-// fp16 needs no bound: 64 registers, 8 blocks per SM, as 05. 1-byte codes hold 16 elements of q
-// and of O per thread and would take ~125 registers with per-key scales (4 blocks per SM);
-// bounded to 96 they fit 5 blocks per SM (80 KB of K/V in flight) with no spill in the loop.
-// (U = 8 at 3 blocks per SM would hold 96 KB; measure before changing.)
+// Blocks per SM the compiler must allow (__launch_bounds__' second argument), so that registers
+// do not decide occupancy by accident. fp16: 7 (72 registers; 8, at 64 as 05, spills the stepped
+// pointers). 1-byte codes hold 16 elements of q and of O per thread and would take ~125 registers
+// with per-key scales (4 blocks per SM); bounded to 96 they fit 5 blocks per SM (80 KB of K/V in
+// flight per SM) with no spill at d = 128. (U = 8 at 3 blocks per SM would hold 96 KB: measure
+// before changing.)
 template <KvScheme S>
 constexpr int min_blocks_per_sm() {
-  return code_of<S>() == Code::fp16 ? 0 : 5;
+  return code_of<S>() == Code::fp16 ? 7 : 5;
 }
 
 template <KvScheme S, int G, int D>
@@ -206,19 +209,32 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
 #pragma unroll
     for (int e = 0; e < E; ++e) q[e] *= qs;
   }
+  // Where key j's rows are. Contiguous caches: this thread's pointers step through its sequence,
+  // no multiply in the loop. Paged: the page is looked up per key (page_size is a power of two:
+  // a shift and a mask). With 1-byte codes a key is half the bytes of 05's, so the address
+  // arithmetic per key weighs twice as much per byte: it is kept to a few adds.
+  const bool paged = p.block_table != nullptr;
+  const int page_shift = paged ? __ffs(p.page_size) - 1 : 0, page_mask = paged ? p.page_size - 1 : 0;
+  const int* table = paged ? p.block_table + int64_t(b) * p.max_pages_per_seq : nullptr;
+  const int64_t k_slot = p.k_batch_stride * Gr::BYTES, k_row = p.k_row_stride * Gr::BYTES;
+  const int64_t v_slot = p.v_batch_stride * Gr::BYTES, v_row = p.v_row_stride * Gr::BYTES;
   const uint8_t* K = static_cast<const uint8_t*>(p.k) + (int64_t(h_kv) * p.k_head_stride + E * c) * Gr::BYTES;
   const uint8_t* V = static_cast<const uint8_t*>(p.v) + (int64_t(h_kv) * p.v_head_stride + E * c) * Gr::BYTES;
-  // Per-key scales: the thread's scale for (slot, row) is at scales[slot * ss + row * rs] (the
-  // layouts of common/attn.h, with this thread's head and channel folded into the base).
+  // Per-key scales: the thread's scale for (slot, row) is at scales[slot * s_slot + row * s_row]
+  // (the layouts of common/attn.h, with this thread's head and channel folded into the base).
   const float *KS = p.kv_quant.k_scale, *VS = p.kv_quant.v_scale;
-  int64_t ss = 0, rs = 0;
+  int64_t s_slot = 0, s_row = 0;
   if constexpr (SA == ScaleAt::per_key) {
-    const int rows = p.block_table ? p.page_size : p.seqlen_kv;
+    const int rows = paged ? p.page_size : p.seqlen_kv;
     const int64_t at = scale_index(S, G, 0, 0, h_kv, E * c, rows, p.heads_kv, D);
     KS += at, VS += at;
-    rs = scale_index(S, G, 0, 1, 0, 0, rows, p.heads_kv, D);
-    ss = scale_index(S, G, 1, 0, 0, 0, rows, p.heads_kv, D);
+    s_row = scale_index(S, G, 0, 1, 0, 0, rows, p.heads_kv, D);
+    s_slot = scale_index(S, G, 1, 0, 0, 0, rows, p.heads_kv, D);
   }
+  if (!paged) KS += b * s_slot, VS += b * s_slot;  // a contiguous cache's slot is the sequence
+  const int first = k_begin + group;                // this thread's first key
+  const uint8_t* k_next = K + (paged ? 0 : b * k_slot + first * k_row);
+  const uint8_t* v_next = V + (paged ? 0 : b * v_slot + first * v_row);
 
   float m = -INFINITY, l = 0.f, acc[E] = {};
   for (int base = k_begin; base < k_end; base += STEP) {
@@ -231,22 +247,26 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
       kraw[u] = vraw[u] = make_uint4(0, 0, 0, 0);
       k_scale[u] = v_scale[u] = 0.f;
       if (key < k_end) {
-        int64_t page = b, row = key;
-        if (p.block_table) {
-          page = p.block_table[int64_t(b) * p.max_pages_per_seq + key / p.page_size];
-          row = key % p.page_size;
+        const uint8_t *k_at = k_next + u * GROUPS * k_row, *v_at = v_next + u * GROUPS * v_row;
+        const float *ks_at = KS + key * s_row, *vs_at = VS + key * s_row;
+        if (paged) {
+          int64_t page = table[key >> page_shift];
+          const int row = key & page_mask;
           if (page < 0 || page >= p.num_pages) bad_table = true, page = 0;  // never read outside
+          k_at = K + page * k_slot + row * k_row, v_at = V + page * v_slot + row * v_row;
+          ks_at = KS + page * s_slot + row * s_row, vs_at = VS + page * s_slot + row * s_row;
         }
-        kraw[u] = load_stream(K + (page * p.k_batch_stride + row * p.k_row_stride) * Gr::BYTES);
-        vraw[u] = load_stream(V + (page * p.v_batch_stride + row * p.v_row_stride) * Gr::BYTES);
+        kraw[u] = load_stream(k_at);
+        vraw[u] = load_stream(v_at);
         if constexpr (SA == ScaleAt::per_key) {
           // The group's lanes read the same 4 bytes (one request), neighbouring keys neighbouring
           // scales: these go through L1, unlike the codes.
-          k_scale[u] = __ldg(KS + page * ss + row * rs);
-          v_scale[u] = __ldg(VS + page * ss + row * rs);
+          k_scale[u] = __ldg(ks_at);
+          v_scale[u] = __ldg(vs_at);
         }
       }
     }
+    k_next += STEP * k_row, v_next += STEP * v_row;
     // Scores: E FMAs per thread (scaled once), then a butterfly over the group's TPK lanes.
     float s[U];
 #pragma unroll
