@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command: configure, build, ctest (every test), the Python tests of
 # every chapter against PyTorch, compute-sanitizer (memcheck and racecheck over each chapter's
-# [sanitize] tests), the ladder, the plots, PyTorch's attention backends timed on the same GPU, and
-# the chapters timed next to them in one process (the last three stages need PyTorch).
+# [sanitize] tests), the ladder, chapter 07's KV cache table (kv_quant.csv), the plots, PyTorch's
+# attention backends timed on the same GPU, and the chapters timed next to them in one process (the
+# last two stages and most Python tests need PyTorch).
 # Logs and CSVs go to one folder; a short summary prints last.
 #
-#   bench/gpu_check.sh [STAGE...]   stages: build test pytest sanitize ladder plot torch compare
+#   bench/gpu_check.sh [STAGE...]   stages: build test pytest sanitize ladder kvquant plot torch compare
 #                                   (default: all)
 #
 # Environment: OUT_DIR (default ./gpu_check_out), BUILD_DIR (./build-gpu), CUDA_ARCH (90),
@@ -17,7 +18,7 @@ out=${OUT_DIR:-$root/gpu_check_out}
 build=${BUILD_DIR:-$root/build-gpu}
 mkdir -p "$out"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test pytest sanitize ladder plot torch compare)
+[ ${#stages[@]} -eq 0 ] && stages=(build test pytest sanitize ladder kvquant plot torch compare)
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -88,6 +89,14 @@ stage_ladder() {
   return $rc
 }
 
+stage_kvquant() {
+  local t0=$SECONDS
+  "$build/bin/07_kv_quant_table" --out "$out" 2>&1 | tee "$out/kv_quant.log"
+  local rc=${PIPESTATUS[0]}
+  note "kvquant:  exit $rc, $(grep -E '^speed target' "$out/kv_quant.log" | tail -1); $(tail -1 "$out/kv_quant.log") ($((SECONDS - t0)) s)"
+  return $rc
+}
+
 stage_plot() {
   if python3 "$root/docs/plot.py" "$out" > "$out/plot.log" 2>&1; then
     note "plot:     $(tail -1 "$out/plot.log")"
@@ -124,8 +133,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.g
   --format=csv > "$out/gpu.txt" 2>&1 || true
 for s in "${stages[@]}"; do
   case "$s" in
-    build|test|pytest|sanitize|ladder|plot|torch|compare) "stage_$s" || status=1 ;;
-    *) echo "gpu_check: unknown stage '$s' (allowed: build test pytest sanitize ladder plot torch compare)" >&2; exit 2 ;;
+    build|test|pytest|sanitize|ladder|kvquant|plot|torch|compare) "stage_$s" || status=1 ;;
+    *) echo "gpu_check: unknown stage '$s' (allowed: build test pytest sanitize ladder kvquant plot torch compare)" >&2; exit 2 ;;
   esac
   [ "$s" = build ] && [ $status -ne 0 ] && break
 done

@@ -23,7 +23,7 @@
 // LabAttnParams mirrors lab::AttnParams field for field. When a field is added there (07's KV
 // quantization descriptor, say), this stops the build until it is added to LabAttnParams, to
 // to_attn_params() below and to python/lab's copy, with LAB_ATTENTION_ABI_VERSION bumped.
-static_assert(sizeof(void*) != 8 || sizeof(lab::AttnParams) == 248,
+static_assert(sizeof(void*) != 8 || sizeof(lab::AttnParams) == 272,
               "lab::AttnParams changed: mirror it in LabAttnParams (capi/lab_attention.h)");
 
 namespace {
@@ -128,6 +128,10 @@ lab::AttnParams to_attn_params(const LabAttnParams* c) {
   p.num_splits = c->num_splits;
   p.workspace = c->workspace;
   p.workspace_bytes = size_t(c->workspace_bytes);
+  p.kv_quant.scheme = static_cast<lab::KvScheme>(c->kv_scheme);
+  p.kv_quant.group_size = c->kv_group_size;
+  p.kv_quant.k_scale = c->kv_k_scale;
+  p.kv_quant.v_scale = c->kv_v_scale;
   return p;
 }
 

@@ -24,7 +24,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever LabAttnParams or LabSupport change layout; callers put it in abi_version. */
-#define LAB_ATTENTION_ABI_VERSION 1
+#define LAB_ATTENTION_ABI_VERSION 2
 
 /* Return codes. */
 #define LAB_OK 0
@@ -80,6 +80,14 @@ typedef struct LabAttnParams {
 
   void* workspace; /* lab_workspace_bytes() bytes of device memory, or NULL when that is 0 */
   uint64_t workspace_bytes;
+
+  /* KV cache quantization (lab::KvQuant, common/attn.h): 0 = none (a 16-bit cache), else the
+     lab::KvScheme value; scales in the layout attn.h documents. No exported chapter reads a
+     quantized cache yet (07_kv_quant is not exported): every chapter refuses a nonzero scheme. */
+  int32_t kv_scheme;
+  int32_t kv_group_size;
+  const float* kv_k_scale;
+  const float* kv_v_scale;
 } LabAttnParams;
 
 /* What a variant computes (lab::Support): anything else it refuses by name. */

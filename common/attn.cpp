@@ -12,6 +12,28 @@ namespace lab {
 const char* dtype_name(DType t) { return t == DType::fp16 ? "fp16" : "bf16"; }
 int dtype_bytes(DType) { return 2; }
 
+const char* kv_scheme_name(KvScheme s) {
+  switch (s) {
+    case KvScheme::none: return "none";
+    case KvScheme::int8_tensor: return "int8_tensor";
+    case KvScheme::int8_token: return "int8_token";
+    case KvScheme::int8_head: return "int8_head";
+    case KvScheme::int8_group: return "int8_group";
+    case KvScheme::fp8_e4m3: return "fp8_e4m3";
+    case KvScheme::fp8_e5m2: return "fp8_e5m2";
+    case KvScheme::fp8_e4m3_head: return "fp8_e4m3_head";
+  }
+  return nullptr;
+}
+
+bool kv_scheme_has_scales(KvScheme s) {
+  return s != KvScheme::none && s != KvScheme::fp8_e4m3 && s != KvScheme::fp8_e5m2;
+}
+
+int kv_element_bytes(const AttnParams& p) {
+  return p.kv_quant.scheme == KvScheme::none ? dtype_bytes(p.dtype) : 1;
+}
+
 void set_contiguous_strides(AttnParams& p) {
   const int64_t d = p.head_dim;
   p.q_head_stride = p.o_head_stride = d;
@@ -34,6 +56,46 @@ std::string join(const std::vector<int>& v) {
 bool aligned(const void* ptr, int bytes) { return (reinterpret_cast<uintptr_t>(ptr) % bytes) == 0; }
 
 }  // namespace
+
+// The KV quantization descriptor: a scheme the chapter lists (by name; an unknown value by its
+// number), its group size and its scale pointers. "" when fine.
+static std::string kv_quant_reason(const AttnParams& p, const Support& s, const std::string& who) {
+  const KvQuant& kq = p.kv_quant;
+  std::string supported = "none";
+  for (KvScheme k : s.kv_schemes)
+    if (k != KvScheme::none) supported += std::string(", ") + kv_scheme_name(k);
+  if (s.kv_schemes.empty()) supported += "; quantized KV caches: see 07_kv_quant";
+  const char* name = kv_scheme_name(kq.scheme);
+  if (!name)
+    return who + "kv_quant.scheme = " + std::to_string(int(kq.scheme)) + " is unknown (supported: " +
+           supported + ")";
+  bool listed = kq.scheme == KvScheme::none;
+  for (KvScheme k : s.kv_schemes) listed |= k == kq.scheme;
+  if (!listed) return who + "kv_quant.scheme = " + name + " is not supported (supported: " + supported + ")";
+  if (kq.scheme == KvScheme::int8_group) {
+    bool ok = false;
+    for (int g : s.kv_group_sizes) ok |= g == kq.group_size;
+    if (!ok)
+      return who + "kv_quant.group_size = " + std::to_string(kq.group_size) +
+             " is not supported (supported: " + join(s.kv_group_sizes) + ")";
+    if (p.head_dim % kq.group_size != 0)
+      return who + "kv_quant.group_size = " + std::to_string(kq.group_size) + " does not divide head_dim = " +
+             std::to_string(p.head_dim);
+  } else if (kq.group_size != 0) {
+    return who + "kv_quant.group_size = " + std::to_string(kq.group_size) + " is only used by int8_group (" +
+           name + " needs 0)";
+  }
+  if (kv_scheme_has_scales(kq.scheme)) {
+    if (!kq.k_scale) return who + "kv_quant.k_scale is a null pointer (" + name + " needs scales)";
+    if (!kq.v_scale) return who + "kv_quant.v_scale is a null pointer (" + name + " needs scales)";
+    if (!aligned(kq.k_scale, 4) || !aligned(kq.v_scale, 4))
+      return who + "kv_quant scale pointers must be 4-byte aligned";
+  } else if (kq.k_scale || kq.v_scale) {
+    // A caller passing scales expects them applied: refuse rather than ignore them.
+    return who + "kv_quant.k_scale/v_scale are given but " + name + " has no scales";
+  }
+  return "";
+}
 
 std::string unsupported_reason(const AttnParams& p, const Support& s) {
   std::ostringstream e;
@@ -77,6 +139,16 @@ std::string unsupported_reason(const AttnParams& p, const Support& s) {
   if (!(std::isfinite(p.softmax_scale) && p.softmax_scale > 0.f))
     return who + "softmax_scale = " + std::to_string(p.softmax_scale) + " must be finite and > 0";
 
+  {
+    const std::string why = kv_quant_reason(p, s, who);
+    if (!why.empty()) return why;
+  }
+  // 16-byte loads of a 1-byte KV cache hold twice as many elements.
+  const int kv_vec_elems = s.vector_elems * dtype_bytes(p.dtype) / kv_element_bytes(p);
+  if (p.head_dim % kv_vec_elems != 0)
+    return who + "head_dim = " + std::to_string(p.head_dim) + " must be a multiple of " +
+           std::to_string(kv_vec_elems) + " for a 1-byte KV cache";
+
   if (!p.q) return who + "q is a null pointer";
   if (!p.k) return who + "k is a null pointer";
   if (!p.v) return who + "v is a null pointer";
@@ -88,18 +160,25 @@ std::string unsupported_reason(const AttnParams& p, const Support& s) {
   for (Named t : {Named{"q", p.q}, Named{"k", p.k}, Named{"v", p.v}, Named{"o", p.o}})
     if (!aligned(t.ptr, vec_bytes))
       return who + t.name + " pointer is not " + std::to_string(vec_bytes) + "-byte aligned";
-  struct Stride { const char* name; int64_t value; };
-  for (Stride t : {Stride{"q_batch_stride", p.q_batch_stride}, Stride{"q_row_stride", p.q_row_stride},
-                   Stride{"q_head_stride", p.q_head_stride}, Stride{"k_batch_stride", p.k_batch_stride},
-                   Stride{"k_row_stride", p.k_row_stride}, Stride{"k_head_stride", p.k_head_stride},
-                   Stride{"v_batch_stride", p.v_batch_stride}, Stride{"v_row_stride", p.v_row_stride},
-                   Stride{"v_head_stride", p.v_head_stride}, Stride{"o_batch_stride", p.o_batch_stride},
-                   Stride{"o_row_stride", p.o_row_stride}, Stride{"o_head_stride", p.o_head_stride}}) {
+  struct Stride { const char* name; int64_t value; bool kv; };
+  for (Stride t : {Stride{"q_batch_stride", p.q_batch_stride, false},
+                   Stride{"q_row_stride", p.q_row_stride, false},
+                   Stride{"q_head_stride", p.q_head_stride, false},
+                   Stride{"k_batch_stride", p.k_batch_stride, true},
+                   Stride{"k_row_stride", p.k_row_stride, true},
+                   Stride{"k_head_stride", p.k_head_stride, true},
+                   Stride{"v_batch_stride", p.v_batch_stride, true},
+                   Stride{"v_row_stride", p.v_row_stride, true},
+                   Stride{"v_head_stride", p.v_head_stride, true},
+                   Stride{"o_batch_stride", p.o_batch_stride, false},
+                   Stride{"o_row_stride", p.o_row_stride, false},
+                   Stride{"o_head_stride", p.o_head_stride, false}}) {
+    const int elems = t.kv ? kv_vec_elems : s.vector_elems;
     if (t.value < 0) return who + t.name + " = " + std::to_string(t.value) + " must be >= 0";
-    if (t.value % s.vector_elems != 0)
+    if (t.value % elems != 0)
       return who + t.name + " = " + std::to_string(t.value) + " is not a multiple of " +
-             std::to_string(s.vector_elems) + " elements (rows must stay " +
-             std::to_string(vec_bytes) + "-byte aligned)";
+             std::to_string(elems) + " elements (rows must stay " + std::to_string(vec_bytes) +
+             "-byte aligned)";
   }
   if (p.q_row_stride < int64_t(p.head_dim) || p.k_row_stride < int64_t(p.head_dim) ||
       p.v_row_stride < int64_t(p.head_dim) || p.o_row_stride < int64_t(p.head_dim))

@@ -16,6 +16,45 @@ enum class DType : int { fp16 = 0, bf16 = 1 };
 const char* dtype_name(DType t);
 int dtype_bytes(DType t);
 
+// KV cache quantization (07_kv_quant). With a scheme other than none, k and v point at 1-byte codes
+// in the layout of the 16-bit cache ([batch, seqlen_kv, heads_kv, head_dim], paged: [num_pages,
+// page_size, heads_kv, head_dim]; strides still in elements, now bytes), and an element reads as
+//   int8_*:        x = code (int8, -127..127) * scale          (symmetric; scale = amax / 127)
+//   fp8_e4m3/e5m2: x = code as an FP8 E4M3/E5M2 number         (direct conversion, no scale)
+//   fp8_e4m3_head: x = code as E4M3 * scale                     (scale = amax of the KV head / 448)
+// Scales are fp32, one tensor for K (k_scale) and one for V (v_scale), laid out as below, where
+// "slot, row" is (b, j) for a contiguous cache and (page, j % page_size) for a paged one, and R is
+// the rows per slot (seqlen_kv, or page_size):
+//   int8_tensor:   [1]
+//   int8_token:    [slots][R]                     one scale per token, over all KV heads
+//   int8_head:     [slots][heads_kv][R]           one per token and KV head (head-major, so a
+//                                                 decoding block reads its keys' scales contiguously)
+//   int8_group:    [slots][heads_kv][R][head_dim / group_size]   one per token, head, channel group
+//   fp8_e4m3_head: [heads_kv]                     one per KV head, static (calibrated) like int8_tensor
+enum class KvScheme : int {
+  none = 0,  // the cache holds dtype (16-bit) values
+  int8_tensor,
+  int8_token,
+  int8_head,
+  int8_group,
+  fp8_e4m3,
+  fp8_e5m2,
+  fp8_e4m3_head,
+};
+constexpr int kKvSchemeCount = 8;
+
+// "int8_head"; nullptr for a value outside the enum.
+const char* kv_scheme_name(KvScheme s);
+// Whether the scheme keeps scales (every int8 scheme and fp8_e4m3_head).
+bool kv_scheme_has_scales(KvScheme s);
+
+struct KvQuant {
+  KvScheme scheme = KvScheme::none;
+  int group_size = 0;               // int8_group only: channels per scale (32 or 64)
+  const float* k_scale = nullptr;   // device, layout above; nullptr for none and direct FP8
+  const float* v_scale = nullptr;
+};
+
 // Thrown for a problem a launcher refuses; what() names the field and what is allowed.
 struct InvalidArgument : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
@@ -69,7 +108,14 @@ struct AttnParams {
   // Scratch memory for chapters that need it (see each chapter's workspace_bytes()).
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
+
+  // Optional KV quantization descriptor (see KvQuant above). Appended last so that code written
+  // before it keeps its meaning: the default (none) is the 16-bit cache every chapter reads.
+  KvQuant kv_quant;
 };
+
+// Bytes of one stored K/V element: 1 with a quantized cache, else the dtype's 2.
+int kv_element_bytes(const AttnParams& p);
 
 // Strides for contiguous [batch, seqlen, heads, head_dim] tensors (and for varlen packing).
 void set_contiguous_strides(AttnParams& p);
@@ -91,6 +137,11 @@ struct Support {
   bool splits = false;        // honours num_splits (split-KV decoding)
   int max_seqlen_q = 0;       // 0: no limit
   int vector_elems = 8;       // strides and pointers must be multiples of this many elements
+                              // (of 16-bit dtype elements: for a 1-byte KV cache, the K/V strides
+                              // must cover the same number of bytes, i.e. twice as many elements)
+  // KV cache schemes besides none (07_kv_quant); empty: only the 16-bit cache.
+  std::vector<KvScheme> kv_schemes;
+  std::vector<int> kv_group_sizes;  // group sizes int8_group accepts
 };
 
 // Throws InvalidArgument naming the first field that is wrong or unsupported.

@@ -129,17 +129,22 @@ void Problem::ensure_workspace(size_t bytes) {
   params.workspace_bytes = workspace_.bytes();
 }
 
+void* Problem::kv_storage(size_t bytes) {
+  kv_storage_.resize(std::max<size_t>(bytes, 16));
+  return kv_storage_.get();
+}
+
 void Problem::poison_outputs(cudaStream_t stream) {
   poison(o_.get(), params.dtype, o_elems, stream);
   if (lse_elems) poison_f32(lse_.as<float>(), lse_elems, stream);
 }
 
-CheckReport Problem::check(const CheckOptions& opt) const {
+CheckReport Problem::check(const CheckOptions& opt, const HostProblem* inputs) const {
   LAB_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<uint16_t> o = download_bits(o_.get(), o_elems);
   std::vector<float> lse;
   if (lse_elems) lse = download_f32(lse_.as<float>(), lse_elems);
-  return check_output(host, o, lse, opt);
+  return check_output(inputs ? *inputs : host, o, lse, opt);
 }
 
 ResultRow Problem::describe(const std::string& workload) const {
@@ -164,8 +169,35 @@ ResultRow Problem::describe(const std::string& workload) const {
   if (spec_.row_pad) add("strided");
   r.features = f;
   r.flops = attn_flops(host);
-  r.bytes = attn_bytes(host);
+  r.bytes = attn_bytes_stored(host, p.kv_quant);
   return r;
+}
+
+VariantInputs prepare_variant(Problem& prob, const Variant& v, cudaStream_t stream) {
+  VariantInputs in;
+  in.params = prob.params;
+  if (v.kv_prepare) {
+    const KvPrepare& kp = *v.kv_prepare;
+    kp.prepare(in.params, prob.kv_storage(kp.bytes(prob.params)), stream);
+    LAB_CUDA_CHECK(cudaStreamSynchronize(stream));
+    in.prepared = true;
+    const HostProblem& src = prob.host;
+    in.host.shape = src.shape;
+    in.host.q = src.q;
+    in.host.cu_seqlens_q = src.cu_seqlens_q, in.host.cu_seqlens_kv = src.cu_seqlens_kv;
+    in.host.cache_seqlens = src.cache_seqlens, in.host.block_table = src.block_table;
+    in.host.alibi_slopes = src.alibi_slopes;
+    in.host.k.resize(src.k.size());
+    in.host.v.resize(src.v.size());
+    kp.host_kv(in.params, in.host);
+  }
+  // The workspace can depend on the prepared form (07: split counts differ per scheme).
+  if (v.workspace) {
+    prob.ensure_workspace(v.workspace(in.params));
+    in.params.workspace = prob.params.workspace;
+    in.params.workspace_bytes = prob.params.workspace_bytes;
+  }
+  return in;
 }
 
 RunOutcome run_variant(Problem& prob, const std::string& chapter, const Variant& v,
@@ -196,14 +228,17 @@ RunOutcome run_variant(Problem& prob, const std::string& chapter, const Variant&
     const std::string why = varlen_offsets_reason(prob.params, chapter.c_str());
     if (!why.empty()) throw InvalidArgument(why);
   }
-  if (v.workspace) prob.ensure_workspace(v.workspace(prob.params));
-  if (v.splits) out.row.splits = v.splits(prob.params);
-  const AttnParams p = prob.params;
+  const VariantInputs in = prepare_variant(prob, v, stream);
+  const AttnParams& p = in.params;
+  const HostProblem* inputs = in.prepared ? &in.host : nullptr;
+  if (in.prepared) out.row.bytes = attn_bytes_stored(prob.host, p.kv_quant);  // as stored: 1 byte + scales
+  if (v.splits) out.row.splits = v.splits(p);
 
   prob.poison_outputs(stream);
   v.forward(p, stream);
   LAB_CUDA_CHECK(cudaStreamSynchronize(stream));
-  out.before = prob.check(opt.check);
+  out.before = prob.check(opt.check, inputs);
+  if (in.prepared) out.source_kv = prob.check(opt.check);
   out.row.max_err = out.before.max_abs_err;
   out.row.rel_err = out.before.rel_l2_err;
   out.row.check = out.before.ok ? (out.before.sampled ? "PASS sampled" : "PASS all") : "FAIL";
@@ -224,7 +259,7 @@ RunOutcome run_variant(Problem& prob, const std::string& chapter, const Variant&
     prob.poison_outputs(stream);
     v.forward(p, stream);
     LAB_CUDA_CHECK(cudaStreamSynchronize(stream));
-    out.after = prob.check(opt.check);
+    out.after = prob.check(opt.check, inputs);
     if (!out.after.ok) {
       out.row.check = "FAIL after timing";
       out.message = "after timing: " + out.after.summary();
@@ -233,6 +268,12 @@ RunOutcome run_variant(Problem& prob, const std::string& chapter, const Variant&
   }
   out.ok = true;
   out.message = out.before.summary();
+  if (in.prepared) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "; against the original K/V: max_abs %.2e  rel_l2 %.2e",
+                  out.source_kv.max_abs_err, out.source_kv.rel_l2_err);
+    out.message += " (on the K/V it reads)" + std::string(buf);
+  }
   return out;
 }
 

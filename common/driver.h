@@ -21,12 +21,29 @@ using ForwardFn = void (*)(const AttnParams&, cudaStream_t);
 using WorkspaceFn = size_t (*)(const AttnParams&);
 using SplitsFn = int (*)(const AttnParams&);
 
+// For a variant that reads K/V in another form than the problem holds them (07_kv_quant: a
+// quantized cache made from the problem's fp16 K/V). The driver calls prepare() once per run,
+// before checking and timing (not timed), on its own copy of the problem's params, and checks the
+// output against the reference on the K/V that host_kv() says the kernel reads (the kernel's own
+// error); the error against the problem's original K/V is reported beside it (RunOutcome::source_kv).
+struct KvPrepare {
+  // Device bytes prepare() needs, for the problem `p` (the unprepared params).
+  size_t (*bytes)(const AttnParams& p) = nullptr;
+  // Converts the K/V that p.k/p.v point at into `storage` and points p (k, v, strides, kv_quant)
+  // at the result. Enqueued on `stream`.
+  void (*prepare)(AttnParams& p, void* storage, cudaStream_t stream) = nullptr;
+  // Fills hp.k and hp.v (already sized, in hp.shape's layout: the problem's own) with the values
+  // the kernel reads from the prepared params, widened to float (synchronous).
+  void (*host_kv)(const AttnParams& prepared, HostProblem& hp) = nullptr;
+};
+
 struct Variant {
   std::string name;  // "" when the chapter has one kernel
   ForwardFn forward = nullptr;
   const Support* support = nullptr;
   WorkspaceFn workspace = nullptr;  // nullptr: needs none
   SplitsFn splits = nullptr;        // split-KV chapters: the split count forward() will use
+  const KvPrepare* kv_prepare = nullptr;  // nullptr: reads the problem's K/V as they are
 };
 
 struct Chapter {
@@ -60,16 +77,29 @@ class Problem {
   HostProblem host;   // tensors and metadata on the host, for the reference
 
   void ensure_workspace(size_t bytes);
+  void* kv_storage(size_t bytes);  // device memory for a variant's prepared K/V (KvPrepare)
   void poison_outputs(cudaStream_t stream);
-  CheckReport check(const CheckOptions& opt) const;  // downloads O (and lse) and compares
+  // Downloads O (and lse) and compares with the reference on `inputs` (default: this problem's
+  // host tensors; a variant's prepared K/V: see prepare_variant).
+  CheckReport check(const CheckOptions& opt, const HostProblem* inputs = nullptr) const;
   ResultRow describe(const std::string& workload) const;  // shape columns of a result row
 
   size_t q_elems = 0, kv_elems = 0, o_elems = 0, lse_elems = 0;
 
  private:
   ProblemSpec spec_;
-  DeviceBuffer q_, k_, v_, o_, lse_, workspace_, meta_;
+  DeviceBuffer q_, k_, v_, o_, lse_, workspace_, meta_, kv_storage_;
 };
+
+// What a variant runs on: the problem's params with the workspace it asks for, and, for a variant
+// with kv_prepare, its prepared K/V and their host copy (the reference inputs its check uses).
+struct VariantInputs {
+  AttnParams params;
+  bool prepared = false;
+  HostProblem host;  // when prepared: the problem's host tensors with K/V as the kernel reads them
+};
+// Prepares K/V (KvPrepare) and sizes the workspace; call after the support check, before launching.
+VariantInputs prepare_variant(Problem& prob, const Variant& v, cudaStream_t stream = 0);
 
 struct RunOptions {
   TimingOptions timing;
@@ -82,6 +112,9 @@ struct RunOutcome {
   bool ok = false;       // both checks passed
   std::string message;
   CheckReport before, after;
+  // Variants with kv_prepare: the output against the reference on the problem's own K/V (the
+  // error of the conversion, e.g. quantization, plus the kernel's). Reported, not checked.
+  CheckReport source_kv;
   ResultRow row;
 };
 

@@ -167,4 +167,24 @@ double attn_bytes(const HostProblem& hp, double kv_bytes_per_element, double kv_
   return q_and_o + k_and_v;
 }
 
+double kv_scale_bytes_per_token_head(const HostProblem& hp, const KvQuant& kq) {
+  const AttnParams& p = hp.shape;
+  double tokens = 0;  // the tokens attention reads, summed over the batch
+  for (int b = 0; b < p.batch; ++b) tokens += seqlen_kv_of(hp, b);
+  const double token_heads = std::max(1.0, tokens * p.heads_kv);
+  switch (kq.scheme) {
+    case KvScheme::int8_tensor: return 4.0 / token_heads;
+    case KvScheme::int8_token: return 4.0 / p.heads_kv;
+    case KvScheme::int8_head: return 4.0;
+    case KvScheme::int8_group: return kq.group_size > 0 ? 4.0 * p.head_dim / kq.group_size : 0.0;
+    case KvScheme::fp8_e4m3_head: return 4.0 * p.heads_kv / token_heads;
+    default: return 0.0;
+  }
+}
+
+double attn_bytes_stored(const HostProblem& hp, const KvQuant& kq) {
+  if (kq.scheme == KvScheme::none) return attn_bytes(hp);
+  return attn_bytes(hp, 1.0, kv_scale_bytes_per_token_head(hp, kq));
+}
+
 }  // namespace lab

@@ -353,6 +353,56 @@ TEST_CASE("check_params names the field", "[cpu]") {
         }).find("exceeds the block table's capacity") != std::string::npos);
 }
 
+TEST_CASE("check_params: the KV quantization descriptor is refused by name", "[cpu]") {
+  Support s;
+  s.chapter = "chX";
+  AttnParams p;
+  p.batch = 2, p.heads_q = 8, p.heads_kv = 8, p.seqlen_q = 1, p.seqlen_kv = 10, p.head_dim = 64;
+  p.softmax_scale = 0.125f;
+  set_contiguous_strides(p);
+  alignas(16) static char buf[64];
+  alignas(16) static float scales[4];
+  p.q = p.k = p.v = buf;
+  p.o = buf;
+  for (int i = 0; i < kKvSchemeCount; ++i) REQUIRE(kv_scheme_name(KvScheme(i)) != nullptr);
+  REQUIRE(kv_scheme_name(KvScheme(kKvSchemeCount)) == nullptr);
+  REQUIRE(kv_element_bytes(p) == 2);
+  p.kv_quant.scheme = KvScheme::int8_group;
+  p.kv_quant.group_size = 32;
+  REQUIRE(kv_element_bytes(p) == 1);
+  auto why = [&](auto change) { AttnParams c = p; change(c); return unsupported_reason(c, s); };
+  // A chapter that lists no scheme: only the 16-bit cache.
+  CHECK(why([](auto&) {}).find("chX: kv_quant.scheme = int8_group is not supported (supported: none; "
+                               "quantized KV caches: see 07_kv_quant)") != std::string::npos);
+  s.kv_schemes = {KvScheme::int8_group, KvScheme::fp8_e5m2};
+  s.kv_group_sizes = {32, 64};
+  CHECK(why([](auto&) {}).find("kv_quant.k_scale is a null pointer (int8_group needs scales)") !=
+        std::string::npos);
+  p.kv_quant.k_scale = p.kv_quant.v_scale = scales;
+  CHECK(why([](auto&) {}).empty());
+  CHECK(why([](auto& c) { c.kv_quant.scheme = KvScheme(42); })
+            .find("kv_quant.scheme = 42 is unknown (supported: none, int8_group, fp8_e5m2)") !=
+        std::string::npos);
+  CHECK(why([](auto& c) { c.kv_quant.scheme = KvScheme::int8_head; })
+            .find("kv_quant.scheme = int8_head is not supported (supported: none, int8_group, fp8_e5m2)") !=
+        std::string::npos);
+  CHECK(why([](auto& c) { c.kv_quant.group_size = 48; })
+            .find("kv_quant.group_size = 48 is not supported (supported: 32, 64)") != std::string::npos);
+  CHECK(why([](auto& c) { c.kv_quant.group_size = 64, c.head_dim = 96, set_contiguous_strides(c); })
+            .find("kv_quant.group_size = 64 does not divide head_dim = 96") != std::string::npos);
+  CHECK(why([](auto& c) { c.kv_quant.scheme = KvScheme::fp8_e5m2, c.kv_quant.group_size = 0; })
+            .find("kv_quant.k_scale/v_scale are given but fp8_e5m2 has no scales") != std::string::npos);
+  CHECK(why([](auto& c) { c.kv_quant.v_scale = reinterpret_cast<const float*>(buf + 2); })
+            .find("4-byte aligned") != std::string::npos);
+  // 1-byte codes: K/V strides must still cover whole 16-byte vectors (16 elements, not 8).
+  CHECK(why([](auto& c) { c.v_row_stride = 8 * 64 + 8; })
+            .find("v_row_stride = 520 is not a multiple of 16 elements") != std::string::npos);
+  CHECK(why([](auto& c) { c.q_row_stride = 8 * 64 + 8; }).empty());  // Q stays fp16
+  CHECK(why([](auto& c) { c.head_dim = 72, c.kv_quant.scheme = KvScheme::fp8_e5m2, c.kv_quant.group_size = 0,
+                          c.kv_quant.k_scale = c.kv_quant.v_scale = nullptr, set_contiguous_strides(c); })
+            .find("head_dim = 72 must be a multiple of 16 for a 1-byte KV cache") != std::string::npos);
+}
+
 TEST_CASE("fills are seeded, reproducible and have the requested spread", "[gpu]") {
   const size_t n = size_t(1) << 20;
   DeviceBuffer a(n * 2), b(n * 2);

@@ -31,7 +31,8 @@ std::vector<ProblemSpec> awkward_decode_shapes(int head_dim, DType dtype, int se
 std::string describe(const ProblemSpec& s);
 
 // Builds the problem, poisons the outputs, runs the variant once and checks every row
-// (sampled rows only when `all_rows` is false and the problem is large).
+// (sampled rows only when `all_rows` is false and the problem is large). A variant with
+// kv_prepare is checked against the reference on the K/V it reads (see KvPrepare).
 inline CheckReport run_and_check(const Variant& v, const ProblemSpec& spec, bool all_rows = true) {
   Problem prob(spec);
   if (v.support) check_params(prob.params, *v.support);
@@ -43,14 +44,14 @@ inline CheckReport run_and_check(const Variant& v, const ProblemSpec& spec, bool
     const std::string why = varlen_offsets_reason(prob.params, "run_and_check");
     if (!why.empty()) throw InvalidArgument(why);
   }
-  if (v.workspace) prob.ensure_workspace(v.workspace(prob.params));
+  const VariantInputs in = prepare_variant(prob, v, 0);  // workspace; a variant's prepared K/V
   prob.poison_outputs(0);
-  v.forward(prob.params, 0);
+  v.forward(in.params, 0);
   LAB_CUDA_CHECK(cudaDeviceSynchronize());
   CheckOptions opt;
   opt.all_rows = all_rows;
   opt.seed = spec.seed;
-  return prob.check(opt);
+  return prob.check(opt, in.prepared ? &in.host : nullptr);
 }
 
 }  // namespace lab

@@ -7,7 +7,8 @@
 NAME is one of: summary, decode, chapter:<dir> (a chapter's rows over the prefill grid),
 compare:03_flash_v2 (chapter 03 next to PyTorch's backends, same GPU, same run),
 decode:<dir> (the decode grid for a decoding chapter and its predecessor, with PyTorch's backends),
-paged (paged against contiguous KV), splits (the num_splits sweep against the heuristic's choice).
+paged (paged against contiguous KV), splits (the num_splits sweep against the heuristic's choice),
+kvquant (07_kv_quant's schemes: bytes, accuracy and speed, from kv_quant.csv).
 """
 import csv
 import os
@@ -17,7 +18,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results", "h100")  # the GPU the README numbers come from
 READMES = ["README.md", "01_naive/README.md", "02_flash_v1/README.md", "03_flash_v2/README.md",
-           "04_flash_decoding/README.md", "05_decoding_cuda_core/README.md", "06_gqa_alibi/README.md"]
+           "04_flash_decoding/README.md", "05_decoding_cuda_core/README.md", "06_gqa_alibi/README.md",
+           "07_kv_quant/README.md"]
 ORDER = ["01_naive/cublas", "01_naive/naive", "02_flash_v1", "03_flash_v2/mma", "03_flash_v2/fa2",
          "03_flash_v2/overlap", "04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi"]
 PREFILL_ORDER = ORDER[:6] + ["06_gqa_alibi"]  # 04 and 05 are decoding kernels (seqlen_q <= 64 and 1)
@@ -304,6 +306,63 @@ def compare03(lab, torch, ceil):
     return lines
 
 
+KVQUANT_SHAPES = [(8, 4096), (32, 4096), (1, 32768)]
+
+
+def kvquant():
+    """07_kv_quant_table's CSV: per scheme, bytes stored, error against the fp64 reference, speed."""
+    rows = load("kv_quant.csv")
+    if not rows:
+        return ["(no results yet: run `bench/gpu_check.sh build kvquant` on the GPU and copy "
+                "`gpu_check_out/kv_quant.csv` to `docs/results/h100/`)"]
+    first = rows[0]
+    src = (f"{first['gpu']}, CUDA {first['cuda']}, measured {first['date']}; copy bandwidth measured in the same "
+           f"run: {float(first['copy_gbps']):.0f} GB/s. Source: `docs/results/{os.path.basename(RESULTS)}/kv_quant.csv`.")
+    order = []
+    by = {}
+    for r in rows:
+        if r["variant"] not in order:
+            order.append(r["variant"])
+        by[(r["variant"], int(r["batch"]), int(r["seqlen_kv"]))] = r
+
+    def e(x):
+        return f"{float(x):.1e}"
+
+    lines = ["Accuracy: decoding output (b8, 32 heads, 4096 keys, d 128, every row) against the fp64 reference on "
+             "the original fp16 K/V, as relative L2 / max abs error; \"outliers\": one channel in 16 with a 10x "
+             "spread in K and V. \"kernel alone\": against the reference on the dequantized K/V (must pass the "
+             "fp16 tolerance, 2^-9 relative L2). Bytes: stored per token and KV head for K and V together, "
+             "scales included. " + src, "",
+             "| scheme | bytes / token / head | normal K/V | outlier channels | kernel alone (normal / outliers) |",
+             "|---|---|---|---|---|"]
+    for v in order:
+        r = by.get((v, 8, 4096))
+        if r is None:
+            continue
+        lines.append(f"| {v} | {float(r['kv_bytes_per_token_head']):.1f} | {e(r['quant_rel_l2_normal'])} / "
+                     f"{e(r['quant_max_abs_normal'])} | {e(r['quant_rel_l2_outliers'])} / "
+                     f"{e(r['quant_max_abs_outliers'])} | {e(r['kernel_rel_l2_normal'])} / "
+                     f"{e(r['kernel_rel_l2_outliers'])} |")
+    lines += ["", "Speed: decoding time, GB/s of the bytes stored (% of the copy bandwidth) and speedup over this "
+              "chapter's fp16 variant on the same shape (32 heads, d 128, normal K/V, L2 flushed, median). Target "
+              "at batch >= 8 and 4096+ keys: 1.8x the fp16 variant and 85% of the copy bandwidth (**bold**: met).", "",
+              "| scheme | " + " | ".join(f"b{b} kv{kv // 1024}k" for b, kv in KVQUANT_SHAPES) + " |",
+              "|---|" + "---|" * len(KVQUANT_SHAPES)]
+    for v in order:
+        cells = []
+        for b, kv in KVQUANT_SHAPES:
+            r = by.get((v, b, kv))
+            if r is None or not r["check"].startswith("PASS") or float(r["ms"]) <= 0:
+                cells.append("-" if r is None else "FAIL")
+                continue
+            c = f"{float(r['ms']) * 1000:.0f} us, {float(r['gbps']):.0f} GB/s ({float(r['pct_peak']):.0f}%)"
+            if v != "fp16":
+                c += f", {float(r['speedup_vs_fp16']):.2f}x"
+            cells.append(f"**{c}**" if r["target"] == "met" else c)
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(name, lab, torch, ceil):
     if name == "summary":
         return summary(lab, torch, ceil)
@@ -327,6 +386,8 @@ def render(name, lab, torch, ceil):
         return paged(lab, ceil)
     if name == "splits":
         return splits_sweep(lab, ceil)
+    if name == "kvquant":
+        return kvquant()
     raise SystemExit(f"unknown table {name}")
 
 

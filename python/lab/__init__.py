@@ -26,7 +26,7 @@ import threading
 __all__ = ["forward", "prepare", "Call", "chapters", "variants", "support", "library_path", "load_library",
            "LabError", "InvalidArgument", "UnknownName", "CudaError", "LibraryNotFound"]
 
-ABI_VERSION = 1  # LAB_ATTENTION_ABI_VERSION in capi/lab_attention.h
+ABI_VERSION = 2  # LAB_ATTENTION_ABI_VERSION in capi/lab_attention.h
 LIB_NAME = "liblab_attention.so"
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -77,6 +77,8 @@ class LabAttnParams(ctypes.Structure):
         ("block_table", ctypes.c_void_p), ("page_size", ctypes.c_int32),
         ("max_pages_per_seq", ctypes.c_int32), ("num_pages", ctypes.c_int32),
         ("num_splits", ctypes.c_int32), ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_uint64),
+        ("kv_scheme", ctypes.c_int32), ("kv_group_size", ctypes.c_int32),
+        ("kv_k_scale", ctypes.c_void_p), ("kv_v_scale", ctypes.c_void_p),
     ]
 
     @classmethod

@@ -1,0 +1,457 @@
+// 07_kv_quant: decoding (seqlen_q = 1) from an int8 or FP8 KV cache, dequantized in registers.
+//
+// Decoding reads every byte of K and V once per step and does about one FLOP per byte: halve the
+// bytes and, if nothing else becomes the limit, the step takes half the time. This is 05's kernel
+// reading 1-byte codes instead of fp16 values; what changes:
+//   - a 16-byte load now holds 16 elements, so a thread owns 16 of a key's d elements and a key
+//     group is d/16 threads (8 at d = 128, one shuffle step fewer). U = 4 keys per group in flight
+//     as in 05: each thread keeps the same 2 x 4 x 16 bytes of K/V in flight, which now cover
+//     twice as many keys, so a block covers 64 keys per step instead of 32 (d = 128);
+//   - codes become fp32 in registers right after the load: int8 by a byte permute into a float's
+//     mantissa and one subtraction (no int-to-float conversion instruction, which runs at an
+//     eighth of the FMA rate), E4M3 by the hardware's 2-at-a-time conversion to half2, E5M2 by
+//     a byte permute (an E5M2 number is the top byte of an fp16 one);
+//   - scales: a per-tensor or per-KV-head scale is folded into q (for K) and into the final O
+//     (for V), costing nothing per key; per-token, per-head and per-group scales are loaded per
+//     key beside the codes and applied once per key and thread: to the thread's part of q . k_j
+//     before the shuffle reduction, and to p_j before O += p_j v_j;
+//   - addresses: a key is half the bytes, so per byte its address arithmetic weighs twice as much;
+//     contiguous caches step pointers (adds only), paged ones find the page with a shift and mask.
+// Cost: about one instruction per element more than fp16 (the conversion), with twice the
+// elements per byte: about twice the instructions per byte of 05; at d = 128 that is about half of
+// what an SM can issue while its loads run at full bandwidth. Per-key scales add 4 bytes per token
+// and head (int8_head: 3% more bytes than the codes alone; int8_group32: 12.5%, so at best 1.78x faster than
+// fp16). The fp16 variant is the same kernel with 8 elements per thread: the baseline of the speedups.
+//
+// clang-format off
+//   grid: (num_splits, heads_q, batch)       block: 128 threads = 16 groups of 8 (1-byte codes, d = 128)
+//
+//   keys of one split, U = 4 per group per step:   step 0: keys 0..63    step 1: keys 64..127 ...
+//                     group:  0  1 ... 15  0  1 ... 15 ...      (key = step base + 16 u + group)
+//   one key, one group:  lane c of 8 loads codes k[16c .. 16c+15], v[16c .. 16c+15] (16 bytes each)
+//                        (and, per-key scales, the scale of its token/head/group: 4 bytes each)
+//                        k -> 16 floats; s = sum_c q[16c..] . k[16c..] (x scale)   16 FMAs, 3 shuffles
+//                        m, l, O[16c .. 16c+15] of the group: online softmax, O += (p scale_v) v
+//   end: 16 groups' (m, l, O) -> one (m, l, O) in shared memory -> O (x static V scale) or a partial
+// clang-format on
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <cmath>
+#include <type_traits>
+
+#include "07_kv_quant/kernel.h"
+#include "common/cuda_check.h"
+
+namespace ch07 {
+
+const lab::Support kSupport = [] {
+  lab::Support s;
+  s.chapter = "07_kv_quant";
+  s.head_dims = {64, 128, 256};
+  s.causal = true;  // with one query row, bottom-right causal sees every key
+  s.gqa = true;
+  s.lse = true;
+  s.cache_seqlens = true;
+  s.paged_kv = true;
+  s.splits = true;
+  s.max_seqlen_q = 1;
+  s.vector_elems = 8;  // 16-byte loads: 8 fp16 elements of Q/O, 16 one-byte codes of K/V
+  s.kv_schemes = {KvScheme::int8_tensor, KvScheme::int8_token, KvScheme::int8_head,    KvScheme::int8_group,
+                  KvScheme::fp8_e4m3,    KvScheme::fp8_e5m2,   KvScheme::fp8_e4m3_head};
+  s.kv_group_sizes = {32, 64};
+  return s;
+}();
+
+namespace {
+
+constexpr int kThreads = 128;
+// Keys per group in flight: 4 x (16 + 16) bytes per thread, 16 KB per block, as in 05.
+constexpr int kU = 4;
+
+// What a scheme stores per element, and how its scales are applied.
+enum class Code { fp16, int8, e4m3, e5m2 };
+enum class ScaleAt { none, fixed, per_key };  // fixed: one per tensor, or per KV head
+
+template <KvScheme S>
+constexpr Code code_of() {
+  if constexpr (S == KvScheme::none)
+    return Code::fp16;
+  else if constexpr (S == KvScheme::fp8_e4m3 || S == KvScheme::fp8_e4m3_head)
+    return Code::e4m3;
+  else if constexpr (S == KvScheme::fp8_e5m2)
+    return Code::e5m2;
+  else
+    return Code::int8;
+}
+
+template <KvScheme S>
+constexpr ScaleAt scale_at() {
+  if constexpr (S == KvScheme::int8_tensor || S == KvScheme::fp8_e4m3_head)
+    return ScaleAt::fixed;
+  else if constexpr (S == KvScheme::int8_token || S == KvScheme::int8_head || S == KvScheme::int8_group)
+    return ScaleAt::per_key;
+  else
+    return ScaleAt::none;
+}
+
+template <KvScheme S, int D>
+struct Groups {
+  static constexpr int BYTES = code_of<S>() == Code::fp16 ? 2 : 1;  // per stored element
+  static constexpr int E = 16 / BYTES;                              // elements per thread: one 16-byte load
+  static constexpr int TPK = D / E;                                 // threads per key
+  static constexpr int COUNT = kThreads / TPK;                      // groups per block
+  static constexpr int KEYS_PER_STEP = COUNT * kU;
+};
+
+// 16 bytes of a streamed K/V row: read once, so do not allocate it in L1.
+__device__ __forceinline__ uint4 load_stream(const void* ptr) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(ptr));
+  return r;
+}
+
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ void half2_to_floats(uint32_t bits, float* f) {
+  const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&bits));
+  f[0] = x.x, f[1] = x.y;
+}
+
+// One 16-byte load -> E floats (the codes' values, before any scale).
+template <Code C>
+__device__ __forceinline__ void decode(const uint4& raw, float* f) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+  if constexpr (C == Code::fp16) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) half2_to_floats(w[k], f + 2 * k);
+  } else if constexpr (C == Code::int8) {
+    // b ^ 0x80 is u = b + 128 (0..255); as the low byte of 0x4B0000uu it reads as 2^23 + u
+    // exactly, and subtracting 2^23 + 128 leaves b: one permute and one add per element.
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint32_t u = w[k] ^ 0x80808080u;
+      f[4 * k + 0] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440u)) - 8388736.f;
+      f[4 * k + 1] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7441u)) - 8388736.f;
+      f[4 * k + 2] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7442u)) - 8388736.f;
+      f[4 * k + 3] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7443u)) - 8388736.f;
+    }
+  } else if constexpr (C == Code::e5m2) {
+    // An E5M2 number is the high byte of the fp16 number with the same value.
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      half2_to_floats(__byte_perm(w[k], 0u, 0x1404u), f + 4 * k);      // bytes 0, 1 -> high bytes
+      half2_to_floats(__byte_perm(w[k], 0u, 0x3424u), f + 4 * k + 2);  // bytes 2, 3
+    }
+  } else {
+    // E4M3 -> half2 two at a time (a hardware conversion on sm_89+), then half2 -> float2.
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w[k] & 0xFFFFu), __NV_E4M3);
+      const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w[k] >> 16), __NV_E4M3);
+      half2_to_floats(uint32_t(lo.x) | uint32_t(lo.y) << 16, f + 4 * k);
+      half2_to_floats(uint32_t(hi.x) | uint32_t(hi.y) << 16, f + 4 * k + 2);
+    }
+  }
+}
+
+// Blocks per SM the compiler must allow (__launch_bounds__' second argument), so that registers
+// do not decide occupancy by accident. fp16: 7 (72 registers; 8, at 64 as 05, spills the stepped
+// pointers). 1-byte codes hold 16 elements of q and of O per thread and would take ~125 registers
+// with per-key scales (4 blocks per SM); bounded to 96 they fit 5 blocks per SM (80 KB of K/V in
+// flight per SM) with no spill at d = 128. (U = 8 at 3 blocks per SM would hold 96 KB: measure
+// before changing.)
+template <KvScheme S>
+constexpr int min_blocks_per_sm() {
+  return code_of<S>() == Code::fp16 ? 7 : 5;
+}
+
+template <KvScheme S, int G, int D>
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
+    decode_split(const lab::AttnParams p, int splits, float* o_partial, float* lse_partial) {
+  using Gr = Groups<S, D>;
+  constexpr int E = Gr::E, TPK = Gr::TPK, GROUPS = Gr::COUNT, STEP = Gr::KEYS_PER_STEP, U = kU;
+  constexpr Code C = code_of<S>();
+  constexpr ScaleAt SA = scale_at<S>();
+  __shared__ float red_m[GROUPS], red_l[GROUPS], row_ml[2];
+  __shared__ __align__(16) float part_o[GROUPS][D];
+
+  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, h_kv = h / (p.heads_q / p.heads_kv);
+  const int group = threadIdx.x / TPK, c = threadIdx.x % TPK;  // this thread: elements E c .. E c + E-1
+  int sk = p.cache_seqlens ? p.cache_seqlens[b] : p.seqlen_kv;
+  bool bad_table = sk < 0 || sk > p.seqlen_kv;
+  sk = bad_table ? 0 : sk;
+
+  // This split's keys: whole steps, so every step but the last is full.
+  const int chunk = ((sk + splits - 1) / splits + STEP - 1) / STEP * STEP;
+  const int k_begin = min(sk, split * chunk), k_end = min(sk, k_begin + chunk);
+
+  // q, pre-scaled so that scores come out in the exp2 domain: s = (q . k) * scale * log2(e); a
+  // fixed K scale joins the same multiply, and a fixed V scale multiplies O once at the end.
+  float q[E];
+  float v_fixed = 1.f;
+  {
+    const __half* Q = static_cast<const __half*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + E * c;
+#pragma unroll
+    for (int i = 0; i < E / 8; ++i) decode<Code::fp16>(*reinterpret_cast<const uint4*>(Q + 8 * i), q + 8 * i);
+    float qs = p.softmax_scale * float(M_LOG2E);
+    if constexpr (SA == ScaleAt::fixed) {
+      const int at = S == KvScheme::int8_tensor ? 0 : h_kv;
+      qs *= p.kv_quant.k_scale[at];
+      v_fixed = p.kv_quant.v_scale[at];
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) q[e] *= qs;
+  }
+  // Where key j's rows are. Contiguous caches: this thread's pointers step through its sequence,
+  // no multiply in the loop. Paged: the page is looked up per key (page_size is a power of two:
+  // a shift and a mask). With 1-byte codes a key is half the bytes of 05's, so the address
+  // arithmetic per key weighs twice as much per byte: it is kept to a few adds.
+  const bool paged = p.block_table != nullptr;
+  const int page_shift = paged ? __ffs(p.page_size) - 1 : 0, page_mask = paged ? p.page_size - 1 : 0;
+  const int* table = paged ? p.block_table + int64_t(b) * p.max_pages_per_seq : nullptr;
+  const int64_t k_slot = p.k_batch_stride * Gr::BYTES, k_row = p.k_row_stride * Gr::BYTES;
+  const int64_t v_slot = p.v_batch_stride * Gr::BYTES, v_row = p.v_row_stride * Gr::BYTES;
+  const uint8_t* K = static_cast<const uint8_t*>(p.k) + (int64_t(h_kv) * p.k_head_stride + E * c) * Gr::BYTES;
+  const uint8_t* V = static_cast<const uint8_t*>(p.v) + (int64_t(h_kv) * p.v_head_stride + E * c) * Gr::BYTES;
+  // Per-key scales: the thread's scale for (slot, row) is at scales[slot * s_slot + row * s_row]
+  // (the layouts of common/attn.h, with this thread's head and channel folded into the base).
+  const float *KS = p.kv_quant.k_scale, *VS = p.kv_quant.v_scale;
+  int64_t s_slot = 0, s_row = 0;
+  if constexpr (SA == ScaleAt::per_key) {
+    const int rows = paged ? p.page_size : p.seqlen_kv;
+    const int64_t at = scale_index(S, G, 0, 0, h_kv, E * c, rows, p.heads_kv, D);
+    KS += at, VS += at;
+    s_row = scale_index(S, G, 0, 1, 0, 0, rows, p.heads_kv, D);
+    s_slot = scale_index(S, G, 1, 0, 0, 0, rows, p.heads_kv, D);
+  }
+  if (!paged) KS += b * s_slot, VS += b * s_slot;  // a contiguous cache's slot is the sequence
+  const int first = k_begin + group;                // this thread's first key
+  const uint8_t* k_next = K + (paged ? 0 : b * k_slot + first * k_row);
+  const uint8_t* v_next = V + (paged ? 0 : b * v_slot + first * v_row);
+
+  float m = -INFINITY, l = 0.f, acc[E] = {};
+  for (int base = k_begin; base < k_end; base += STEP) {
+    // Issue all loads before using any: U keys of K and V (and their scales) in flight per thread.
+    uint4 kraw[U], vraw[U];
+    float k_scale[U], v_scale[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int key = base + u * GROUPS + group;
+      kraw[u] = vraw[u] = make_uint4(0, 0, 0, 0);
+      k_scale[u] = v_scale[u] = 0.f;
+      if (key < k_end) {
+        const uint8_t *k_at = k_next + u * GROUPS * k_row, *v_at = v_next + u * GROUPS * v_row;
+        const float *ks_at = KS + key * s_row, *vs_at = VS + key * s_row;
+        if (paged) {
+          int64_t page = table[key >> page_shift];
+          const int row = key & page_mask;
+          if (page < 0 || page >= p.num_pages) bad_table = true, page = 0;  // never read outside
+          k_at = K + page * k_slot + row * k_row, v_at = V + page * v_slot + row * v_row;
+          ks_at = KS + page * s_slot + row * s_row, vs_at = VS + page * s_slot + row * s_row;
+        }
+        kraw[u] = load_stream(k_at);
+        vraw[u] = load_stream(v_at);
+        if constexpr (SA == ScaleAt::per_key) {
+          // The group's lanes read the same 4 bytes (one request), neighbouring keys neighbouring
+          // scales: these go through L1, unlike the codes.
+          k_scale[u] = __ldg(ks_at);
+          v_scale[u] = __ldg(vs_at);
+        }
+      }
+    }
+    k_next += STEP * k_row, v_next += STEP * v_row;
+    // Scores: E FMAs per thread (scaled once), then a butterfly over the group's TPK lanes.
+    float s[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float k[E];
+      decode<C>(kraw[u], k);
+      float dot = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) dot = fmaf(q[e], k[e], dot);
+      if constexpr (SA == ScaleAt::per_key) dot *= k_scale[u];
+#pragma unroll
+      for (int off = TPK / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      s[u] = base + u * GROUPS + group < k_end ? dot : -INFINITY;
+    }
+    // Online softmax over these U keys, then O += (p scale_v) v.
+    float m_new = m;
+#pragma unroll
+    for (int u = 0; u < U; ++u) m_new = fmaxf(m_new, s[u]);
+    if (m_new == -INFINITY) continue;  // no key of this group in this step (the last one)
+    const float alpha = exp2_approx(m - m_new);
+    m = m_new;
+    l *= alpha;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] *= alpha;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const float pu = exp2_approx(s[u] - m);
+      l += pu;
+      const float w = SA == ScaleAt::per_key ? pu * v_scale[u] : pu;
+      float v[E];
+      decode<C>(vraw[u], v);
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] = fmaf(w, v[e], acc[e]);
+    }
+  }
+
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");  // 04's combine may start launching
+#endif
+  // Merge the groups (04's warp merge): m = max_g m_g, l = sum_g l_g 2^(m_g - m), O likewise.
+  if (c == 0) red_m[group] = m, red_l[group] = l;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float mm = -INFINITY, ll = 0.f;
+    for (int gi = 0; gi < GROUPS; ++gi) mm = fmaxf(mm, red_m[gi]);
+    if (mm != -INFINITY)
+      for (int gi = 0; gi < GROUPS; ++gi) ll += red_l[gi] * exp2_approx(red_m[gi] - mm);
+    row_ml[0] = mm, row_ml[1] = ll;
+  }
+  __syncthreads();
+  const float f = row_ml[0] == -INFINITY ? 0.f : exp2_approx(m - row_ml[0]);
+#pragma unroll
+  for (int i = 0; i < E / 4; ++i)
+    reinterpret_cast<float4*>(&part_o[group][E * c])[i] =
+        make_float4(acc[4 * i] * f, acc[4 * i + 1] * f, acc[4 * i + 2] * f, acc[4 * i + 3] * f);
+  bad_table = __syncthreads_or(bad_table);  // also the barrier before part_o is read
+
+  const float l_sum = row_ml[1], inv_l = bad_table ? NAN : (l_sum > 0.f ? v_fixed / l_sum : 0.f);
+  const int64_t part_row = (int64_t(split) * p.batch + b) * p.heads_q + h;  // seqlen_q = 1
+  __half* O = static_cast<__half*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+  for (int e = threadIdx.x; e < D; e += kThreads) {
+    float sum = 0.f;
+#pragma unroll
+    for (int gi = 0; gi < GROUPS; ++gi) sum += part_o[gi][e];
+    if (splits == 1)
+      O[e] = __float2half_rn(sum * inv_l);
+    else
+      o_partial[part_row * D + e] = sum * inv_l;
+  }
+  if (threadIdx.x == 0) {
+    // Natural-log LSE from the exp2-domain max and sum: (m + log2 l) ln 2.
+    const float lse = bad_table ? NAN : (l_sum > 0.f ? (row_ml[0] + log2f(l_sum)) * float(M_LN2) : -INFINITY);
+    if (splits > 1)
+      lse_partial[part_row] = lse;
+    else if (p.lse)
+      p.lse[int64_t(b) * p.heads_q + h] = lse;
+  }
+}
+
+// A compile-time (scheme, group size, head_dim): one kernel instantiation.
+template <KvScheme S_, int G_, int D_>
+struct Config {
+  static constexpr KvScheme S = S_;
+  static constexpr int G = G_, D = D_;
+};
+
+template <KvScheme S, int G, class F>
+decltype(auto) by_head_dim(const lab::AttnParams& p, F&& f) {
+  switch (p.head_dim) {
+    case 64:
+      return f(Config<S, G, 64>{});
+    case 128:
+      return f(Config<S, G, 128>{});
+    default:
+      return f(Config<S, G, 256>{});
+  }
+}
+
+// Calls f(Config<...>{}) for p's scheme and head_dim (both checked before: check_launch_limits).
+template <class F>
+decltype(auto) by_config(const lab::AttnParams& p, F&& f) {
+  switch (p.kv_quant.scheme) {
+    case KvScheme::int8_tensor:
+      return by_head_dim<KvScheme::int8_tensor, 0>(p, f);
+    case KvScheme::int8_token:
+      return by_head_dim<KvScheme::int8_token, 0>(p, f);
+    case KvScheme::int8_head:
+      return by_head_dim<KvScheme::int8_head, 0>(p, f);
+    case KvScheme::int8_group:
+      if (p.kv_quant.group_size == 32) return by_head_dim<KvScheme::int8_group, 32>(p, f);
+      return by_head_dim<KvScheme::int8_group, 64>(p, f);
+    case KvScheme::fp8_e4m3:
+      return by_head_dim<KvScheme::fp8_e4m3, 0>(p, f);
+    case KvScheme::fp8_e5m2:
+      return by_head_dim<KvScheme::fp8_e5m2, 0>(p, f);
+    case KvScheme::fp8_e4m3_head:
+      return by_head_dim<KvScheme::fp8_e4m3_head, 0>(p, f);
+    default:
+      return by_head_dim<KvScheme::none, 0>(p, f);
+  }
+}
+
+template <class Cfg>
+int splits_for(const lab::AttnParams& p) {
+  int dev = 0, sms = 0;
+  LAB_CUDA_CHECK(cudaGetDevice(&dev));
+  LAB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  // 05's rule: aim for 4 blocks per SM, chunks of at least 4 steps (256 keys with 1-byte codes at
+  // d = 128, 128 with fp16) ...
+  const int64_t items = int64_t(p.batch) * p.heads_q;
+  int splits = ch04::choose_num_splits(p.num_splits, items, p.seqlen_kv,
+                                       4 * Groups<Cfg::S, Cfg::D>::KEYS_PER_STEP, 4 * sms);
+  // ... but no more blocks than fit on the GPU at once, when one wave can hold them all: the blocks
+  // of a second, partial wave would stream their chunks with few loads in flight beside them.
+  if (p.num_splits == 0) {
+    int per_sm = 0;
+    LAB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, decode_split<Cfg::S, Cfg::G, Cfg::D>, kThreads, 0));
+    const int64_t resident = int64_t(per_sm) * sms;
+    if (items * splits > resident && items <= resident) splits = int(std::max<int64_t>(1, resident / items));
+  }
+  return splits;
+}
+
+template <class Cfg>
+void launch(const lab::AttnParams& p, cudaStream_t stream) {
+  const int splits = splits_for<Cfg>(p);
+  float *o_partial = nullptr, *lse_partial = nullptr;
+  if (splits > 1) {
+    const size_t need = ch04::partials_bytes(p, splits);
+    if (!p.workspace || p.workspace_bytes < need)
+      throw lab::InvalidArgument("07_kv_quant: workspace_bytes = " + std::to_string(p.workspace_bytes) +
+                                 " is too small for " + std::to_string(splits) + " splits (needs " +
+                                 std::to_string(need) + "; see workspace_bytes())");
+    o_partial = static_cast<float*>(p.workspace);
+    lse_partial = o_partial + size_t(splits) * p.batch * p.heads_q * p.head_dim;
+  }
+  decode_split<Cfg::S, Cfg::G, Cfg::D>
+      <<<dim3(splits, p.heads_q, p.batch), kThreads, 0, stream>>>(p, splits, o_partial, lse_partial);
+  LAB_LAUNCH_CHECK();
+  if (splits > 1) ch04::combine_splits(p, splits, o_partial, lse_partial, stream);
+}
+
+void check_launch_limits(const lab::AttnParams& p) {
+  lab::check_params(p, kSupport);
+  if (p.num_splits > ch04::kMaxSplits)
+    throw lab::InvalidArgument("07_kv_quant: num_splits = " + std::to_string(p.num_splits) +
+                               " is not supported (supported: 0.." + std::to_string(ch04::kMaxSplits) + ")");
+  if (p.heads_q > 65535 || p.batch > 65535)
+    throw lab::InvalidArgument(std::string("07_kv_quant: ") + (p.heads_q > 65535 ? "heads_q" : "batch") +
+                               " above 65535 is not supported (grid limit)");
+}
+
+}  // namespace
+
+int num_splits_for(const lab::AttnParams& p) {
+  check_launch_limits(p);
+  return by_config(p, [&](auto cfg) { return splits_for<decltype(cfg)>(p); });
+}
+
+size_t workspace_bytes(const lab::AttnParams& p) { return ch04::partials_bytes(p, num_splits_for(p)); }
+
+void forward(const lab::AttnParams& p, cudaStream_t stream) {
+  check_launch_limits(p);
+  by_config(p, [&](auto cfg) { launch<decltype(cfg)>(p, stream); });
+}
+
+}  // namespace ch07
