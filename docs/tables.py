@@ -5,7 +5,7 @@
     python3 docs/tables.py --check   exit 1 if a README is out of date with the CSVs (CI runs this)
 
 NAME is one of: summary, decode, chapter:<dir> (a chapter's rows over the prefill grid),
-compare:03_flash_v2 (chapter 03 next to PyTorch's backends, same GPU, same run),
+compare:03_flash_v2 (chapter 03 next to PyTorch's backends, same GPU, same session),
 decode:<dir> (the decode grid for a decoding chapter and its predecessor, with PyTorch's backends),
 paged (paged against contiguous KV), splits (the num_splits sweep against the heuristic's choice),
 kvquant (07_kv_quant's schemes: bytes, accuracy and speed, from kv_quant.csv).
@@ -189,6 +189,51 @@ def hybrid(ceil):
     return lines
 
 
+def compare_torch():
+    """bench/compare_torch.py: the chapters and PyTorch's backends on the same tensors, one process."""
+    rows = load("compare_torch.csv")
+    if not rows:
+        return ["(no results yet: run bench/gpu_check.sh build pytest compare)"]
+    ok = [r for r in rows if float(r["ms"]) > 0]
+    r0 = ok[0]
+    shapes = [("prefill d128 s4096 full", ("prefill", 128, 4096, 32, False)),
+              ("prefill d128 s4096 causal", ("prefill", 128, 4096, 32, True)),
+              ("prefill d64 s4096 full", ("prefill", 64, 4096, 32, False)),
+              ("decode b1 kv32k MHA", ("decode", 128, 32768, 32, False, 1)),
+              ("decode b8 kv4k MHA", ("decode", 128, 4096, 32, False, 8)),
+              ("decode b8 kv4k GQA 32/8", ("decode", 128, 4096, 8, False, 8))]
+
+    def match(r, k):
+        if r["workload"] != k[0] or int(r["head_dim"]) != k[1] or int(r["seqlen_kv"]) != k[2]:
+            return False
+        if int(r["heads_kv"]) != (k[3] if k[0] == "decode" else 2048 // k[1]) or (r["causal"] == "1") != k[4]:
+            return False
+        return k[0] == "prefill" or int(r["batch"]) == k[5]
+
+    names = []
+    for r in ok:
+        n = step(r) if r["chapter"] != "pytorch" else "PyTorch " + r["variant"]
+        if n not in names:
+            names.append(n)
+    lines = [f"The chapters and PyTorch's SDPA backends on the same tensors in one process "
+             f"(`bench/compare_torch.py`; {r0['gpu']}, PyTorch {r0['torch']}, CUDA {r0['cuda']}, {r0['date']}): "
+             "TFLOPS for prefill, GB/s for decode; every lab output checked against PyTorch before and after "
+             "timing. Source: `docs/results/h100/compare_torch.csv`, plot `compare.png`.", "",
+             "| | " + " | ".join(n for n, _ in shapes) + " |", "|---|" + "---|" * len(shapes)]
+    for n in names:
+        cells = []
+        for _, k in shapes:
+            hit = [r for r in ok if match(r, k) and (step(r) if r["chapter"] != "pytorch" else "PyTorch " + r["variant"]) == n]
+            if not hit:
+                cells.append("-")
+            else:
+                v = float(hit[0]["tflops"] if k[0] == "prefill" else hit[0]["gbps"])
+                cells.append(f"{v:.0f}")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def raw_rows(workload):
     return [r for r in load("ladder.csv") if r["workload"] == workload and r["check"].startswith("PASS")
             and float(r["ms"]) > 0]
@@ -267,7 +312,8 @@ def chapter(lab, ceil, ch):
 
 def compare03(lab, torch, ceil):
     seqs = [512, 1024, 2048, 4096, 8192, 16384]
-    lines = ["Chapter 03 next to PyTorch's backends, fp16 TFLOPS, same GPU, same run; **bold**: 03's best "
+    lines = ["Chapter 03 next to PyTorch's backends, fp16 TFLOPS, same GPU, consecutive runs of one session "
+             "(`docs/results/h100/summary.txt`); **bold**: 03's best "
              "step at or above FlashAttention-2. " + header(ceil), "",
              "| d | mask | | " + " | ".join(f"s{s}" for s in seqs) + " |", "|---|---|---|" + "---|" * len(seqs)]
     for d in (64, 128):
@@ -363,7 +409,9 @@ def kvquant():
     return lines
 
 
-def render(name, lab, torch, ceil):
+def render(name, lab, torch, ceil, ceil_decode):
+    if name in ("decode", "paged", "splits", "hybrid") or name.startswith("decode:"):
+        ceil = ceil_decode  # the decode rows come from the run that measured these ceilings
     if name == "summary":
         return summary(lab, torch, ceil)
     if name == "decode":
@@ -382,6 +430,8 @@ def render(name, lab, torch, ceil):
         return prefill_gqa(ceil)
     if name == "hybrid":
         return hybrid(ceil)
+    if name == "compare_torch":
+        return compare_torch()
     if name == "paged":
         return paged(lab, ceil)
     if name == "splits":
@@ -396,6 +446,8 @@ def main():
     lab = index(load("ladder.csv"), step)
     torch = index(load("torch_sdpa.csv"), lambda r: r["variant"])
     ceil = load("ceilings.csv")[0]
+    # The decode rows may come from a later ladder run (--grid decode) with ceilings of its own.
+    ceil_decode = (load("ceilings_decode.csv") or [ceil])[0]
     stale = []
     for rel in READMES:
         path = os.path.join(ROOT, rel)
@@ -404,7 +456,7 @@ def main():
         text = open(path).read()
 
         def fill(m):
-            body = "\n".join(render(m.group(1), lab, torch, ceil))
+            body = "\n".join(render(m.group(1), lab, torch, ceil, ceil_decode))
             return f"<!-- results:{m.group(1)} -->\n{body}\n<!-- /results -->"
 
         new = re.sub(r"<!-- results:(\S+) -->.*?<!-- /results -->", fill, text, flags=re.S)
