@@ -17,6 +17,8 @@
 #include "04_flash_decoding/kernel.h"
 #include "05_decoding_cuda_core/kernel.h"
 #include "06_gqa_alibi/kernel.h"
+#include "07_kv_quant/kernel.h"
+#include "07_kv_quant/quantize.h"
 #include "common/cuda_check.h"
 #include "common/driver.h"
 
@@ -25,6 +27,16 @@
 // to_attn_params() below and to python/lab's copy, with LAB_ATTENTION_ABI_VERSION bumped.
 static_assert(sizeof(void*) != 8 || sizeof(lab::AttnParams) == 272,
               "lab::AttnParams changed: mirror it in LabAttnParams (capi/lab_attention.h)");
+// The LAB_KV_* values are lab::KvScheme's; a scheme added there needs its LAB_KV_* here.
+static_assert(LAB_KV_NONE == int(lab::KvScheme::none) &&
+                  LAB_KV_INT8_TENSOR == int(lab::KvScheme::int8_tensor) &&
+                  LAB_KV_INT8_TOKEN == int(lab::KvScheme::int8_token) &&
+                  LAB_KV_INT8_HEAD == int(lab::KvScheme::int8_head) &&
+                  LAB_KV_INT8_GROUP == int(lab::KvScheme::int8_group) &&
+                  LAB_KV_FP8_E4M3 == int(lab::KvScheme::fp8_e4m3) &&
+                  LAB_KV_FP8_E5M2 == int(lab::KvScheme::fp8_e5m2) &&
+                  LAB_KV_FP8_E4M3_HEAD == int(lab::KvScheme::fp8_e4m3_head) && lab::kKvSchemeCount == 8,
+              "lab::KvScheme changed: mirror it in the LAB_KV_* values (capi/lab_attention.h)");
 
 namespace {
 
@@ -32,6 +44,22 @@ struct Registered {
   lab::Chapter chapter;
   std::string default_variant;  // the chapter's main kernel: used when the caller names none
 };
+
+// 07's variants differ only in how its own driver turns the fp16 problem into a cache of their
+// scheme (lab::KvPrepare); all run the same forward(), which reads the scheme from p.kv_quant. Here
+// the caller brings the cache (lab_kv_quantize makes one) and names its scheme in kv_scheme, so the
+// kernel is exported once, as the chapter's only variant, with every scheme in its Support.
+lab::Chapter kv_quant_chapter() {
+  lab::Chapter c = ch07::chapter();
+  for (const lab::Variant& v : c.variants)
+    if (!v.kv_prepare) {
+      lab::Variant one = v;  // "fp16": reads the cache p describes, as it is
+      one.name = "";
+      c.variants = {one};
+      return c;
+    }
+  throw std::logic_error("07_kv_quant has no variant that reads the cache as it is");
+}
 
 // The registry: every chapter the library exports, in lab order, and its default variant.
 // Adding a chapter is one line here (and its kernel.h include above); its library is linked in
@@ -44,6 +72,7 @@ const std::vector<Registered>& registry() {
       {ch04::chapter(), ""},
       {ch05::chapter(), ""},
       {ch06::chapter(), ""},
+      {kv_quant_chapter(), ""},
   };
   return chapters;
 }
@@ -160,6 +189,51 @@ int guarded(Body body) {
   }
 }
 
+// The quantized cache that lab_kv_quantize writes for the fp16 cache `p` describes: 07's layout
+// (07_kv_quant/quantize.h) with the fp16 cache's own strides, so that lab_forward takes the same
+// params. Checks what the quantizer itself does not, by name; no memory is placed yet.
+ch07::KvCache quantized_layout(const lab::AttnParams& p, int scheme, int group_size) {
+  const lab::Support& s = ch07::kSupport;
+  const std::string who = std::string(s.chapter) + ": ";
+  const char* name = lab::kv_scheme_name(lab::KvScheme(scheme));
+  std::string supported;
+  bool listed = false;
+  for (lab::KvScheme k : s.kv_schemes) {
+    supported += (supported.empty() ? "" : ", ") + std::string(lab::kv_scheme_name(k));
+    listed |= int(k) == scheme;
+  }
+  if (!listed)
+    throw lab::InvalidArgument(who + "kv_scheme = " + (name ? name : std::to_string(scheme)) +
+                               " cannot be quantized into (supported: " + supported + ")");
+  if (lab::KvScheme(scheme) == lab::KvScheme::int8_group) {
+    if (std::find(s.kv_group_sizes.begin(), s.kv_group_sizes.end(), group_size) == s.kv_group_sizes.end()) {
+      std::string sizes;
+      for (int g : s.kv_group_sizes) sizes += (sizes.empty() ? "" : ", ") + std::to_string(g);
+      throw lab::InvalidArgument(who + "kv_group_size = " + std::to_string(group_size) +
+                                 " is not supported (supported: " + sizes + ")");
+    }
+    if (p.head_dim % group_size != 0)
+      throw lab::InvalidArgument(who + "kv_group_size = " + std::to_string(group_size) +
+                                 " does not divide head_dim = " + std::to_string(p.head_dim));
+  } else if (group_size != 0) {
+    throw lab::InvalidArgument(who + "kv_group_size = " + std::to_string(group_size) +
+                               " is only used by int8_group (" + name + " needs 0)");
+  }
+  const bool paged = p.block_table != nullptr;
+  for (auto [field, value] : {std::pair<const char*, int>{"heads_kv", p.heads_kv},
+                              {paged ? "num_pages" : "batch", paged ? p.num_pages : p.batch},
+                              {paged ? "page_size" : "seqlen_kv", paged ? p.page_size : p.seqlen_kv}})
+    if (value <= 0) throw lab::InvalidArgument(who + field + " = " + std::to_string(value) + " must be > 0");
+  if (p.head_dim <= 0 || p.head_dim > 256 || p.head_dim % 16 != 0)
+    throw lab::InvalidArgument(who + "head_dim = " + std::to_string(p.head_dim) +
+                               " is not supported by the quantizer (supported: multiples of 16 up to 256)");
+  ch07::KvCache c = ch07::cache_layout(p, lab::KvScheme(scheme), group_size);
+  c.slot_stride = p.k_batch_stride, c.row_stride = p.k_row_stride, c.head_stride = p.k_head_stride;
+  return c;
+}
+
+bool aligned(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
 const Entry* entry_at(int i) {
   return i >= 0 && size_t(i) < entries().size() ? &entries()[size_t(i)] : nullptr;
 }
@@ -255,7 +329,70 @@ int lab_variant_support(int i, LabSupport* out) {
     r.max_seqlen_q = s.max_seqlen_q;
     r.vector_elems = s.vector_elems;
     r.needs_workspace = e->variant->workspace != nullptr;
+    r.kv_schemes = 1u << LAB_KV_NONE;
+    for (lab::KvScheme k : s.kv_schemes) r.kv_schemes |= 1u << int(k);
+    const size_t max_sizes = sizeof r.kv_group_sizes / sizeof r.kv_group_sizes[0];
+    if (s.kv_group_sizes.size() > max_sizes)
+      throw std::length_error("more than " + std::to_string(max_sizes) + " kv_group_sizes in " +
+                              e->chapter->chapter.name);
+    r.num_kv_group_sizes = int32_t(s.kv_group_sizes.size());
+    std::copy(s.kv_group_sizes.begin(), s.kv_group_sizes.end(), r.kv_group_sizes);
     *out = r;
+  });
+}
+
+const char* lab_kv_scheme_name(int kv_scheme) {
+  return kv_scheme >= 0 && kv_scheme < lab::kKvSchemeCount ? lab::kv_scheme_name(lab::KvScheme(kv_scheme))
+                                                           : nullptr;
+}
+
+int lab_kv_scale_bytes(const LabAttnParams* p, int kv_scheme, int kv_group_size, size_t* bytes) {
+  return guarded([&] {
+    if (!bytes) throw lab::InvalidArgument("bytes is a null pointer");
+    *bytes = 0;
+    *bytes = ch07::scale_count(quantized_layout(to_attn_params(p), kv_scheme, kv_group_size)) * sizeof(float);
+  });
+}
+
+int lab_kv_quantize(const LabAttnParams* p, int kv_scheme, int kv_group_size, void* k_codes, void* v_codes,
+                    float* k_scale, float* v_scale, void* cuda_stream) {
+  return guarded([&] {
+    const lab::AttnParams src = to_attn_params(p);
+    ch07::KvCache c = quantized_layout(src, kv_scheme, kv_group_size);
+    const std::string who = "07_kv_quant: ";
+    // One set of strides for both code tensors (the cache's), and what 07's kernel reads: 16-byte
+    // rows of codes.
+    if (src.v_batch_stride != src.k_batch_stride || src.v_row_stride != src.k_row_stride ||
+        src.v_head_stride != src.k_head_stride)
+      throw lab::InvalidArgument(who + "v's strides (" + std::to_string(src.v_batch_stride) + ", " +
+                                 std::to_string(src.v_row_stride) + ", " + std::to_string(src.v_head_stride) +
+                                 ") differ from k's (" + std::to_string(src.k_batch_stride) + ", " +
+                                 std::to_string(src.k_row_stride) + ", " + std::to_string(src.k_head_stride) +
+                                 "): the codes of K and V share one layout");
+    if (src.k_batch_stride < 0 || src.k_row_stride < int64_t(src.head_dim) ||
+        src.k_head_stride < int64_t(src.head_dim))
+      throw lab::InvalidArgument(who + "k's strides must be >= 0 and its row and head strides >= head_dim");
+    struct Named {
+      const char* name;
+      const void* ptr;
+    };
+    for (Named t :
+         {Named{"k", src.k}, Named{"v", src.v}, Named{"k_codes", k_codes}, Named{"v_codes", v_codes}}) {
+      if (!t.ptr) throw lab::InvalidArgument(who + t.name + " is a null pointer");
+      if (!aligned(t.ptr, 16)) throw lab::InvalidArgument(who + t.name + " pointer is not 16-byte aligned");
+    }
+    const bool scales = ch07::scale_count(c) > 0;
+    if (scales && (!k_scale || !v_scale))
+      throw lab::InvalidArgument(who + (k_scale ? "v_scale" : "k_scale") + " is a null pointer (" +
+                                 lab::kv_scheme_name(c.scheme) + " has scales)");
+    if (!scales && (k_scale || v_scale))
+      throw lab::InvalidArgument(who + "k_scale/v_scale are given but " + lab::kv_scheme_name(c.scheme) +
+                                 " has no scales");
+    if (!aligned(k_scale, 4) || !aligned(v_scale, 4))
+      throw lab::InvalidArgument(who + "k_scale/v_scale pointers must be 4-byte aligned");
+    c.k = static_cast<uint8_t*>(k_codes), c.v = static_cast<uint8_t*>(v_codes);
+    c.k_scale = k_scale, c.v_scale = v_scale;
+    ch07::quantize_bulk(src, c, static_cast<cudaStream_t>(cuda_stream));  // checks dtype, strides
   });
 }
 

@@ -24,7 +24,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever LabAttnParams or LabSupport change layout; callers put it in abi_version. */
-#define LAB_ATTENTION_ABI_VERSION 2
+#define LAB_ATTENTION_ABI_VERSION 3
 
 /* Return codes. */
 #define LAB_OK 0
@@ -35,6 +35,17 @@ extern "C" {
 
 #define LAB_DTYPE_FP16 0
 #define LAB_DTYPE_BF16 1
+
+/* KV cache schemes (lab::KvScheme in common/attn.h, which documents each): LabAttnParams.kv_scheme,
+ * and bit (1 << scheme) of LabSupport.kv_schemes. lab_kv_scheme_name() gives their names. */
+#define LAB_KV_NONE 0 /* a 16-bit cache of dtype values */
+#define LAB_KV_INT8_TENSOR 1
+#define LAB_KV_INT8_TOKEN 2
+#define LAB_KV_INT8_HEAD 3
+#define LAB_KV_INT8_GROUP 4 /* with kv_group_size 32 or 64 */
+#define LAB_KV_FP8_E4M3 5
+#define LAB_KV_FP8_E5M2 6
+#define LAB_KV_FP8_E4M3_HEAD 7
 
 /* lab::AttnParams (common/attn.h) field for field, in C types; see there for what each means.
  * Layout is FlashAttention's: Q, O [batch, seqlen_q, heads_q, head_dim], K, V
@@ -81,9 +92,10 @@ typedef struct LabAttnParams {
   void* workspace; /* lab_workspace_bytes() bytes of device memory, or NULL when that is 0 */
   uint64_t workspace_bytes;
 
-  /* KV cache quantization (lab::KvQuant, common/attn.h): 0 = none (a 16-bit cache), else the
-     lab::KvScheme value; scales in the layout attn.h documents. No exported chapter reads a
-     quantized cache yet (07_kv_quant is not exported): every chapter refuses a nonzero scheme. */
+  /* KV cache quantization (lab::KvQuant, common/attn.h): LAB_KV_NONE (a 16-bit cache), else k, v
+     point at 1-byte codes (strides in elements, now bytes) and kv_k_scale, kv_v_scale at fp32
+     scales in the layout attn.h documents (NULL for a scheme without scales). 07_kv_quant reads
+     every scheme (LabSupport.kv_schemes); lab_kv_quantize() makes such a cache from an fp16 one. */
   int32_t kv_scheme;
   int32_t kv_group_size;
   const float* kv_k_scale;
@@ -100,6 +112,9 @@ typedef struct LabSupport {
   int32_t max_seqlen_q; /* 0: no limit */
   int32_t vector_elems; /* strides and pointers must be multiples of this many elements */
   int32_t needs_workspace;
+  uint32_t kv_schemes;        /* bit (1 << LAB_KV_*) set for each kv_scheme accepted; bit 0 always */
+  int32_t num_kv_group_sizes; /* the kv_group_size values LAB_KV_INT8_GROUP accepts */
+  int32_t kv_group_sizes[8];
 } LabSupport;
 
 /* LAB_ATTENTION_ABI_VERSION and sizeof(LabAttnParams) as the library was built. */
@@ -123,6 +138,26 @@ const char* lab_variant_chapter(int i); /* "03_flash_v2" */
 const char* lab_variant_name(int i);    /* "fa2"; "" for a chapter with one kernel */
 int lab_variant_is_default(int i);      /* 1 for the variant used when none is named */
 int lab_variant_support(int i, LabSupport* out);
+
+/* "int8_head" for LAB_KV_INT8_HEAD, "none" for LAB_KV_NONE; NULL outside the LAB_KV_* values. */
+const char* lab_kv_scheme_name(int kv_scheme);
+
+/* Quantizing a KV cache for 07_kv_quant (its bulk quantizer, 07_kv_quant/quantize.h): `p` describes
+ * the fp16 cache as for lab_forward (k, v, their strides, batch and seqlen_kv, or block_table,
+ * num_pages and page_size when paged; heads_kv, head_dim, dtype = LAB_DTYPE_FP16, kv_scheme =
+ * LAB_KV_NONE; the query fields are not read). Every slot and row of the cache is quantized, its
+ * whole capacity; the codes keep the fp16 cache's layout and strides (K's and V's must be equal),
+ * in bytes instead of elements, so that lab_forward takes the same params with k, v pointing at the
+ * codes and kv_scheme, kv_group_size, kv_k_scale, kv_v_scale set. Scales are computed per K and per
+ * V (int8_tensor and fp8_e4m3_head too: from this cache, as a calibration pass would).
+ *
+ *   lab_kv_scale_bytes: the bytes of K's scales (V's are the same); 0 for fp8_e4m3, fp8_e5m2.
+ *   lab_kv_quantize:    writes codes and scales; enqueued on `cuda_stream`, like lab_forward.
+ * k_codes, v_codes: 16-byte aligned device memory covering the cache's extent; k_scale, v_scale:
+ * lab_kv_scale_bytes() each, NULL for a scheme without scales. */
+int lab_kv_scale_bytes(const LabAttnParams* p, int kv_scheme, int kv_group_size, size_t* bytes);
+int lab_kv_quantize(const LabAttnParams* p, int kv_scheme, int kv_group_size, void* k_codes, void* v_codes,
+                    float* k_scale, float* v_scale, void* cuda_stream);
 
 #ifdef __cplusplus
 }

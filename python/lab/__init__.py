@@ -7,6 +7,10 @@
     print(lab.chapters())        # {'01_naive': ['naive', 'cublas'], '02_flash_v1': [''], ...}
     call = lab.prepare(q, k, v, chapter="03"); call.run(); call.run()   # checked once, run again
 
+    # 07_kv_quant: decode (seqlen_q = 1) from an int8 or FP8 KV cache made from fp16 K, V
+    kc, vc, ks, vs = lab.quantize_kv(k, v, "int8_head")               # codes and fp32 scales
+    o = lab.forward(q[:, -1:], kc, vc, chapter="07", kv_scheme="int8_head", k_scale=ks, v_scale=vs)
+
 Tensors use FlashAttention's layout: q, out [batch, seqlen_q, heads_q, head_dim], k, v
 [batch, seqlen_kv, heads_kv, head_dim] (varlen: [total, heads, head_dim]; paged KV: k, v
 [num_pages, page_size, heads_kv, head_dim]), any strides but a contiguous head_dim. The call is
@@ -23,15 +27,19 @@ import os
 import pathlib
 import threading
 
-__all__ = ["forward", "prepare", "Call", "chapters", "variants", "support", "library_path", "load_library",
-           "LabError", "InvalidArgument", "UnknownName", "CudaError", "LibraryNotFound"]
+__all__ = ["forward", "prepare", "Call", "quantize_kv", "chapters", "variants", "support", "library_path",
+           "load_library", "KV_SCHEMES", "LabError", "InvalidArgument", "UnknownName", "CudaError",
+           "LibraryNotFound"]
 
-ABI_VERSION = 2  # LAB_ATTENTION_ABI_VERSION in capi/lab_attention.h
+ABI_VERSION = 3  # LAB_ATTENTION_ABI_VERSION in capi/lab_attention.h
 LIB_NAME = "liblab_attention.so"
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 LAB_OK, LAB_ERR_INVALID_ARGUMENT, LAB_ERR_UNKNOWN_NAME, LAB_ERR_CUDA = 0, 1, 2, 3
 DTYPE_FP16, DTYPE_BF16 = 0, 1
+# The LAB_KV_* values of capi/lab_attention.h (lab::KvScheme; common/attn.h says what each stores).
+KV_SCHEMES = {"none": 0, "int8_tensor": 1, "int8_token": 2, "int8_head": 3, "int8_group": 4, "fp8_e4m3": 5,
+              "fp8_e5m2": 6, "fp8_e4m3_head": 7}
 
 
 class LabError(RuntimeError):
@@ -93,7 +101,9 @@ class LabSupport(ctypes.Structure):
                 ("head_dims", ctypes.c_int32 * 16), ("max_head_dim", ctypes.c_int32)] + [
         (name, ctypes.c_int32) for name in ("fp16", "bf16", "causal", "gqa", "lse", "alibi", "varlen",
                                             "cache_seqlens", "paged_kv", "splits", "max_seqlen_q",
-                                            "vector_elems", "needs_workspace")]
+                                            "vector_elems", "needs_workspace")] + [
+        ("kv_schemes", ctypes.c_uint32), ("num_kv_group_sizes", ctypes.c_int32),
+        ("kv_group_sizes", ctypes.c_int32 * 8)]
 
 
 # ---- finding and loading the library ----
@@ -137,7 +147,11 @@ def load_library():
                     ("lab_variant_chapter", c_char_p, [c_int]),
                     ("lab_variant_name", c_char_p, [c_int]),
                     ("lab_variant_is_default", c_int, [c_int]),
-                    ("lab_variant_support", c_int, [c_int, ctypes.POINTER(LabSupport)])):
+                    ("lab_variant_support", c_int, [c_int, ctypes.POINTER(LabSupport)]),
+                    ("lab_kv_scheme_name", c_char_p, [c_int]),
+                    ("lab_kv_scale_bytes", c_int, [params_p, c_int, c_int, ctypes.POINTER(c_size_t)]),
+                    ("lab_kv_quantize", c_int, [params_p, c_int, c_int, c_void_p, c_void_p, c_void_p, c_void_p,
+                                                c_void_p])):
                 fn = getattr(lib, name)
                 fn.restype, fn.argtypes = restype, argtypes
             if lib.lab_abi_version() != ABI_VERSION or lib.lab_params_size() != ctypes.sizeof(LabAttnParams):
@@ -172,11 +186,15 @@ def variants():
         s.struct_size = ctypes.sizeof(LabSupport)
         _check(lib, lib.lab_variant_support(i, ctypes.byref(s)))
         support = {name: getattr(s, name) for name, _ in LabSupport._fields_
-                   if name not in ("struct_size", "num_head_dims", "head_dims")}
+                   if name not in ("struct_size", "num_head_dims", "head_dims", "kv_schemes", "num_kv_group_sizes",
+                                   "kv_group_sizes")}
         for flag in ("fp16", "bf16", "causal", "gqa", "lse", "alibi", "varlen", "cache_seqlens", "paged_kv",
                      "splits", "needs_workspace"):
             support[flag] = bool(support[flag])
         support["head_dims"] = list(s.head_dims[:s.num_head_dims])
+        # KV cache schemes by name, "none" (a 16-bit cache) first; group sizes for int8_group.
+        support["kv_schemes"] = [n for n, bit in KV_SCHEMES.items() if s.kv_schemes >> bit & 1]
+        support["kv_group_sizes"] = list(s.kv_group_sizes[:s.num_kv_group_sizes])
         out.append(dict(chapter=lib.lab_variant_chapter(i).decode(), variant=lib.lab_variant_name(i).decode(),
                         default=bool(lib.lab_variant_is_default(i)), support=support))
     return out
@@ -191,7 +209,7 @@ def chapters():
 
 
 def support(chapter, variant=None):
-    """What one variant computes (head_dims, max_head_dim, bf16, causal, gqa, lse, ...)."""
+    """What one variant computes (head_dims, max_head_dim, bf16, causal, gqa, lse, kv_schemes, ...)."""
     for entry in variants():
         if _same_chapter(entry["chapter"], chapter) and (
                 entry["variant"] == variant or (not variant and entry["default"])):
@@ -259,6 +277,9 @@ def forward(q, k, v, chapter="03", causal=False, **kwargs):
     [batch + 1], with q, k, v packed as [total, heads, head_dim]; max_seqlen_q/kv default to the
     longest), cache_seqlens (int32 [batch]: keys per sequence), paged KV (block_table int32
     [batch, max_pages_per_seq], k, v [num_pages, page_size, heads_kv, head_dim]), num_splits.
+    A quantized KV cache (07_kv_quant): kv_scheme ("int8_head", ...; see KV_SCHEMES), kv_group_size
+    (int8_group: 32 or 64), k_scale, v_scale, with k, v the 1-byte codes and the scales from
+    quantize_kv() (q and out stay fp16).
     """
     call = prepare(q, k, v, chapter, causal, **kwargs).run()
     return (call.out, call.lse) if kwargs.get("lse") else call.out
@@ -281,17 +302,94 @@ class Call:
         return self
 
 
+def _kv_scheme(name, argument="kv_scheme"):
+    if name not in KV_SCHEMES:
+        raise ValueError(f"{argument} = {name!r} is unknown (known: {', '.join(map(repr, KV_SCHEMES))})")
+    return KV_SCHEMES[name]
+
+
+def _scale_shape(scheme, group_size, slots, rows, heads_kv, head_dim):
+    """common/attn.h's layout of one scale tensor; None for a scheme without scales."""
+    return {"int8_tensor": (1,), "int8_token": (slots, rows), "int8_head": (slots, heads_kv, rows),
+            "int8_group": (slots, heads_kv, rows, head_dim // group_size if group_size else 0),
+            "fp8_e4m3_head": (heads_kv,)}.get(scheme)
+
+
+def _code_dtype(torch, scheme):
+    """int8 codes as torch.int8; FP8 codes as PyTorch's FP8 dtype where it has one (E4M3 "fn" is
+    NVIDIA's E4M3), so that .float() gives their value; uint8 otherwise."""
+    if scheme.startswith("int8"):
+        return torch.int8
+    return getattr(torch, "float8_e5m2" if scheme == "fp8_e5m2" else "float8_e4m3fn", torch.uint8)
+
+
+def quantize_kv(k, v, scheme="int8_head", group_size=0):
+    """An fp16 KV cache quantized for 07_kv_quant: returns (k_codes, v_codes, k_scale, v_scale).
+
+    k, v: fp16 CUDA tensors [batch, seqlen_kv, heads_kv, head_dim] (or paged: [num_pages, page_size,
+    heads_kv, head_dim]; every row is quantized). The codes have k's shape and strides, as torch.int8
+    (int8 schemes) or PyTorch's FP8 dtype; the scales are float32 in common/attn.h's layout:
+    int8_tensor [1], int8_token [slots, rows], int8_head [slots, heads_kv, rows], int8_group [slots,
+    heads_kv, rows, head_dim / group_size], fp8_e4m3_head [heads_kv], None for fp8_e4m3 and fp8_e5m2
+    (slots, rows: k's first two dimensions). int8_tensor and fp8_e4m3_head scales cover this cache.
+    Runs on PyTorch's current stream, like forward()."""
+    value = _kv_scheme(scheme, "scheme")
+    torch = _torch()
+    _check_tensor("k", k, torch.float16)
+    _check_tensor("v", v, torch.float16, k.device)
+    if k.shape != v.shape:
+        raise ValueError(f"v: shape {tuple(v.shape)} does not match k's {tuple(k.shape)}")
+    k_strides, v_strides = _rows("k", k, 4), _rows("v", v, 4)
+    if k_strides != v_strides:  # the codes of K and V share one layout
+        k, v = k.contiguous(), v.contiguous()
+        k_strides = v_strides = _rows("k", k, 4)
+    p = LabAttnParams.new()
+    p.k, p.v, p.dtype = k.data_ptr(), v.data_ptr(), DTYPE_FP16
+    (p.k_batch_stride, p.k_row_stride, p.k_head_stride) = k_strides
+    (p.v_batch_stride, p.v_row_stride, p.v_head_stride) = v_strides
+    p.batch, p.seqlen_kv, p.heads_kv, p.head_dim = k.shape
+    p.heads_q, p.seqlen_q = p.heads_kv, 1
+    lib = load_library()
+    scale_bytes = ctypes.c_size_t(0)
+    _check(lib, lib.lab_kv_scale_bytes(ctypes.byref(p), value, group_size, ctypes.byref(scale_bytes)))
+    dtype = _code_dtype(torch, scheme)
+    k_codes, v_codes = (torch.empty_strided(k.shape, k.stride(), dtype=dtype, device=k.device) for _ in range(2))
+    shape = _scale_shape(scheme, group_size, *k.shape)
+    k_scale = v_scale = None
+    if shape is not None:
+        if math.prod(shape) * 4 != scale_bytes.value:
+            raise LabError(f"scales: the library needs {scale_bytes.value} bytes, this module computed {shape}")
+        k_scale, v_scale = (torch.empty(shape, dtype=torch.float32, device=k.device) for _ in range(2))
+    ptr = lambda t: None if t is None else t.data_ptr()
+    with torch.cuda.device(k.device):
+        stream = torch.cuda.current_stream(k.device).cuda_stream
+        _check(lib, lib.lab_kv_quantize(ctypes.byref(p), value, group_size, ptr(k_codes), ptr(v_codes),
+                                        ptr(k_scale), ptr(v_scale), stream))
+    return k_codes, v_codes, k_scale, v_scale
+
+
 def prepare(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=None, lse=False,
             alibi_slopes=None, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None,
-            max_seqlen_kv=None, cache_seqlens=None, block_table=None, num_splits=0, out=None):
+            max_seqlen_kv=None, cache_seqlens=None, block_table=None, num_splits=0, out=None,
+            kv_scheme=None, kv_group_size=0, k_scale=None, v_scale=None):
     """forward()'s checks and allocations, without running: returns a Call (see forward for the arguments)."""
+    scheme = _kv_scheme(kv_scheme) if kv_scheme is not None else 0
     torch = _torch()
     if isinstance(q, torch.Tensor) and q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q: dtype {q.dtype} is not supported (supported: torch.float16, torch.bfloat16)")
     _check_tensor("q", q)
     device = q.device
-    _check_tensor("k", k, q.dtype, device)
-    _check_tensor("v", v, q.dtype, device)
+    if scheme:  # 1-byte codes, of whichever dtype holds them (int8, FP8, uint8)
+        for name, t in (("k", k), ("v", v)):
+            _check_tensor(name, t, None, device)
+            if t.element_size() != 1:
+                raise TypeError(f"{name}: dtype {t.dtype} is not a 1-byte code (kv_scheme = {kv_scheme!r} "
+                                "reads codes: see quantize_kv)")
+    else:
+        _check_tensor("k", k, q.dtype, device)
+        _check_tensor("v", v, q.dtype, device)
+        if k_scale is not None or v_scale is not None:
+            raise ValueError("k_scale/v_scale are given without a kv_scheme")
     if k.shape != v.shape:
         raise ValueError(f"v: shape {tuple(v.shape)} does not match k's {tuple(k.shape)}")
     varlen = cu_seqlens_q is not None or cu_seqlens_kv is not None
@@ -347,6 +445,19 @@ def prepare(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=
             p.seqlen_kv = max_seqlen_kv if max_seqlen_kv is not None else p.max_pages_per_seq * p.page_size
     if cache_seqlens is not None:
         p.cache_seqlens = _check_meta("cache_seqlens", cache_seqlens, device, p.batch)
+    if scheme:
+        p.kv_scheme, p.kv_group_size = scheme, kv_group_size
+        shape = _scale_shape(kv_scheme, kv_group_size, p.num_pages if block_table is not None else p.batch,
+                             p.page_size if block_table is not None else p.seqlen_kv, p.heads_kv, p.head_dim)
+        for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if t is None or shape is None:
+                continue  # the library refuses a missing scale, or one given for a scheme without
+            _check_tensor(name, t, torch.float32, device)
+            if not t.is_contiguous() or t.numel() < math.prod(shape):  # never read past its end
+                raise ValueError(f"{name}: expected a contiguous float32 tensor of {math.prod(shape)} elements "
+                                 f"{shape} for {kv_scheme}, got shape {tuple(t.shape)}")
+        p.kv_k_scale = None if k_scale is None else k_scale.data_ptr()
+        p.kv_v_scale = None if v_scale is None else v_scale.data_ptr()
     if alibi_slopes is not None:
         _check_tensor("alibi_slopes", alibi_slopes, torch.float32, device)
         if not alibi_slopes.is_contiguous() or alibi_slopes.numel() != p.heads_q:
@@ -370,5 +481,6 @@ def prepare(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=
         workspace = torch.empty(bytes_needed.value, dtype=torch.uint8, device=device)
         p.workspace, p.workspace_bytes = workspace.data_ptr(), bytes_needed.value
     stream = torch.cuda.current_stream(device).cuda_stream
-    keep_alive = (q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_kv, cache_seqlens, block_table, workspace)
+    keep_alive = (q, k, v, alibi_slopes, cu_seqlens_q, cu_seqlens_kv, cache_seqlens, block_table, workspace,
+                  k_scale, v_scale)
     return Call(lib, ch, var, p, device, stream, out, lse_out, keep_alive)

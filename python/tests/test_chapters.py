@@ -100,14 +100,19 @@ def c_struct_fields(name):
 @pytest.mark.parametrize("struct", ["LabAttnParams", "LabSupport"])
 def test_python_structs_mirror_the_c_header(struct):
     c_types = {"uint32_t": ctypes.c_uint32, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64,
-               "uint64_t": ctypes.c_uint64, "float": ctypes.c_float, "int32_t[16]": ctypes.c_int32 * 16}
+               "uint64_t": ctypes.c_uint64, "float": ctypes.c_float}
     py = getattr(lab, struct)._fields_
     c = c_struct_fields(struct)
     assert [n for n, _ in py] == [n for n, _ in c]
     for (name, py_type), (_, c_type) in zip(py, c):
+        array = re.match(r"(\w+)\[(\d+)\]$", c_type)
+        if array:  # int32_t[16]: the element type and the length
+            element, length = c_types[array.group(1)], int(array.group(2))
+            assert getattr(py_type, "_type_", None) is element and getattr(py_type, "_length_", None) == length, \
+                f"{struct}.{name}: {py_type} for C {c_type}"
+            continue
         want = ctypes.c_void_p if c_type.endswith("*") else c_types[c_type]
-        assert ctypes.sizeof(py_type) == ctypes.sizeof(want) and \
-            (py_type is want or c_type.endswith("[16]")), f"{struct}.{name}: {py_type} for C {c_type}"
+        assert py_type is want, f"{struct}.{name}: {py_type} for C {c_type}"
 
 
 def fit_seqlen_q(support, sq):
