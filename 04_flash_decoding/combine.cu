@@ -42,6 +42,28 @@ size_t partials_bytes(const lab::AttnParams& p, int splits) {
   return size_t(splits) * p.batch * p.heads_q * p.seqlen_q * (size_t(p.head_dim) + 1) * sizeof(float);
 }
 
+Partials partials_in_workspace(const lab::AttnParams& p, int splits, const char* chapter) {
+  Partials out;
+  if (splits <= 1) return out;
+  const size_t need = partials_bytes(p, splits);
+  if (!p.workspace || p.workspace_bytes < need)
+    throw lab::InvalidArgument(std::string(chapter) + ": workspace_bytes = " + std::to_string(p.workspace_bytes) +
+                               " is too small for " + std::to_string(splits) + " splits (needs " +
+                               std::to_string(need) + "; see workspace_bytes())");
+  out.o = static_cast<float*>(p.workspace);
+  out.lse = out.o + size_t(splits) * p.batch * p.heads_q * p.seqlen_q * p.head_dim;
+  return out;
+}
+
+void check_split_kv_launch(const lab::AttnParams& p, const lab::Support& s, bool heads_kv_on_grid) {
+  lab::check_params(p, s);
+  const int heads = heads_kv_on_grid ? p.heads_kv : p.heads_q;
+  if (heads > 65535 || p.batch > 65535)
+    throw lab::InvalidArgument(std::string(s.chapter) + ": " +
+                               (heads > 65535 ? (heads_kv_on_grid ? "heads_kv" : "heads_q") : "batch") +
+                               " above 65535 is not supported (grid limit)");
+}
+
 namespace {
 
 // One warp per query row (b, h, i); lanes cover head_dim in float4 steps.

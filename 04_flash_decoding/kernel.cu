@@ -53,6 +53,7 @@ const lab::Support kSupport = [] {
   s.cache_seqlens = true;
   s.paged_kv = true;
   s.splits = true;
+  s.max_splits = kMaxSplits;
   s.max_seqlen_q = 64;
   s.vector_elems = 8;  // 16-byte cp.async rows
   return s;
@@ -351,21 +352,12 @@ int splits_for(const lab::AttnParams& p) {
 template <class T, int D>
 void launch(const lab::AttnParams& p, cudaStream_t stream) {
   const int splits = splits_for<T, D>(p);
-  float *o_partial = nullptr, *lse_partial = nullptr;
-  if (splits > 1) {
-    const size_t need = partials_bytes(p, splits);
-    if (!p.workspace || p.workspace_bytes < need)
-      throw lab::InvalidArgument("04_flash_decoding: workspace_bytes = " + std::to_string(p.workspace_bytes) +
-                                 " is too small for " + std::to_string(splits) + " splits (needs " +
-                                 std::to_string(need) + "; see workspace_bytes())");
-    o_partial = static_cast<float*>(p.workspace);
-    lse_partial = o_partial + size_t(splits) * p.batch * p.heads_q * p.seqlen_q * p.head_dim;
-  }
+  const Partials part = partials_in_workspace(p, splits, kSupport.chapter);
   const dim3 grid(splits * ((p.seqlen_q + B_r - 1) / B_r), p.heads_q, p.batch);
   allow_large_smem<T, D>();
-  flash_decode_split<T, D><<<grid, kThreads, smem_bytes<D>(), stream>>>(p, splits, o_partial, lse_partial);
+  flash_decode_split<T, D><<<grid, kThreads, smem_bytes<D>(), stream>>>(p, splits, part.o, part.lse);
   LAB_LAUNCH_CHECK();
-  if (splits > 1) combine_splits(p, splits, o_partial, lse_partial, stream);
+  if (splits > 1) combine_splits(p, splits, part.o, part.lse, stream);
 }
 
 template <class T>
@@ -386,27 +378,17 @@ void launch_by_head_dim(const lab::AttnParams& p, cudaStream_t stream) {
   }
 }
 
-void check_launch_limits(const lab::AttnParams& p) {
-  lab::check_params(p, kSupport);
-  if (p.num_splits > kMaxSplits)
-    throw lab::InvalidArgument("04_flash_decoding: num_splits = " + std::to_string(p.num_splits) +
-                               " is not supported (supported: 0..." + std::to_string(kMaxSplits) + ")");
-  if (p.heads_q > 65535 || p.batch > 65535)
-    throw lab::InvalidArgument(std::string("04_flash_decoding: ") + (p.heads_q > 65535 ? "heads_q" : "batch") +
-                               " above 65535 is not supported (grid limit)");
-}
-
 }  // namespace
 
 int num_splits_for(const lab::AttnParams& p) {
-  check_launch_limits(p);
+  check_split_kv_launch(p, kSupport);
   return p.dtype == lab::DType::fp16 ? splits_by_head_dim<__half>(p) : splits_by_head_dim<__nv_bfloat16>(p);
 }
 
 size_t workspace_bytes(const lab::AttnParams& p) { return partials_bytes(p, num_splits_for(p)); }
 
 void forward(const lab::AttnParams& p, cudaStream_t stream) {
-  check_launch_limits(p);
+  check_split_kv_launch(p, kSupport);
   if (p.dtype == lab::DType::fp16) launch_by_head_dim<__half>(p, stream);
   else launch_by_head_dim<__nv_bfloat16>(p, stream);
 }

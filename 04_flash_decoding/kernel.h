@@ -40,6 +40,19 @@ int choose_num_splits(int requested, int64_t work_items, int max_keys, int min_k
 // Bytes of partial results for `splits` chunks (0 when splits == 1: the kernel writes O directly).
 size_t partials_bytes(const lab::AttnParams& p, int splits);
 
+// What every split-KV launcher (04-07) checks before launching: the chapter's Support (num_splits
+// included, capped by Support::max_splits), then the grid: the heads on grid.y (heads_kv when
+// `heads_kv_on_grid`, else heads_q) and batch on grid.z, at most 65535 each.
+void check_split_kv_launch(const lab::AttnParams& p, const lab::Support& s, bool heads_kv_on_grid = false);
+
+// Where the partials of `splits` chunks live in p.workspace (nullptr when splits == 1); refuses a
+// missing or too small workspace by name.
+struct Partials {
+  float* o = nullptr;
+  float* lse = nullptr;
+};
+Partials partials_in_workspace(const lab::AttnParams& p, int splits, const char* chapter);
+
 // o_partial: [splits][batch][heads_q][seqlen_q][head_dim] fp32, each chunk's O normalized by its
 // own sum; lse_partial: [splits][batch][heads_q][seqlen_q] (natural log, -inf for an empty chunk).
 // Writes O = sum_s exp(lse_s - lse) O_s with lse = log sum_s exp(lse_s), and lse if asked.

@@ -227,6 +227,7 @@ TEST_CASE("04_flash_decoding refuses what it does not support, naming the field"
   bad = p, bad.alibi_slopes = reinterpret_cast<const float*>(buf);
   refused(bad, "alibi_slopes");
   bad = p, bad.num_splits = 300;
+  refused(bad, "num_splits = 300 is not supported (supported: 0..256)");  // the CLI refuses it up front
   try {
     ch04::forward(bad, 0);
     FAIL("num_splits = 300 was accepted");

@@ -52,6 +52,7 @@ const lab::Support kSupport = [] {
   s.alibi = true;
   s.varlen = true;
   s.splits = true;
+  s.max_splits = ch04::kMaxSplits;
   s.vector_elems = 8;  // 16-byte cp.async rows
   return s;
 }();
@@ -442,35 +443,20 @@ int splits_for(const lab::AttnParams& p) {
 template <class T, int D>
 void launch(const lab::AttnParams& p, cudaStream_t stream) {
   const int splits = splits_for(p);
-  float *o_partial = nullptr, *lse_partial = nullptr;
-  if (splits > 1) {
-    const size_t need = ch04::partials_bytes(p, splits);
-    if (!p.workspace || p.workspace_bytes < need)
-      throw lab::InvalidArgument("06_gqa_alibi: workspace_bytes = " + std::to_string(p.workspace_bytes) +
-                                 " is too small for " + std::to_string(splits) + " splits (needs " +
-                                 std::to_string(need) + "; see workspace_bytes())");
-    o_partial = static_cast<float*>(p.workspace);
-    lse_partial = o_partial + size_t(splits) * p.batch * p.heads_q * p.seqlen_q * p.head_dim;
-  }
+  const ch04::Partials part = ch04::partials_in_workspace(p, splits, kSupport.chapter);
   const bool alibi = p.alibi_slopes != nullptr;
   if (m_frags_for(p) == 1) {
-    if (alibi) launch_tiles<T, D, 1, true>(p, splits, o_partial, lse_partial, stream);
-    else launch_tiles<T, D, 1, false>(p, splits, o_partial, lse_partial, stream);
+    if (alibi) launch_tiles<T, D, 1, true>(p, splits, part.o, part.lse, stream);
+    else launch_tiles<T, D, 1, false>(p, splits, part.o, part.lse, stream);
   } else {
-    if (alibi) launch_tiles<T, D, 2, true>(p, splits, o_partial, lse_partial, stream);
-    else launch_tiles<T, D, 2, false>(p, splits, o_partial, lse_partial, stream);
+    if (alibi) launch_tiles<T, D, 2, true>(p, splits, part.o, part.lse, stream);
+    else launch_tiles<T, D, 2, false>(p, splits, part.o, part.lse, stream);
   }
-  if (splits > 1) ch04::combine_splits(p, splits, o_partial, lse_partial, stream);
+  if (splits > 1) ch04::combine_splits(p, splits, part.o, part.lse, stream);
 }
 
 void check_launch_limits(const lab::AttnParams& p) {
-  lab::check_params(p, kSupport);
-  if (p.num_splits > ch04::kMaxSplits)
-    throw lab::InvalidArgument("06_gqa_alibi: num_splits = " + std::to_string(p.num_splits) +
-                               " is not supported (supported: 0.." + std::to_string(ch04::kMaxSplits) + ")");
-  if (p.heads_kv > 65535 || p.batch > 65535)
-    throw lab::InvalidArgument(std::string("06_gqa_alibi: ") + (p.heads_kv > 65535 ? "heads_kv" : "batch") +
-                               " above 65535 is not supported (grid limit)");
+  ch04::check_split_kv_launch(p, kSupport, true);  // heads_kv on grid.y
   if (int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv) > (int64_t(1) << 30))
     throw lab::InvalidArgument("06_gqa_alibi: seqlen_q * heads_q / heads_kv above 2^30 is not supported");
 }

@@ -55,6 +55,7 @@ const lab::Support kSupport = [] {
   s.cache_seqlens = true;
   s.paged_kv = true;
   s.splits = true;
+  s.max_splits = ch04::kMaxSplits;
   s.max_seqlen_q = 1;
   s.vector_elems = 8;  // 16-byte loads: 8 fp16 elements of Q/O, 16 one-byte codes of K/V
   s.kv_schemes = {KvScheme::int8_tensor, KvScheme::int8_token, KvScheme::int8_head,    KvScheme::int8_group,
@@ -365,7 +366,7 @@ decltype(auto) by_head_dim(const lab::AttnParams& p, F&& f) {
   }
 }
 
-// Calls f(Config<...>{}) for p's scheme and head_dim (both checked before: check_launch_limits).
+// Calls f(Config<...>{}) for p's scheme and head_dim (both checked before: ch04::check_split_kv_launch).
 template <class F>
 decltype(auto) by_config(const lab::AttnParams& p, F&& f) {
   switch (p.kv_quant.scheme) {
@@ -414,43 +415,25 @@ int splits_for(const lab::AttnParams& p) {
 template <class Cfg>
 void launch(const lab::AttnParams& p, cudaStream_t stream) {
   const int splits = splits_for<Cfg>(p);
-  float *o_partial = nullptr, *lse_partial = nullptr;
-  if (splits > 1) {
-    const size_t need = ch04::partials_bytes(p, splits);
-    if (!p.workspace || p.workspace_bytes < need)
-      throw lab::InvalidArgument("07_kv_quant: workspace_bytes = " + std::to_string(p.workspace_bytes) +
-                                 " is too small for " + std::to_string(splits) + " splits (needs " +
-                                 std::to_string(need) + "; see workspace_bytes())");
-    o_partial = static_cast<float*>(p.workspace);
-    lse_partial = o_partial + size_t(splits) * p.batch * p.heads_q * p.head_dim;
-  }
+  const ch04::Partials part = ch04::partials_in_workspace(p, splits, kSupport.chapter);
   decode_split<Cfg::S, Cfg::G, Cfg::D>
-      <<<dim3(splits, p.heads_q, p.batch), kThreads, 0, stream>>>(p, splits, o_partial, lse_partial);
+      <<<dim3(splits, p.heads_q, p.batch), kThreads, 0, stream>>>(p, splits, part.o, part.lse);
   LAB_LAUNCH_CHECK();
-  if (splits > 1) ch04::combine_splits(p, splits, o_partial, lse_partial, stream);
+  if (splits > 1) ch04::combine_splits(p, splits, part.o, part.lse, stream);
 }
 
-void check_launch_limits(const lab::AttnParams& p) {
-  lab::check_params(p, kSupport);
-  if (p.num_splits > ch04::kMaxSplits)
-    throw lab::InvalidArgument("07_kv_quant: num_splits = " + std::to_string(p.num_splits) +
-                               " is not supported (supported: 0.." + std::to_string(ch04::kMaxSplits) + ")");
-  if (p.heads_q > 65535 || p.batch > 65535)
-    throw lab::InvalidArgument(std::string("07_kv_quant: ") + (p.heads_q > 65535 ? "heads_q" : "batch") +
-                               " above 65535 is not supported (grid limit)");
-}
 
 }  // namespace
 
 int num_splits_for(const lab::AttnParams& p) {
-  check_launch_limits(p);
+  ch04::check_split_kv_launch(p, kSupport);
   return by_config(p, [&](auto cfg) { return splits_for<decltype(cfg)>(p); });
 }
 
 size_t workspace_bytes(const lab::AttnParams& p) { return ch04::partials_bytes(p, num_splits_for(p)); }
 
 void forward(const lab::AttnParams& p, cudaStream_t stream) {
-  check_launch_limits(p);
+  ch04::check_split_kv_launch(p, kSupport);
   by_config(p, [&](auto cfg) { launch<decltype(cfg)>(p, stream); });
 }
 

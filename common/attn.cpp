@@ -215,6 +215,9 @@ std::string unsupported_reason(const AttnParams& p, const Support& s) {
   if (p.num_splits > 0 && !s.splits)
     return who + "num_splits = " + std::to_string(p.num_splits) +
            " is not supported (split-KV decoding: see 04_flash_decoding)";
+  if (s.max_splits > 0 && p.num_splits > s.max_splits)
+    return who + "num_splits = " + std::to_string(p.num_splits) + " is not supported (supported: 0.." +
+           std::to_string(s.max_splits) + ")";
   return "";
 }
 

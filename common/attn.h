@@ -135,6 +135,7 @@ struct Support {
   bool cache_seqlens = false;
   bool paged_kv = false;
   bool splits = false;        // honours num_splits (split-KV decoding)
+  int max_splits = 0;         // num_splits above this is refused (0: no limit)
   int max_seqlen_q = 0;       // 0: no limit
   int vector_elems = 8;       // strides and pointers must be multiples of this many elements
                               // (of 16-bit dtype elements: for a 1-byte KV cache, the K/V strides
