@@ -59,85 +59,92 @@ bool aligned(const void* ptr, int bytes) { return (reinterpret_cast<uintptr_t>(p
 
 // The KV quantization descriptor: a scheme the chapter lists (by name; an unknown value by its
 // number), its group size and its scale pointers. "" when fine.
-static std::string kv_quant_reason(const AttnParams& p, const Support& s, const std::string& who) {
+template <class Who>
+static std::string kv_quant_reason(const AttnParams& p, const Support& s, const Who& who) {
   const KvQuant& kq = p.kv_quant;
-  std::string supported = "none";
-  for (KvScheme k : s.kv_schemes)
-    if (k != KvScheme::none) supported += std::string(", ") + kv_scheme_name(k);
-  if (s.kv_schemes.empty()) supported += "; quantized KV caches: see 07_kv_quant";
+  // The 16-bit cache every chapter reads: nothing to check (and nothing built, on every launch).
+  if (kq.scheme == KvScheme::none && kq.group_size == 0 && !kq.k_scale && !kq.v_scale) return "";
+  auto supported = [&] {
+    std::string list = "none";
+    for (KvScheme k : s.kv_schemes)
+      if (k != KvScheme::none) list += std::string(", ") + kv_scheme_name(k);
+    if (s.kv_schemes.empty()) list += "; quantized KV caches: see 07_kv_quant";
+    return list;
+  };
   const char* name = kv_scheme_name(kq.scheme);
   if (!name)
-    return who + "kv_quant.scheme = " + std::to_string(int(kq.scheme)) + " is unknown (supported: " +
-           supported + ")";
+    return who() + "kv_quant.scheme = " + std::to_string(int(kq.scheme)) + " is unknown (supported: " +
+           supported() + ")";
   bool listed = kq.scheme == KvScheme::none;
   for (KvScheme k : s.kv_schemes) listed |= k == kq.scheme;
-  if (!listed) return who + "kv_quant.scheme = " + name + " is not supported (supported: " + supported + ")";
+  if (!listed) return who() + "kv_quant.scheme = " + name + " is not supported (supported: " + supported() + ")";
   if (kq.scheme == KvScheme::int8_group) {
     bool ok = false;
     for (int g : s.kv_group_sizes) ok |= g == kq.group_size;
     if (!ok)
-      return who + "kv_quant.group_size = " + std::to_string(kq.group_size) +
+      return who() + "kv_quant.group_size = " + std::to_string(kq.group_size) +
              " is not supported (supported: " + join(s.kv_group_sizes) + ")";
     if (p.head_dim % kq.group_size != 0)
-      return who + "kv_quant.group_size = " + std::to_string(kq.group_size) + " does not divide head_dim = " +
+      return who() + "kv_quant.group_size = " + std::to_string(kq.group_size) + " does not divide head_dim = " +
              std::to_string(p.head_dim);
   } else if (kq.group_size != 0) {
-    return who + "kv_quant.group_size = " + std::to_string(kq.group_size) + " is only used by int8_group (" +
+    return who() + "kv_quant.group_size = " + std::to_string(kq.group_size) + " is only used by int8_group (" +
            name + " needs 0)";
   }
   if (kv_scheme_has_scales(kq.scheme)) {
-    if (!kq.k_scale) return who + "kv_quant.k_scale is a null pointer (" + name + " needs scales)";
-    if (!kq.v_scale) return who + "kv_quant.v_scale is a null pointer (" + name + " needs scales)";
+    if (!kq.k_scale) return who() + "kv_quant.k_scale is a null pointer (" + name + " needs scales)";
+    if (!kq.v_scale) return who() + "kv_quant.v_scale is a null pointer (" + name + " needs scales)";
     if (!aligned(kq.k_scale, 4) || !aligned(kq.v_scale, 4))
-      return who + "kv_quant scale pointers must be 4-byte aligned";
+      return who() + "kv_quant scale pointers must be 4-byte aligned";
   } else if (kq.k_scale || kq.v_scale) {
     // A caller passing scales expects them applied: refuse rather than ignore them.
-    return who + "kv_quant.k_scale/v_scale are given but " + name + " has no scales";
+    return who() + "kv_quant.k_scale/v_scale are given but " + name + " has no scales";
   }
   return "";
 }
 
 std::string unsupported_reason(const AttnParams& p, const Support& s) {
-  std::ostringstream e;
-  const std::string who = std::string(s.chapter) + ": ";
+  // Runs on every launch: nothing is allocated unless a message is returned.
+  auto who = [&] { return std::string(s.chapter) + ": "; };
+  std::string bad;
   auto positive = [&](const char* name, int64_t v) {
-    if (v <= 0) e << who << name << " = " << v << " must be > 0";
+    if (v <= 0) bad = who() + name + " = " + std::to_string(v) + " must be > 0";
     return v > 0;
   };
   if (!positive("batch", p.batch) || !positive("heads_q", p.heads_q) ||
       !positive("heads_kv", p.heads_kv) || !positive("seqlen_q", p.seqlen_q) ||
       !positive("seqlen_kv", p.seqlen_kv) || !positive("head_dim", p.head_dim))
-    return e.str();
+    return bad;
 
   if (p.heads_q % p.heads_kv != 0)
-    return who + "heads_q = " + std::to_string(p.heads_q) + " is not a multiple of heads_kv = " +
+    return who() + "heads_q = " + std::to_string(p.heads_q) + " is not a multiple of heads_kv = " +
            std::to_string(p.heads_kv);
   if (p.heads_kv != p.heads_q && !s.gqa)
-    return who + "heads_kv = " + std::to_string(p.heads_kv) +
+    return who() + "heads_kv = " + std::to_string(p.heads_kv) +
            " != heads_q is not supported (GQA/MQA: see 06_gqa_alibi)";
 
   if (!s.head_dims.empty()) {
     bool ok = false;
     for (int d : s.head_dims) ok |= d == p.head_dim;
     if (!ok)
-      return who + "head_dim = " + std::to_string(p.head_dim) + " is not supported (supported: " +
+      return who() + "head_dim = " + std::to_string(p.head_dim) + " is not supported (supported: " +
              join(s.head_dims) + ")";
   } else if (p.head_dim > s.max_head_dim) {
-    return who + "head_dim = " + std::to_string(p.head_dim) + " is not supported (supported: 1.." +
+    return who() + "head_dim = " + std::to_string(p.head_dim) + " is not supported (supported: 1.." +
            std::to_string(s.max_head_dim) + ")";
   }
   if (p.head_dim % s.vector_elems != 0)
-    return who + "head_dim = " + std::to_string(p.head_dim) + " must be a multiple of " +
+    return who() + "head_dim = " + std::to_string(p.head_dim) + " must be a multiple of " +
            std::to_string(s.vector_elems);
 
   if (p.dtype != DType::fp16 && p.dtype != DType::bf16)
-    return who + "dtype = " + std::to_string(int(p.dtype)) + " is unknown (supported: fp16, bf16)";
+    return who() + "dtype = " + std::to_string(int(p.dtype)) + " is unknown (supported: fp16, bf16)";
   if ((p.dtype == DType::fp16 && !s.fp16) || (p.dtype == DType::bf16 && !s.bf16))
-    return who + "dtype = " + dtype_name(p.dtype) + " is not supported (supported:" +
+    return who() + "dtype = " + dtype_name(p.dtype) + " is not supported (supported:" +
            (s.fp16 ? " fp16" : "") + (s.bf16 ? " bf16" : "") + ")";
 
   if (!(std::isfinite(p.softmax_scale) && p.softmax_scale > 0.f))
-    return who + "softmax_scale = " + std::to_string(p.softmax_scale) + " must be finite and > 0";
+    return who() + "softmax_scale = " + std::to_string(p.softmax_scale) + " must be finite and > 0";
 
   {
     const std::string why = kv_quant_reason(p, s, who);
@@ -146,20 +153,20 @@ std::string unsupported_reason(const AttnParams& p, const Support& s) {
   // 16-byte loads of a 1-byte KV cache hold twice as many elements.
   const int kv_vec_elems = s.vector_elems * dtype_bytes(p.dtype) / kv_element_bytes(p);
   if (p.head_dim % kv_vec_elems != 0)
-    return who + "head_dim = " + std::to_string(p.head_dim) + " must be a multiple of " +
+    return who() + "head_dim = " + std::to_string(p.head_dim) + " must be a multiple of " +
            std::to_string(kv_vec_elems) + " for a 1-byte KV cache";
 
-  if (!p.q) return who + "q is a null pointer";
-  if (!p.k) return who + "k is a null pointer";
-  if (!p.v) return who + "v is a null pointer";
-  if (!p.o) return who + "o is a null pointer";
+  if (!p.q) return who() + "q is a null pointer";
+  if (!p.k) return who() + "k is a null pointer";
+  if (!p.v) return who() + "v is a null pointer";
+  if (!p.o) return who() + "o is a null pointer";
 
   // 16-byte vector loads need 16-byte aligned rows.
   const int vec_bytes = s.vector_elems * dtype_bytes(p.dtype);
   struct Named { const char* name; const void* ptr; };
   for (Named t : {Named{"q", p.q}, Named{"k", p.k}, Named{"v", p.v}, Named{"o", p.o}})
     if (!aligned(t.ptr, vec_bytes))
-      return who + t.name + " pointer is not " + std::to_string(vec_bytes) + "-byte aligned";
+      return who() + t.name + " pointer is not " + std::to_string(vec_bytes) + "-byte aligned";
   struct Stride { const char* name; int64_t value; bool kv; };
   for (Stride t : {Stride{"q_batch_stride", p.q_batch_stride, false},
                    Stride{"q_row_stride", p.q_row_stride, false},
@@ -174,49 +181,49 @@ std::string unsupported_reason(const AttnParams& p, const Support& s) {
                    Stride{"o_row_stride", p.o_row_stride, false},
                    Stride{"o_head_stride", p.o_head_stride, false}}) {
     const int elems = t.kv ? kv_vec_elems : s.vector_elems;
-    if (t.value < 0) return who + t.name + " = " + std::to_string(t.value) + " must be >= 0";
+    if (t.value < 0) return who() + t.name + " = " + std::to_string(t.value) + " must be >= 0";
     if (t.value % elems != 0)
-      return who + t.name + " = " + std::to_string(t.value) + " is not a multiple of " +
+      return who() + t.name + " = " + std::to_string(t.value) + " is not a multiple of " +
              std::to_string(elems) + " elements (rows must stay " + std::to_string(vec_bytes) +
              "-byte aligned)";
   }
   if (p.q_row_stride < int64_t(p.head_dim) || p.k_row_stride < int64_t(p.head_dim) ||
       p.v_row_stride < int64_t(p.head_dim) || p.o_row_stride < int64_t(p.head_dim))
-    return who + "row strides must be >= head_dim (did you call set_contiguous_strides?)";
+    return who() + "row strides must be >= head_dim (did you call set_contiguous_strides?)";
   if (p.q_head_stride < int64_t(p.head_dim) || p.k_head_stride < int64_t(p.head_dim) ||
       p.v_head_stride < int64_t(p.head_dim) || p.o_head_stride < int64_t(p.head_dim))
-    return who + "head strides must be >= head_dim (did you call set_contiguous_strides?)";
+    return who() + "head strides must be >= head_dim (did you call set_contiguous_strides?)";
 
-  if (p.causal && !s.causal) return who + "causal = true is not supported";
-  if (p.lse && !s.lse) return who + "lse output is not supported";
-  if (p.lse && !aligned(p.lse, 4)) return who + "lse pointer is not 4-byte aligned";
-  if (p.alibi_slopes && !s.alibi) return who + "alibi_slopes are not supported (see 06_gqa_alibi)";
+  if (p.causal && !s.causal) return who() + "causal = true is not supported";
+  if (p.lse && !s.lse) return who() + "lse output is not supported";
+  if (p.lse && !aligned(p.lse, 4)) return who() + "lse pointer is not 4-byte aligned";
+  if (p.alibi_slopes && !s.alibi) return who() + "alibi_slopes are not supported (see 06_gqa_alibi)";
   if ((p.cu_seqlens_q || p.cu_seqlens_kv) && !s.varlen)
-    return who + "cu_seqlens_q/cu_seqlens_kv (varlen) are not supported (see 06_gqa_alibi)";
+    return who() + "cu_seqlens_q/cu_seqlens_kv (varlen) are not supported (see 06_gqa_alibi)";
   if (bool(p.cu_seqlens_q) != bool(p.cu_seqlens_kv))
-    return who + "cu_seqlens_q and cu_seqlens_kv must be given together";
-  if (p.cache_seqlens && !s.cache_seqlens) return who + "cache_seqlens are not supported";
-  if (p.block_table && !s.paged_kv) return who + "block_table (paged KV) is not supported";
+    return who() + "cu_seqlens_q and cu_seqlens_kv must be given together";
+  if (p.cache_seqlens && !s.cache_seqlens) return who() + "cache_seqlens are not supported";
+  if (p.block_table && !s.paged_kv) return who() + "block_table (paged KV) is not supported";
   if (p.block_table) {
     if (p.page_size < 16 || (p.page_size & (p.page_size - 1)))
-      return who + "page_size = " + std::to_string(p.page_size) + " must be a power of two >= 16";
+      return who() + "page_size = " + std::to_string(p.page_size) + " must be a power of two >= 16";
     if (p.max_pages_per_seq <= 0)
-      return who + "max_pages_per_seq = " + std::to_string(p.max_pages_per_seq) + " must be > 0";
+      return who() + "max_pages_per_seq = " + std::to_string(p.max_pages_per_seq) + " must be > 0";
     if (int64_t(p.max_pages_per_seq) * p.page_size < p.seqlen_kv)
-      return who + "seqlen_kv = " + std::to_string(p.seqlen_kv) +
+      return who() + "seqlen_kv = " + std::to_string(p.seqlen_kv) +
              " exceeds the block table's capacity max_pages_per_seq * page_size = " +
              std::to_string(int64_t(p.max_pages_per_seq) * p.page_size);
-    if (p.num_pages <= 0) return who + "num_pages = " + std::to_string(p.num_pages) + " must be > 0";
+    if (p.num_pages <= 0) return who() + "num_pages = " + std::to_string(p.num_pages) + " must be > 0";
   }
   if (s.max_seqlen_q > 0 && p.seqlen_q > s.max_seqlen_q)
-    return who + "seqlen_q = " + std::to_string(p.seqlen_q) + " is not supported (supported: " +
+    return who() + "seqlen_q = " + std::to_string(p.seqlen_q) + " is not supported (supported: " +
            (s.max_seqlen_q == 1 ? "1" : "1.." + std::to_string(s.max_seqlen_q)) + ")";
-  if (p.num_splits < 0) return who + "num_splits = " + std::to_string(p.num_splits) + " must be >= 0";
+  if (p.num_splits < 0) return who() + "num_splits = " + std::to_string(p.num_splits) + " must be >= 0";
   if (p.num_splits > 0 && !s.splits)
-    return who + "num_splits = " + std::to_string(p.num_splits) +
+    return who() + "num_splits = " + std::to_string(p.num_splits) +
            " is not supported (split-KV decoding: see 04_flash_decoding)";
   if (s.max_splits > 0 && p.num_splits > s.max_splits)
-    return who + "num_splits = " + std::to_string(p.num_splits) + " is not supported (supported: 0.." +
+    return who() + "num_splits = " + std::to_string(p.num_splits) + " is not supported (supported: 0.." +
            std::to_string(s.max_splits) + ")";
   return "";
 }
