@@ -32,8 +32,10 @@
 //     r = 3: token 0, head 4 h_kv + 3          +----------------+     +-----------+
 //     r = 4: token 1, head 4 h_kv + 0  ...     (decode: rows 0..G-1 only; prefill: 128 rows)
 // clang-format on
+#include <algorithm>
 #include <cmath>
 #include <mutex>
+#include <type_traits>
 
 #include "03_flash_v2/tensor_core.cuh"
 #include "06_gqa_alibi/kernel.h"
@@ -80,10 +82,15 @@ template <> struct Tiles<128> { static constexpr int B_c = 64, QK_UNROLL = 2; };
 
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 
-// K/V stages: 03's double buffer for prefill tiles (B_r = 128); the decoding tile (B_r = 64) has
-// little math to hide loads behind and a smaller Q tile, so it keeps two tiles in flight (112 KB
-// at d = 128, still two blocks per SM).
-template <int M_FRAGS> struct Stages { static constexpr int value = M_FRAGS == 1 ? 3 : 2; };
+// Two tiles, two jobs for the warps:
+//   - prefill (KEY_WARPS = false): 03's tile, B_r = 64 M_FRAGS rows, warp w owns rows 16 M_FRAGS w..;
+//     K/V double-buffered (the math hides the loads);
+//   - decoding (KEY_WARPS = true, at most 32 packed rows: one token of up to 32 heads of a group):
+//     B_r = 16 M_FRAGS rows shared by all 4 warps, and warp w multiplies keys 16w..16w+15 of every
+//     64-key tile, as 04 does: all 4 warps compute where only the first would hold real rows. The
+//     warps' (m, l, O) are merged at the end. Three stages keep two K/V tiles in flight while one is
+//     computed (100 KB at d = 128: two blocks per SM).
+template <bool KEY_WARPS> struct Stages { static constexpr int value = KEY_WARPS ? 3 : 2; };
 
 template <int ROW>
 __device__ __forceinline__ uint32_t smem_offset(int r, int c) {
@@ -121,15 +128,123 @@ __device__ __forceinline__ float tree_reduce(const float (&v)[N], F op) {
   }
 }
 
-template <class T, int D, int M_FRAGS, bool ALIBI>
+// The decoding tile's epilogue: the 4 warps saw different keys of the same rows, so their
+// (m_w, l_w, O_w) merge as 04's warps (and splits) do, through shared memory:
+//   m = max_w m_w,  l = sum_w l_w 2^((m_w - m) c),  O = sum_w O_w 2^((m_w - m) c) / l.
+// Then O (or this split's fp32 partial and lse_s) goes to row (token r / G, head h_kv G + r % G).
+template <class T, int D, int B_r, int M_FRAGS = B_r / 16>
+__device__ __forceinline__ void merge_key_warps(unsigned char* smem, float (&o)[M_FRAGS][D / 8][4],
+                                                float (&m_i)[M_FRAGS][2], float (&l_i)[M_FRAGS][2],
+                                                float scale_log2, const lab::AttnParams& p, int r0, int rows,
+                                                int G, int h_kv, int b, int split, int splits, T* O,
+                                                float* o_partial, float* lse_partial) {
+  constexpr int O_STRIDE = D + 4;  // padding: the 8 rows g of a store hit different banks
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  float* red_m = reinterpret_cast<float*>(smem);  // [kWarps][B_r]
+  float* red_l = red_m + kWarps * B_r;            // [kWarps][B_r]
+  float* part_o = red_l + kWarps * B_r;           // [kWarps][B_r][O_STRIDE]: each warp's O, rescaled
+#pragma unroll
+  for (int mi = 0; mi < M_FRAGS; ++mi)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = l_i[mi][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      if (t == 0)
+        red_m[warp * B_r + mi * 16 + g + 8 * r] = m_i[mi][r], red_l[warp * B_r + mi * 16 + g + 8 * r] = l;
+    }
+  __syncthreads();
+  auto row_max = [&](int row) {
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, red_m[w * B_r + row]);
+    return m;
+  };
+  auto factor = [&](float m_w, float m) {
+    return m == -INFINITY ? 0.f : exp2_approx((m_w - m) * scale_log2);
+  };
+#pragma unroll
+  for (int mi = 0; mi < M_FRAGS; ++mi)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = mi * 16 + g + 8 * r;
+      const float f = factor(m_i[mi][r], row_max(row));
+      float* dst = part_o + (warp * B_r + row) * O_STRIDE + 2 * t;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd)
+        *reinterpret_cast<float2*>(dst + nd * 8) =
+            make_float2(o[mi][nd][2 * r] * f, o[mi][nd][2 * r + 1] * f);
+    }
+  __syncthreads();
+  auto row_sum = [&](int row, float m) {
+    float l = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) l += red_l[w * B_r + row] * factor(red_m[w * B_r + row], m);
+    return l;
+  };
+  for (int e = threadIdx.x; e < B_r * (D / 8); e += kThreads) {
+    const int rr = e / (D / 8), c = (e % (D / 8)) * 8, row = r0 + rr;
+    if (row >= rows) continue;
+    const float l = row_sum(rr, row_max(rr)), inv_l = l > 0.f ? 1.f / l : 0.f;
+    float v[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      float acc = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) acc += part_o[(w * B_r + rr) * O_STRIDE + c + k];
+      v[k] = acc * inv_l;
+    }
+    const int tok = row / G, h = h_kv * G + row % G;
+    if (splits == 1) {
+      uint4 packed;
+      uint32_t* w32 = reinterpret_cast<uint32_t*>(&packed);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) w32[k] = pack2<T>(v[2 * k], v[2 * k + 1]);
+      *reinterpret_cast<uint4*>(O + tok * p.o_row_stride + h * p.o_head_stride + c) = packed;
+    } else {
+      const int64_t at = ((int64_t(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q + tok;
+      float4* dst = reinterpret_cast<float4*>(o_partial + at * D + c);
+      dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+      dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
+  }
+  if (threadIdx.x < B_r && r0 + int(threadIdx.x) < rows) {
+    const int rr = threadIdx.x, row = r0 + rr;
+    const float m = row_max(rr), l = row_sum(rr, m);
+    const float lse = l > 0.f ? m * p.softmax_scale + logf(l) : -INFINITY;
+    const int64_t at = (int64_t(b) * p.heads_q + h_kv * G + row % G) * p.seqlen_q + row / G;
+    if (splits > 1)
+      lse_partial[int64_t(split) * p.batch * p.heads_q * p.seqlen_q + at] = lse;
+    else if (p.lse)
+      p.lse[at] = lse;
+  }
+}
+
+// Sequence b of a varlen batch: its first rows in the packed Q/O and K/V tensors, and its lengths.
+struct Sequence {
+  int64_t q_row0 = 0, k_row0 = 0;
+  int sq, sk;
+};
+__device__ __forceinline__ Sequence sequence(const lab::AttnParams& p, int b) {
+  Sequence s;
+  s.sq = p.seqlen_q, s.sk = p.seqlen_kv;
+  if (p.cu_seqlens_q) {
+    s.q_row0 = p.cu_seqlens_q[b], s.sq = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
+    s.k_row0 = p.cu_seqlens_kv[b], s.sk = p.cu_seqlens_kv[b + 1] - p.cu_seqlens_kv[b];
+  }
+  return s;
+}
+
+template <class T, int D, int M_FRAGS, bool KEY_WARPS, bool ALIBI>
 __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::AttnParams p, int splits,
                                                                      float* o_partial, float* lse_partial) {
-  constexpr int B_r = 16 * kWarps * M_FRAGS, B_c = Tiles<D>::B_c;
-  constexpr int QK_UNROLL = ALIBI && D == 128 ? 1 : Tiles<D>::QK_UNROLL;
+  constexpr int B_r = 16 * M_FRAGS * (KEY_WARPS ? 1 : kWarps), B_c = Tiles<D>::B_c;
+  constexpr int W_C = KEY_WARPS ? B_c / kWarps : B_c;  // keys of each tile this warp multiplies
+  constexpr int QK_UNROLL = KEY_WARPS ? D / 16 : ALIBI && D == 128 ? 1 : Tiles<D>::QK_UNROLL;
   constexpr int ROW = (D + 63) / 64 * 64;
-  constexpr int N_S = B_c / 8, N_O = D / 8, CHUNKS = D / 8;
+  constexpr int N_S = W_C / 8, N_O = D / 8, CHUNKS = D / 8;
   constexpr uint32_t ROW_BYTES = ROW * sizeof(T), KV_TILE = B_c * ROW * sizeof(T);
-  constexpr int NST = Stages<M_FRAGS>::value;
+  constexpr int NST = Stages<KEY_WARPS>::value;
 
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sQ = smem_addr(smem);
@@ -140,16 +255,12 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
   const int G = p.heads_q / p.heads_kv;
   const int split = blockIdx.x % splits, m_block = blockIdx.x / splits;
   const int h_kv = blockIdx.y, b = blockIdx.z;
-  // Sequence b: its rows in the (possibly packed) Q/O and K/V tensors.
-  int sq = p.seqlen_q, sk = p.seqlen_kv;
-  int64_t q_row0 = 0, k_row0 = 0;
-  if (p.cu_seqlens_q) {
-    q_row0 = p.cu_seqlens_q[b], sq = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
-    k_row0 = p.cu_seqlens_kv[b], sk = p.cu_seqlens_kv[b + 1] - p.cu_seqlens_kv[b];
-  }
+  const Sequence seq = sequence(p, b);
+  const int sq = seq.sq, sk = seq.sk;
   const int rows = sq * G, r0 = m_block * B_r;
   if (r0 >= rows) return;  // a short sequence in a long batch: nothing here (before any barrier)
-  const int diag = sk - sq, warp_row0 = warp * 16 * M_FRAGS;
+  const int diag = sk - sq, warp_row0 = KEY_WARPS ? 0 : warp * 16 * M_FRAGS;
+  const int key_off = KEY_WARPS ? warp * W_C : 0;  // this warp's keys within a tile
   const bool warp_active = r0 + warp_row0 < rows;  // some row of this warp is real
 
   // Keys this tile sees (causal: up to its last token's diagonal), cut into split chunks.
@@ -160,9 +271,9 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
   const int k_begin = min(n_keys, split * chunk), k_end = min(n_keys, k_begin + chunk);
   const int T_c = (k_end - k_begin + B_c - 1) / B_c;
 
-  const T* Q = static_cast<const T*>(p.q) + b * p.q_batch_stride + q_row0 * p.q_row_stride;
-  const T* K = static_cast<const T*>(p.k) + b * p.k_batch_stride + (k_row0 + k_begin) * p.k_row_stride + h_kv * p.k_head_stride;
-  const T* V = static_cast<const T*>(p.v) + b * p.v_batch_stride + (k_row0 + k_begin) * p.v_row_stride + h_kv * p.v_head_stride;
+  const T* Q = static_cast<const T*>(p.q) + b * p.q_batch_stride + seq.q_row0 * p.q_row_stride;
+  const T* K = static_cast<const T*>(p.k) + b * p.k_batch_stride + (seq.k_row0 + k_begin) * p.k_row_stride + h_kv * p.k_head_stride;
+  const T* V = static_cast<const T*>(p.v) + b * p.v_batch_stride + (seq.k_row0 + k_begin) * p.v_row_stride + h_kv * p.v_head_stride;
 
   // Q_i: packed row r is token r / G of query head h_kv G + r % G, so rows are gathered one by
   // one (once per block; the K/V tiles below are plain 03 tiles).
@@ -242,7 +353,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
 
   // Keys past the sequence (or the split's causal range) and right of each row's diagonal.
   auto mask_scores = [&](float (&s)[M_FRAGS][N_S][4], int n0) {
-    if (n0 + B_c > k_end || (p.causal && n0 + B_c - 1 > crossing)) {
+    if (n0 + W_C > k_end || (p.causal && n0 + W_C - 1 > crossing)) {
 #pragma unroll
       for (int mi = 0; mi < M_FRAGS; ++mi)
 #pragma unroll
@@ -301,7 +412,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
 
   auto accumulate_pv = [&](const float (&s)[M_FRAGS][N_S][4], uint32_t sV_j) {
 #pragma unroll
-    for (int kk = 0; kk < B_c / 16; ++kk) {
+    for (int kk = 0; kk < W_C / 16; ++kk) {
       uint32_t a[M_FRAGS][4];
 #pragma unroll
       for (int mi = 0; mi < M_FRAGS; ++mi) {
@@ -324,7 +435,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
   };
 
   for (int j = 0; j < T_c; ++j) {
-    const int n0 = k_begin + j * B_c;  // key index within the sequence
+    const int n0 = k_begin + j * B_c + key_off;  // this warp's first key, within the sequence
     cp_async_wait<NST - 2>();  // tile j has landed (the NST - 2 newer groups may still fly)
     __syncthreads();           // ... for every thread; and every warp is done with tile j - 1
     const int ahead = j + NST - 1;  // prefetch into the buffer tile j - 1 used
@@ -335,7 +446,8 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
     }
     cp_async_commit();  // possibly empty: keeps one group per iteration for wait_group
     if (warp_active) {  // warp-uniform: padding-only warps (decoding) just load
-      const uint32_t sK_j = sK + (j % NST) * KV_TILE, sV_j = sV + (j % NST) * KV_TILE;
+      const uint32_t sK_j = sK + (j % NST) * KV_TILE + key_off * ROW_BYTES;
+      const uint32_t sV_j = sV + (j % NST) * KV_TILE + key_off * ROW_BYTES;
       float s[M_FRAGS][N_S][4];
       compute_scores(s, sK_j);
       mask_scores(s, n0);
@@ -349,110 +461,151 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
 #endif
   __syncthreads();  // shared memory is reused below for O
 
-  // O_i / l_i; lse (or this split's lse_s). Then O staged in shared memory, 16-byte stores.
-  T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + q_row0 * p.o_row_stride;
-#pragma unroll
-  for (int mi = 0; mi < M_FRAGS; ++mi)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float l = l_i[mi][r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv_l = l > 0.f ? 1.f / l : 0.f;
-#pragma unroll
-      for (int nd = 0; nd < N_O; ++nd) o[mi][nd][2 * r] *= inv_l, o[mi][nd][2 * r + 1] *= inv_l;
-      const int row = r0 + warp_row0 + mi * 16 + g + 8 * r;
-      if (t == 0 && row < rows) {
-        const float lse = l > 0.f ? m_i[mi][r] * p.softmax_scale + logf(l) : -INFINITY;
-        const int64_t at = (int64_t(b) * p.heads_q + h_kv * G + row % G) * p.seqlen_q + row / G;
-        if (splits > 1) lse_partial[int64_t(split) * p.batch * p.heads_q * p.seqlen_q + at] = lse;
-        else if (p.lse) p.lse[at] = lse;
-      }
-    }
-  if (splits > 1) {  // fp32 partials straight from registers: [split][b][h][i][d]
+  // The sequence's offsets again: re-read here rather than kept in registers through the loop.
+  const Sequence out = sequence(p, b);
+  T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + out.q_row0 * p.o_row_stride;
+  if constexpr (KEY_WARPS) {
+    merge_key_warps<T, D, B_r>(smem, o, m_i, l_i, scale_log2, p, r0, rows, G, h_kv, b, split, splits, O,
+                               o_partial, lse_partial);
+  } else {
+    // 03's epilogue: O_i / l_i; lse (or this split's lse_s); O staged in shared memory, 16-byte stores.
 #pragma unroll
     for (int mi = 0; mi < M_FRAGS; ++mi)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
+        float l = l_i[mi][r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const float inv_l = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+        for (int nd = 0; nd < N_O; ++nd) o[mi][nd][2 * r] *= inv_l, o[mi][nd][2 * r + 1] *= inv_l;
         const int row = r0 + warp_row0 + mi * 16 + g + 8 * r;
-        if (row >= rows) continue;
-        const int64_t at = ((int64_t(split) * p.batch + b) * p.heads_q + h_kv * G + row % G) * p.seqlen_q + row / G;
-#pragma unroll
-        for (int nd = 0; nd < N_O; ++nd)
-          *reinterpret_cast<float2*>(o_partial + at * D + nd * 8 + 2 * t) = make_float2(o[mi][nd][2 * r], o[mi][nd][2 * r + 1]);
+        if (t == 0 && row < rows) {
+          const float lse = l > 0.f ? m_i[mi][r] * p.softmax_scale + logf(l) : -INFINITY;
+          const int64_t at = (int64_t(b) * p.heads_q + h_kv * G + row % G) * p.seqlen_q + row / G;
+          if (splits > 1) lse_partial[int64_t(split) * p.batch * p.heads_q * p.seqlen_q + at] = lse;
+          else if (p.lse) p.lse[at] = lse;
+        }
       }
-    return;
-  }
+    if (splits > 1) {  // fp32 partials straight from registers: [split][b][h][i][d]
 #pragma unroll
-  for (int mi = 0; mi < M_FRAGS; ++mi)
+      for (int mi = 0; mi < M_FRAGS; ++mi)
 #pragma unroll
-    for (int nd = 0; nd < N_O; ++nd) {
-      const int rr = warp_row0 + mi * 16 + g;
-      *reinterpret_cast<uint32_t*>(smem + smem_offset<ROW>(rr, nd) + 4 * t) = pack2<T>(o[mi][nd][0], o[mi][nd][1]);
-      *reinterpret_cast<uint32_t*>(smem + smem_offset<ROW>(rr + 8, nd) + 4 * t) = pack2<T>(o[mi][nd][2], o[mi][nd][3]);
+        for (int r = 0; r < 2; ++r) {
+          const int row = r0 + warp_row0 + mi * 16 + g + 8 * r;
+          if (row >= rows) continue;
+          const int64_t at = ((int64_t(split) * p.batch + b) * p.heads_q + h_kv * G + row % G) * p.seqlen_q + row / G;
+#pragma unroll
+          for (int nd = 0; nd < N_O; ++nd)
+            *reinterpret_cast<float2*>(o_partial + at * D + nd * 8 + 2 * t) = make_float2(o[mi][nd][2 * r], o[mi][nd][2 * r + 1]);
+        }
+      return;
     }
-  __syncwarp();
 #pragma unroll
-  for (int e = lane; e < 16 * M_FRAGS * CHUNKS; e += 32) {
-    const int rr = warp_row0 + e / CHUNKS, c = e % CHUNKS, row = r0 + rr;
-    if (row < rows)
-      *reinterpret_cast<uint4*>(O + (row / G) * p.o_row_stride + (h_kv * G + row % G) * p.o_head_stride + c * 8) =
-          *reinterpret_cast<const uint4*>(smem + smem_offset<ROW>(rr, c));
+    for (int mi = 0; mi < M_FRAGS; ++mi)
+#pragma unroll
+      for (int nd = 0; nd < N_O; ++nd) {
+        const int rr = warp_row0 + mi * 16 + g;
+        *reinterpret_cast<uint32_t*>(smem + smem_offset<ROW>(rr, nd) + 4 * t) = pack2<T>(o[mi][nd][0], o[mi][nd][1]);
+        *reinterpret_cast<uint32_t*>(smem + smem_offset<ROW>(rr + 8, nd) + 4 * t) = pack2<T>(o[mi][nd][2], o[mi][nd][3]);
+      }
+    __syncwarp();
+#pragma unroll
+    for (int e = lane; e < 16 * M_FRAGS * CHUNKS; e += 32) {
+      const int rr = warp_row0 + e / CHUNKS, c = e % CHUNKS, row = r0 + rr;
+      if (row < rows)
+        *reinterpret_cast<uint4*>(O + (row / G) * p.o_row_stride + (h_kv * G + row % G) * p.o_head_stride + c * 8) =
+            *reinterpret_cast<const uint4*>(smem + smem_offset<ROW>(rr, c));
+    }
   }
 }
 
-template <class T, int D, int M_FRAGS>
-constexpr int smem_bytes() {
-  return (16 * kWarps * M_FRAGS + 2 * Stages<M_FRAGS>::value * Tiles<D>::B_c) * ((D + 63) / 64 * 64) * int(sizeof(T));
+template <int M, bool KW, bool A>
+struct TileConfig {
+  static constexpr int m_frags = M;
+  static constexpr bool key_warps = KW, alibi = A;
+};
+
+// The decoding tile (warps split the keys) when no sequence has more than 32 packed rows
+// (seqlen_q x G: one token of a group of up to 32 heads), 03's 128-row tile otherwise.
+template <class F>
+void with_tile(const lab::AttnParams& p, F&& f) {
+  const int64_t rows = int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv);
+  const bool alibi = p.alibi_slopes != nullptr;
+  if (rows <= 16)
+    alibi ? f(TileConfig<1, true, true>{}) : f(TileConfig<1, true, false>{});
+  else if (rows <= 32)
+    alibi ? f(TileConfig<2, true, true>{}) : f(TileConfig<2, true, false>{});
+  else
+    alibi ? f(TileConfig<2, false, true>{}) : f(TileConfig<2, false, false>{});
 }
 
-template <class T, int D, int M_FRAGS, bool ALIBI>
-void launch_tiles(const lab::AttnParams& p, int splits, float* o_partial, float* lse_partial, cudaStream_t stream) {
-  constexpr int smem = smem_bytes<T, D, M_FRAGS>();
-  auto kernel = flash_forward_grouped<T, D, M_FRAGS, ALIBI>;
-  int dev = 0;
-  LAB_CUDA_CHECK(cudaGetDevice(&dev));
-  static std::once_flag configured[64];
-  std::call_once(configured[dev % 64], [&] {
-    LAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  });
-  const int G = p.heads_q / p.heads_kv, B_r = 16 * kWarps * M_FRAGS;
-  const int64_t row_tiles = (int64_t(p.seqlen_q) * G + B_r - 1) / B_r;
-  const dim3 grid(unsigned(row_tiles * splits), p.heads_kv, p.batch);
-  kernel<<<grid, kThreads, smem, stream>>>(p, splits, o_partial, lse_partial);
-  LAB_LAUNCH_CHECK();
-}
+template <class T, int D, class C>
+struct Tile {
+  static constexpr int B_r = 16 * C::m_frags * (C::key_warps ? 1 : kWarps);
+  static constexpr int smem =
+      (B_r + 2 * Stages<C::key_warps>::value * Tiles<D>::B_c) * ((D + 63) / 64 * 64) * int(sizeof(T));
+  static_assert(!C::key_warps || smem >= 2 * kWarps * B_r * 4 + kWarps * B_r * (D + 4) * 4,
+                "the decoding tile's merge reuses its K/V stages");
+  static constexpr auto kernel = flash_forward_grouped<T, D, C::m_frags, C::key_warps, C::alibi>;
 
-// B_r = 64 when every sequence fits in one 64-row tile (decoding: G rows per token), else 128.
-int m_frags_for(const lab::AttnParams& p) {
-  return int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv) <= 64 ? 1 : 2;
-}
+  // Sets the shared-memory limit once per device; returns how many blocks an SM holds.
+  static int blocks_per_sm() {
+    int dev = 0;
+    LAB_CUDA_CHECK(cudaGetDevice(&dev));
+    static std::once_flag configured[64];
+    static int resident[64];
+    std::call_once(configured[dev % 64], [&] {
+      LAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      LAB_CUDA_CHECK(
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident[dev % 64], kernel, kThreads, smem));
+    });
+    return resident[dev % 64];
+  }
+  static int64_t row_tiles(const lab::AttnParams& p) {
+    return (int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv) + B_r - 1) / B_r;
+  }
+};
 
+// Split-KV: a GQA decoding batch has few blocks (batch x heads_kv: 64 at batch 8, GQA 32/8) over
+// few bytes. Aim for one full wave of resident blocks (2 per SM at d = 128), so every block starts
+// at once and none waits for a second wave; chunks keep at least 4 tiles.
+template <class T, int D>
 int splits_for(const lab::AttnParams& p) {
-  int dev = 0, sms = 0;
+  int dev = 0, sms = 0, splits = 1;
   LAB_CUDA_CHECK(cudaGetDevice(&dev));
   LAB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const int B_r = 64 * m_frags_for(p);
-  const int64_t row_tiles = (int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv) + B_r - 1) / B_r;
-  // A block keeps about one 32 KB K/V tile in flight (d = 128), and with GQA a decoding batch
-  // has few blocks (batch x heads_kv) over few bytes, so balance matters as much as bytes in
-  // flight: aim for 4 blocks per SM (as 05 does), chunks of at least 4 tiles.
-  return ch04::choose_num_splits(p.num_splits, row_tiles * p.heads_kv * p.batch, p.seqlen_kv, 4 * 64, 4 * sms);
+  with_tile(p, [&](auto config) {
+    using Tl = Tile<T, D, decltype(config)>;
+    const int64_t work = Tl::row_tiles(p) * p.heads_kv * p.batch;
+    splits = ch04::choose_num_splits(p.num_splits, work, p.seqlen_kv, 4 * 64,
+                                     std::max(1, Tl::blocks_per_sm()) * sms);
+  });
+  return splits;
 }
 
 template <class T, int D>
 void launch(const lab::AttnParams& p, cudaStream_t stream) {
-  const int splits = splits_for(p);
+  const int splits = splits_for<T, D>(p);
   const ch04::Partials part = ch04::partials_in_workspace(p, splits, kSupport.chapter);
-  const bool alibi = p.alibi_slopes != nullptr;
-  if (m_frags_for(p) == 1) {
-    if (alibi) launch_tiles<T, D, 1, true>(p, splits, part.o, part.lse, stream);
-    else launch_tiles<T, D, 1, false>(p, splits, part.o, part.lse, stream);
-  } else {
-    if (alibi) launch_tiles<T, D, 2, true>(p, splits, part.o, part.lse, stream);
-    else launch_tiles<T, D, 2, false>(p, splits, part.o, part.lse, stream);
-  }
+  with_tile(p, [&](auto config) {
+    using Tl = Tile<T, D, decltype(config)>;
+    Tl::blocks_per_sm();  // configures the kernel
+    const dim3 grid(unsigned(Tl::row_tiles(p) * splits), p.heads_kv, p.batch);
+    Tl::kernel<<<grid, kThreads, Tl::smem, stream>>>(p, splits, part.o, part.lse);
+    LAB_LAUNCH_CHECK();
+  });
   if (splits > 1) ch04::combine_splits(p, splits, part.o, part.lse, stream);
+}
+
+template <class F>
+auto with_types(const lab::AttnParams& p, F&& f) {
+  const bool half = p.dtype == lab::DType::fp16;
+  if (p.head_dim == 64)
+    return half ? f(__half{}, std::integral_constant<int, 64>{})
+                : f(__nv_bfloat16{}, std::integral_constant<int, 64>{});
+  return half ? f(__half{}, std::integral_constant<int, 128>{})
+              : f(__nv_bfloat16{}, std::integral_constant<int, 128>{});
 }
 
 void check_launch_limits(const lab::AttnParams& p) {
@@ -465,16 +618,14 @@ void check_launch_limits(const lab::AttnParams& p) {
 
 int num_splits_for(const lab::AttnParams& p) {
   check_launch_limits(p);
-  return splits_for(p);
+  return with_types(p, [&](auto t, auto d) { return splits_for<decltype(t), decltype(d)::value>(p); });
 }
 
 size_t workspace_bytes(const lab::AttnParams& p) { return ch04::partials_bytes(p, num_splits_for(p)); }
 
 void forward(const lab::AttnParams& p, cudaStream_t stream) {
   check_launch_limits(p);
-  const bool half = p.dtype == lab::DType::fp16;
-  if (p.head_dim == 64) half ? launch<__half, 64>(p, stream) : launch<__nv_bfloat16, 64>(p, stream);
-  else half ? launch<__half, 128>(p, stream) : launch<__nv_bfloat16, 128>(p, stream);
+  with_types(p, [&](auto t, auto d) { launch<decltype(t), decltype(d)::value>(p, stream); });
 }
 
 }  // namespace ch06
