@@ -8,7 +8,7 @@ For every shape of the standard grids (bench/torch_sdpa.py, the same as bench/la
 each variant of each chapter in liblab_attention.so (through python/lab) and
 scaled_dot_product_attention's flash (FlashAttention-2), cuDNN and memory-efficient backends, with
 the lab's method: CUDA events around the call only (the lab call is prepared beforehand, so only
-the launch is inside), L2 flushed before every repetition by writing a buffer of twice its size,
+the launch is inside), L2 flushed before every repetition by reading a buffer of twice its size,
 median of repetitions, FLOPs = 4 b hq (visible pairs) d, bytes = Q + K + V + O once. Tensors are
 in FlashAttention's [batch, seqlen, heads, head_dim] layout; SDPA gets them as [b, h, s, d] views.
 
@@ -85,7 +85,7 @@ def main():
     print(f"lab library: {lab.library_path()}; {len(entries)} lab variants")
     copy_gbps, gemm_tflops = torch_sdpa.ceilings()
     print(f"{gpu}: copy {copy_gbps:.0f} GB/s, fp16 GEMM {gemm_tflops:.1f} TFLOPS (torch {torch.__version__})")
-    flush = torch.empty(int(torch.cuda.get_device_properties(0).L2_cache_size) // 2, device="cuda")
+    flush = torch.zeros(int(torch.cuda.get_device_properties(0).L2_cache_size) // 2, device="cuda")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     configs = []
     if args.grid != "decode":

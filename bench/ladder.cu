@@ -237,6 +237,7 @@ int main(int argc, char** argv) {
     ro.check.sampled_rows_per_head = 2;
     ro.check.max_sampled_rows = 160;
     lab::L2Flusher flusher;
+    std::printf("L2 flush before each repetition: %s 2x L2\n", flusher.method());
 
     std::vector<lab::ResultRow> rows;
     std::map<std::string, std::vector<lab::ResultRow>> tables;

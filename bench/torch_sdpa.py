@@ -5,7 +5,8 @@
 
 Times torch.nn.functional.scaled_dot_product_attention per backend (flash = FlashAttention-2,
 cudnn, efficient) and an unfused eager attention (matmul, softmax, matmul), with the lab's method:
-CUDA events around the call only, L2 flushed before every repetition, median of repetitions,
+CUDA events around the call only, L2 flushed before every repetition (by reading a buffer of twice
+its size: flush_l2), median of repetitions,
 FLOPs = 4 * b * hq * (visible query-key pairs) * d, bytes = Q + K + V + O once. Each output is
 checked against an fp32 eager computation on its first (batch, head) pairs. Writes
 OUT_DIR/torch_sdpa.csv with the ladder's columns (chapter = "pytorch", variant = backend).
@@ -62,6 +63,19 @@ def eager(q, k, v, causal, scale):
     return torch.matmul(torch.softmax(s, dim=-1), v)
 
 
+FLUSH_WRITES = os.environ.get("LAB_L2_FLUSH") == "write"
+
+
+def flush_l2(buf):
+    """The lab's L2 flush (common/measure.h): read a buffer of twice the L2 size, which leaves the
+    L2 full of clean lines. LAB_L2_FLUSH=write writes it instead (buf.zero_()), which leaves dirty
+    lines that the timed call then pays to write back as it evicts them."""
+    if FLUSH_WRITES:
+        buf.zero_()
+    else:
+        buf.sum()
+
+
 def time_ms(fn, flush, reps=30, warmup=3, budget_s=1.0):
     for _ in range(warmup):
         fn()
@@ -69,7 +83,7 @@ def time_ms(fn, flush, reps=30, warmup=3, budget_s=1.0):
     times = []
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     while len(times) < reps:
-        flush.zero_()
+        flush_l2(flush)
         # Keep the GPU busy while Python enqueues the call, so the events time the GPU work only.
         torch.cuda._sleep(100_000)
         start.record()
@@ -86,7 +100,7 @@ def ceilings():
     n = 1 << 30
     src = torch.randn(n // 2, device="cuda", dtype=torch.float16)
     dst = torch.empty_like(src)
-    flush = torch.empty(1, device="cuda")
+    flush = torch.zeros(1, device="cuda")
     copy_ms, _ = time_ms(lambda: dst.copy_(src), flush, reps=20, budget_s=2)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
@@ -102,7 +116,7 @@ def main():
     gpu = torch.cuda.get_device_name()
     copy_gbps, gemm_tflops = ceilings()
     print(f"{gpu}: copy {copy_gbps:.0f} GB/s, fp16 GEMM {gemm_tflops:.1f} TFLOPS (torch {torch.__version__})")
-    flush = torch.empty(int(torch.cuda.get_device_properties(0).L2_cache_size) // 2, device="cuda")
+    flush = torch.zeros(int(torch.cuda.get_device_properties(0).L2_cache_size) // 2, device="cuda")
     rows = []
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     for workload, b, hq, hkv, sq, sk, d, causal in list(prefill_grid(quick)) + list(decode_grid(quick)):
