@@ -609,8 +609,13 @@ TEST_CASE("07: the kernel's error and the quantization error are measured apart"
   CHECK(quant_err["int8_head/normal"] < quant_err["fp8_e4m3/normal"]);
   CHECK(quant_err["fp8_e4m3/normal"] < quant_err["fp8_e5m2/normal"]);
   CHECK(quant_err["fp8_e5m2/normal"] > 2.0 / 1024);  // beyond what an fp16 check would accept
-  CHECK(quant_err["int8_group32/outliers"] <= 1.05 * quant_err["int8_head/outliers"]);
-  CHECK(quant_err["int8_head/outliers"] <= 1.05 * quant_err["int8_token/outliers"]);
+  // Outlier channels (the same channels in every head) make one scale per tensor 2-3x worse than
+  // scales per head or group. Per token, per head and per group differ here by less than this small
+  // problem's sampling noise (seed 13403: int8_head 0.0647 against int8_token 0.0626), so they are
+  // not ordered here: the [cpu] test above orders them on a confined outlier, and the chapter's
+  // table measures them at full size.
+  CHECK(quant_err["int8_head/outliers"] < quant_err["int8_tensor/outliers"]);
+  CHECK(quant_err["int8_group32/outliers"] < quant_err["int8_tensor/outliers"]);
 }
 
 TEST_CASE("07: bad cache tables turn rows into NaN, never reads outside", "[gpu]") {
