@@ -16,14 +16,15 @@
 //     sequences (one row) together, as continuous batching does. Blocks past a short sequence's
 //     rows exit at once;
 //   - split-KV as in 04 (partials + 04's combine, now varlen-aware) for decoding batches too small
-//     to fill the GPU.
+//     to fill the GPU;
+//   - a decoding tile: with at most 32 packed rows the 4 warps share the rows and split each
+//     tile's keys, as 04's warps do (in 03's tile only the first warp would hold real rows).
 // Everything else is 03's step 2: cp.async double buffering, swizzle, exp2 online softmax, P in
 // registers. Cost: a row's query head and token come from a division by G (in the prologue and
-// epilogue only); warps whose rows are all padding (decoding with G < 16) skip the math but still
-// load their share of each tile.
+// epilogue, and in the causal mask of diagonal tiles).
 //
 // clang-format off
-//   grid: (num_splits x row tiles, heads_kv, batch)      block: 4 warps, B_r = 64 or 128 packed rows
+//   grid: (num_splits x row tiles, heads_kv, batch)      block: 4 warps, B_r = 16, 32 or 128 packed rows
 //
 //   rows of the Q tile (GQA 32/8, G = 4):      K_j, V_j of KV head h_kv: loaded once, used by all
 //     r = 0: token 0, head 4 h_kv + 0          +----------------+     +-----------+
@@ -76,7 +77,7 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
-// 03's tiles; B_r = 64 (one m16 fragment per warp) when no sequence has more than 64 packed rows.
+// 03's K/V tiles: 64 keys.
 template <int D> struct Tiles { static constexpr int B_c = 64, QK_UNROLL = D / 16; };
 template <> struct Tiles<128> { static constexpr int B_c = 64, QK_UNROLL = 2; };
 
