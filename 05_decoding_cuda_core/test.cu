@@ -89,71 +89,15 @@ TEST_CASE("05_decoding_cuda_core: the same input gives bit-identical output twic
   lab::ProblemSpec s;
   s.batch = 2, s.heads_q = 8, s.heads_kv = 8, s.seqlen_q = 1, s.seqlen_kv = 9000, s.head_dim = 128;
   s.num_splits = 16, s.seed = lab::test_seed();
-  lab::Problem prob(s);
-  prob.ensure_workspace(ch05::workspace_bytes(prob.params));
-  std::vector<uint16_t> first;
-  for (int run = 0; run < 3; ++run) {
-    prob.poison_outputs(0);
-    ch05::forward(prob.params, 0);
-    LAB_CUDA_CHECK(cudaDeviceSynchronize());
-    std::vector<uint16_t> o = lab::download_bits(prob.params.o, prob.o_elems);
-    if (run == 0) first = o;
-    else REQUIRE(std::memcmp(o.data(), first.data(), o.size() * 2) == 0);
-  }
+  lab::require_bit_identical_runs(variant(), s);
 }
 
 TEST_CASE("05_decoding_cuda_core: bad cache tables are refused by name, and never read outside", "[gpu]") {
-  lab::ProblemSpec s;
-  s.batch = 2, s.heads_q = 2, s.heads_kv = 2, s.seqlen_q = 1, s.seqlen_kv = 256, s.head_dim = 64;
-  s.cache_seqlens = {256, 100}, s.page_size = 64, s.seed = lab::test_seed();
-  lab::Problem prob(s);
-  lab::AttnParams& p = prob.params;
-  prob.ensure_workspace(ch05::workspace_bytes(p));
-  REQUIRE(lab::kv_cache_tables_reason(p, "04").empty());
-
-  // A cache length above the capacity.
-  int* lens = const_cast<int*>(p.cache_seqlens);
-  const int too_long = 257;
-  LAB_CUDA_CHECK(cudaMemcpy(lens + 1, &too_long, sizeof(int), cudaMemcpyHostToDevice));
-  std::string why = lab::kv_cache_tables_reason(p, "04");
-  INFO(why);
-  CHECK(why.find("cache_seqlens[1] = 257") != std::string::npos);
-  prob.poison_outputs(0);
-  ch05::forward(p, 0);  // still launched: the kernel must poison, not read past the cache
-  LAB_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<uint16_t> o = lab::download_bits(p.o, prob.o_elems);
-  __half x;
-  std::memcpy(&x, &o[s.heads_q * s.head_dim], 2);  // sequence 1, head 0, element 0
-  CHECK(std::isnan(__half2float(x)));
-  const int ok_len = 100;
-  LAB_CUDA_CHECK(cudaMemcpy(lens + 1, &ok_len, sizeof(int), cudaMemcpyHostToDevice));
-
-  // A page index outside the pool.
-  int* table = const_cast<int*>(p.block_table);
-  const int bad_page = p.num_pages;
-  LAB_CUDA_CHECK(cudaMemcpy(table + 2, &bad_page, sizeof(int), cudaMemcpyHostToDevice));
-  why = lab::kv_cache_tables_reason(p, "04");
-  INFO(why);
-  CHECK(why.find("block_table[0][2] = " + std::to_string(bad_page)) != std::string::npos);
-  prob.poison_outputs(0);
-  ch05::forward(p, 0);
-  LAB_CUDA_CHECK(cudaDeviceSynchronize());
-  o = lab::download_bits(p.o, prob.o_elems);
-  std::memcpy(&x, &o[0], 2);  // sequence 0 uses page entry 2
-  CHECK(std::isnan(__half2float(x)));
+  lab::check_bad_cache_tables(variant());
 }
 
 TEST_CASE("05_decoding_cuda_core: too small a workspace is refused by name", "[gpu]") {
-  lab::ProblemSpec s;
-  s.batch = 1, s.heads_q = 2, s.heads_kv = 2, s.seqlen_q = 1, s.seqlen_kv = 4096, s.head_dim = 128;
-  s.num_splits = 8, s.seed = lab::test_seed();
-  lab::Problem prob(s);
-  try {
-    ch05::forward(prob.params, 0);
-    FAIL("a forward without workspace was accepted");
-  } catch (const lab::InvalidArgument& e) {
-    CHECK(std::string(e.what()).find("workspace_bytes") != std::string::npos);
-  }
+  lab::check_workspace_refused(variant());
 }
 
 TEST_CASE("05_decoding_cuda_core: a small case for the sanitizers", "[gpu][sanitize]") {

@@ -92,17 +92,7 @@ TEST_CASE("06_gqa_alibi: the same input gives bit-identical output twice", "[gpu
   s.varlen_q = {1, 700, 1, 300}, s.varlen_kv = {5000, 900, 33, 300};
   s.heads_q = 16, s.heads_kv = 4, s.head_dim = 128, s.causal = true, s.alibi = true;
   s.seed = lab::test_seed();
-  lab::Problem prob(s);
-  prob.ensure_workspace(ch06::workspace_bytes(prob.params));
-  std::vector<uint16_t> first;
-  for (int run = 0; run < 3; ++run) {
-    prob.poison_outputs(0);
-    ch06::forward(prob.params, 0);
-    LAB_CUDA_CHECK(cudaDeviceSynchronize());
-    std::vector<uint16_t> o = lab::download_bits(prob.params.o, prob.o_elems);
-    if (run == 0) first = o;
-    else REQUIRE(std::memcmp(o.data(), first.data(), o.size() * 2) == 0);
-  }
+  lab::require_bit_identical_runs(variant(), s);
 }
 
 TEST_CASE("06_gqa_alibi: offsets that are not increasing are refused by name", "[gpu]") {

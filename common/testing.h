@@ -54,6 +54,15 @@ inline CheckReport run_and_check(const Variant& v, const ProblemSpec& spec, bool
   return prob.check(opt, in.prepared ? &in.host : nullptr);
 }
 
+// Shared GPU checks (common/test_checks.cpp), used by the chapters whose tests need them:
+// - the same problem, run 3 times, gives bit-identical O (a race shows as outputs that differ);
+void require_bit_identical_runs(const Variant& v, const ProblemSpec& spec);
+// - a cache length above the capacity and a page index outside the pool are named by
+//   kv_cache_tables_reason and, launched anyway, turn the affected rows into NaN;
+void check_bad_cache_tables(const Variant& v);
+// - a split launch (8 splits) without its workspace is refused, naming workspace_bytes.
+void check_workspace_refused(const Variant& v);
+
 }  // namespace lab
 
 // Fails with the check's one-line summary (errors, rows, the first bad element).
