@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """Plots of the ladder, drawn from its CSV (never from typed numbers).
 
-    python3 docs/plot.py DIR      reads DIR/ladder.csv and DIR/ceilings.csv (and ceilings_decode.csv for
-                                  decode rows, when a separate run measured them), writes DIR/prefill.png
+    python3 docs/plot.py DIR      reads DIR/ladder.csv and DIR/ceilings.csv, writes DIR/prefill.png
                                   and DIR/decode.png (one line per chapter step, ceiling drawn in)
 """
 import csv
@@ -105,12 +104,7 @@ def main():
     with open(os.path.join(out, "ceilings.csv"), newline="") as f:
         c = next(csv.DictReader(f))
     ceil = {"gemm_tflops": float(c["gemm_tflops"]), "copy_gbps": float(c["copy_gbps"])}
-    # Decode rows from a separate ladder run (--grid decode) come with that run's ceilings.
-    ceil_decode = dict(ceil)
-    if os.path.exists(os.path.join(out, "ceilings_decode.csv")):
-        with open(os.path.join(out, "ceilings_decode.csv"), newline="") as f:
-            ceil_decode["copy_gbps"] = float(next(csv.DictReader(f))["copy_gbps"])
-    written = [p for p in (plot_prefill(rows, ceil, c["gpu"], out), plot_decode(rows, ceil_decode, c["gpu"], out)) if p]
+    written = [p for p in (plot_prefill(rows, ceil, c["gpu"], out), plot_decode(rows, ceil, c["gpu"], out)) if p]
     print("wrote " + ", ".join(written))
 
 

@@ -409,9 +409,7 @@ def kvquant():
     return lines
 
 
-def render(name, lab, torch, ceil, ceil_decode):
-    if name in ("decode", "paged", "splits", "hybrid") or name.startswith("decode:"):
-        ceil = ceil_decode  # the decode rows come from the run that measured these ceilings
+def render(name, lab, torch, ceil):
     if name == "summary":
         return summary(lab, torch, ceil)
     if name == "decode":
@@ -446,8 +444,6 @@ def main():
     lab = index(load("ladder.csv"), step)
     torch = index(load("torch_sdpa.csv"), lambda r: r["variant"])
     ceil = load("ceilings.csv")[0]
-    # The decode rows may come from a later ladder run (--grid decode) with ceilings of its own.
-    ceil_decode = (load("ceilings_decode.csv") or [ceil])[0]
     stale = []
     for rel in READMES:
         path = os.path.join(ROOT, rel)
@@ -456,7 +452,7 @@ def main():
         text = open(path).read()
 
         def fill(m):
-            body = "\n".join(render(m.group(1), lab, torch, ceil, ceil_decode))
+            body = "\n".join(render(m.group(1), lab, torch, ceil))
             return f"<!-- results:{m.group(1)} -->\n{body}\n<!-- /results -->"
 
         new = re.sub(r"<!-- results:(\S+) -->.*?<!-- /results -->", fill, text, flags=re.S)

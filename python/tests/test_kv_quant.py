@@ -19,23 +19,13 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import lab  # noqa: E402
-from test_chapters import (SEED, VARIANTS, assert_matches, c_call, input_tensor, needs_library,  # noqa: E402
-                           paged, poisoned_like, reference, valid_c_params)
+from test_chapters import (SEED, VARIANTS, assert_matches, c_call, cuda, input_tensor,  # noqa: E402,F401
+                           needs_library, paged, poisoned_like, reference, torch, valid_c_params)
 
 # The caches 07 reads: (scheme, group_size), as its own variants name them (int8_group32, ...).
 SCHEMES = [("int8_tensor", 0), ("int8_token", 0), ("int8_head", 0), ("int8_group", 32), ("int8_group", 64),
            ("fp8_e4m3", 0), ("fp8_e5m2", 0), ("fp8_e4m3_head", 0)]
 SCHEME_IDS = [s + (str(g) if g else "") for s, g in SCHEMES]
-
-
-@pytest.fixture
-def cuda():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if not VARIANTS:
-        pytest.skip("liblab_attention.so is not built")
-    return torch
 
 
 # ---- the library alone (no PyTorch, no GPU): runs in CI ----
