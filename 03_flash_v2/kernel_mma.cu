@@ -185,6 +185,9 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_mma(const lab::Attn
   // Online softmax in the exp2 domain: m_i is the running max of raw scores, P = 2^(s*c - m_i*c)
   // with c = scale * log2(e); O_i and l_i are rescaled by 2^((m_old - m_new) * c). S becomes P.
   auto online_softmax = [&](float (&s)[M_FRAGS][N_S][4]) {
+    // alpha per row; O_i is rescaled after all rows, under one warp-wide branch (below).
+    float alpha_of[M_FRAGS][2];
+    bool moved = false;
 #pragma unroll
     for (int mi = 0; mi < M_FRAGS; ++mi)
 #pragma unroll
@@ -206,10 +209,19 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_mma(const lab::Attn
         }
         const float row_sum = tree_reduce(pair, [](float u, float v) { return u + v; });
         l_i[mi][r] = l_i[mi][r] * alpha + row_sum;  // per-thread partial sum; quad-reduced at the end
-        if (alpha != 1.f)  // the max moved: rescale what O_i holds (most tiles skip this)
-#pragma unroll
-          for (int nd = 0; nd < N_O; ++nd) o[mi][nd][2 * r] *= alpha, o[mi][nd][2 * r + 1] *= alpha;
+        alpha_of[mi][r] = alpha;
+        moved |= alpha != 1.f;
       }
+    // Rescale what O_i holds only if some row's max moved (most tiles after the first few skip
+    // this). One branch for the warp, not one per row: per-row branches diverge and cut the
+    // loop into basic blocks the compiler cannot schedule across (+2.5% in step 2 at d = 128, H100).
+    if (__any_sync(0xffffffffu, moved))
+#pragma unroll
+      for (int mi = 0; mi < M_FRAGS; ++mi)
+#pragma unroll
+        for (int nd = 0; nd < N_O; ++nd)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[mi][nd][e] *= alpha_of[mi][e / 2];
   };
 
   // O_i += P V_j: P goes from S's accumulators straight into A fragments.
