@@ -19,9 +19,11 @@
 //     contiguous caches step pointers (adds only), paged ones find the page with a shift and mask.
 // Cost: about one instruction per element more than fp16 (the conversion), with twice the
 // elements per byte: about twice the instructions per byte of 05; at d = 128 that is about half of
-// what an SM can issue while its loads run at full bandwidth. Per-key scales add 4 bytes per token
-// and head (int8_head: 3% more bytes than the codes alone; int8_group32: 12.5%, so at best 1.78x faster than
-// fp16). The fp16 variant is the same kernel with 8 elements per thread: the baseline of the speedups.
+// what an SM can issue while its loads run at full bandwidth. Per-key scales are fp16, 2 bytes each,
+// per token and head at d = 128: int8_head 2 bytes (1.6% more than the codes alone: 130 B, so at
+// best 1.97x faster than fp16's 256 B), int8_group64 4 (132 B, 1.94x), int8_group32 8 (6.25%:
+// 136 B, 1.88x). The fp16 variant is the same kernel with 8 elements per thread: the baseline of
+// the speedups.
 //
 // clang-format off
 //   grid: (num_splits, heads_q, batch)       block: 128 threads = 16 groups of 8 (1-byte codes, d = 128)
@@ -29,7 +31,7 @@
 //   keys of one split, U = 4 per group per step:   step 0: keys 0..63    step 1: keys 64..127 ...
 //                     group:  0  1 ... 15  0  1 ... 15 ...      (key = step base + 16 u + group)
 //   one key, one group:  lane c of 8 loads codes k[16c .. 16c+15], v[16c .. 16c+15] (16 bytes each)
-//                        (and, per-key scales, the scale of its token/head/group: 4 bytes each)
+//                        (and, per-key scales, the scale of its token/head/group: 2 bytes each)
 //                        k -> 16 floats; s = sum_c q[16c..] . k[16c..] (x scale)   16 FMAs, 3 shuffles
 //                        m, l, O[16c .. 16c+15] of the group: online softmax, O += (p scale_v) v
 //   end: 16 groups' (m, l, O) -> one (m, l, O) in shared memory -> O (x static V scale) or a partial
@@ -204,8 +206,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
     float qs = p.softmax_scale * float(M_LOG2E);
     if constexpr (SA == ScaleAt::fixed) {
       const int at = S == KvScheme::int8_tensor ? 0 : h_kv;
-      qs *= p.kv_quant.k_scale[at];
-      v_fixed = p.kv_quant.v_scale[at];
+      qs *= scale_value(p.kv_quant.k_scale[at]);  // fp16 scales (quantize.h)
+      v_fixed = scale_value(p.kv_quant.v_scale[at]);
     }
 #pragma unroll
     for (int e = 0; e < E; ++e) q[e] *= qs;
@@ -223,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
   const uint8_t* V = static_cast<const uint8_t*>(p.v) + (int64_t(h_kv) * p.v_head_stride + E * c) * Gr::BYTES;
   // Per-key scales: the thread's scale for (slot, row) is at scales[slot * s_slot + row * s_row]
   // (the layouts of common/attn.h, with this thread's head and channel folded into the base).
-  const float *KS = p.kv_quant.k_scale, *VS = p.kv_quant.v_scale;
+  const uint16_t *KS = p.kv_quant.k_scale, *VS = p.kv_quant.v_scale;  // fp16 bits
   int64_t s_slot = 0, s_row = 0;
   if constexpr (SA == ScaleAt::per_key) {
     const int rows = paged ? p.page_size : p.seqlen_kv;
@@ -241,15 +243,15 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
   for (int base = k_begin; base < k_end; base += STEP) {
     // Issue all loads before using any: U keys of K and V (and their scales) in flight per thread.
     uint4 kraw[U], vraw[U];
-    float k_scale[U], v_scale[U];
+    uint16_t k_sbits[U], v_sbits[U];  // fp16 scales, converted where they are used, not here
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int key = base + u * GROUPS + group;
       kraw[u] = vraw[u] = make_uint4(0, 0, 0, 0);
-      k_scale[u] = v_scale[u] = 0.f;
+      k_sbits[u] = v_sbits[u] = 0;
       if (key < k_end) {
         const uint8_t *k_at = k_next + u * GROUPS * k_row, *v_at = v_next + u * GROUPS * v_row;
-        const float *ks_at = KS + key * s_row, *vs_at = VS + key * s_row;
+        const uint16_t *ks_at = KS + key * s_row, *vs_at = VS + key * s_row;
         if (paged) {
           int64_t page = table[key >> page_shift];
           const int row = key & page_mask;
@@ -260,10 +262,12 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
         kraw[u] = load_stream(k_at);
         vraw[u] = load_stream(v_at);
         if constexpr (SA == ScaleAt::per_key) {
-          // The group's lanes read the same 4 bytes (one request), neighbouring keys neighbouring
-          // scales: these go through L1, unlike the codes.
-          k_scale[u] = __ldg(ks_at);
-          v_scale[u] = __ldg(vs_at);
+          // The group's lanes read the same 2 bytes (one request), neighbouring keys neighbouring
+          // scales: these go through L1, unlike the codes. Converting them to float here, inside
+          // the branch, would wait for each load before the next key's loads issue (measured on
+          // H100: int8_head 10% slower at batch 8).
+          k_sbits[u] = __ldg(ks_at);
+          v_sbits[u] = __ldg(vs_at);
         }
       }
     }
@@ -277,7 +281,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
       float dot = 0.f;
 #pragma unroll
       for (int e = 0; e < E; ++e) dot = fmaf(q[e], k[e], dot);
-      if constexpr (SA == ScaleAt::per_key) dot *= k_scale[u];
+      if constexpr (SA == ScaleAt::per_key) dot *= scale_value(k_sbits[u]);
 #pragma unroll
       for (int off = TPK / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
       s[u] = base + u * GROUPS + group < k_end ? dot : -INFINITY;
@@ -296,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
     for (int u = 0; u < U; ++u) {
       const float pu = exp2_approx(s[u] - m);
       l += pu;
-      const float w = SA == ScaleAt::per_key ? pu * v_scale[u] : pu;
+      const float w = SA == ScaleAt::per_key ? pu * scale_value(v_sbits[u]) : pu;
       float v[E];
       decode<C>(vraw[u], v);
 #pragma unroll

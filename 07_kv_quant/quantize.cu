@@ -66,7 +66,7 @@ size_t scale_count(const KvCache& c) {
 }
 
 size_t storage_bytes(const KvCache& c) {
-  return 2 * align256(code_bytes(c)) + 2 * align256(scale_count(c) * sizeof(float));
+  return 2 * align256(code_bytes(c)) + 2 * align256(scale_count(c) * lab::kKvScaleBytes);
 }
 
 void place(KvCache& c, void* storage) {
@@ -74,8 +74,9 @@ void place(KvCache& c, void* storage) {
   c.k = reinterpret_cast<uint8_t*>(at), at += align256(code_bytes(c));
   c.v = reinterpret_cast<uint8_t*>(at), at += align256(code_bytes(c));
   const bool scales = scale_count(c) > 0;
-  c.k_scale = scales ? reinterpret_cast<float*>(at) : nullptr, at += align256(scale_count(c) * sizeof(float));
-  c.v_scale = scales ? reinterpret_cast<float*>(at) : nullptr;
+  c.k_scale = scales ? reinterpret_cast<uint16_t*>(at) : nullptr;
+  at += align256(scale_count(c) * lab::kKvScaleBytes);
+  c.v_scale = scales ? reinterpret_cast<uint16_t*>(at) : nullptr;
 }
 
 void use_cache(lab::AttnParams& p, const KvCache& c) {
@@ -94,8 +95,8 @@ KvCache cache_of(const lab::AttnParams& p) {
   KvCache c = cache_layout(p, p.kv_quant.scheme, p.kv_quant.group_size);
   c.k = static_cast<uint8_t*>(const_cast<void*>(p.k));
   c.v = static_cast<uint8_t*>(const_cast<void*>(p.v));
-  c.k_scale = const_cast<float*>(p.kv_quant.k_scale);
-  c.v_scale = const_cast<float*>(p.kv_quant.v_scale);
+  c.k_scale = const_cast<uint16_t*>(p.kv_quant.k_scale);
+  c.v_scale = const_cast<uint16_t*>(p.kv_quant.v_scale);
   c.slot_stride = p.k_batch_stride, c.row_stride = p.k_row_stride, c.head_stride = p.k_head_stride;
   return c;
 }
@@ -111,8 +112,9 @@ HostKvCache download(const KvCache& c) {
   LAB_CUDA_CHECK(cudaMemcpy(h.k.data(), c.k, h.k.size(), cudaMemcpyDeviceToHost));
   LAB_CUDA_CHECK(cudaMemcpy(h.v.data(), c.v, h.v.size(), cudaMemcpyDeviceToHost));
   if (!h.k_scale.empty()) {
-    LAB_CUDA_CHECK(cudaMemcpy(h.k_scale.data(), c.k_scale, h.k_scale.size() * 4, cudaMemcpyDeviceToHost));
-    LAB_CUDA_CHECK(cudaMemcpy(h.v_scale.data(), c.v_scale, h.v_scale.size() * 4, cudaMemcpyDeviceToHost));
+    const size_t bytes = h.k_scale.size() * lab::kKvScaleBytes;
+    LAB_CUDA_CHECK(cudaMemcpy(h.k_scale.data(), c.k_scale, bytes, cudaMemcpyDeviceToHost));
+    LAB_CUDA_CHECK(cudaMemcpy(h.v_scale.data(), c.v_scale, bytes, cudaMemcpyDeviceToHost));
   }
   return h;
 }
@@ -121,13 +123,13 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// The rules of quantize.h, on the device; IEEE division and rounding (no fast-math), so that the
-// host quantizer gets the same bits.
-__device__ __forceinline__ float int8_scale_dev(float amax) {
-  return amax > 0.f && isfinite(amax) ? __fdiv_rn(amax, 127.f) : 1.f;
+// The rules of quantize.h, on the device; IEEE division and rounding (no fast-math), and the
+// host's round-up to fp16 (scale_bits_at_least), so that the host quantizer gets the same bits.
+__device__ __forceinline__ uint16_t int8_scale_dev(float amax) {
+  return scale_bits_at_least(amax > 0.f && isfinite(amax) ? __fdiv_rn(amax, 127.f) : 1.f);
 }
-__device__ __forceinline__ float e4m3_scale_dev(float amax) {
-  return amax > 0.f && isfinite(amax) ? __fdiv_rn(amax, 448.f) : 1.f;
+__device__ __forceinline__ uint16_t e4m3_scale_dev(float amax) {
+  return scale_bits_at_least(amax > 0.f && isfinite(amax) ? __fdiv_rn(amax, 448.f) : 1.f);
 }
 __device__ __forceinline__ uint8_t encode_int8_dev(float x, float scale) {
   const float q = __fdiv_rn(x, scale);
@@ -166,17 +168,28 @@ __device__ __forceinline__ void load8(const __half* at, float (&f)[8]) {
   }
 }
 
+// max(*at, v) into *at, for fp16 bits of non-negative values (which order like their bits): there
+// is no 16-bit atomicMax, so a compare-and-swap loop (16-bit atomicCAS: sm_70 and later).
+__device__ void atomic_max_bits(uint16_t* at, uint16_t v) {
+  uint16_t seen = *at;  // a stale value is smaller than the current one: one more round
+  while (v > seen) {
+    const uint16_t before = atomicCAS(at, seen, v);
+    if (before == seen) break;
+    seen = before;
+  }
+}
+
 // Static scales, pass 1: amax over the tensor (int8_tensor) or over each KV head (fp8_e4m3_head),
-// kept as float bits in the scale array (non-negative floats order like their bits); the second
-// pass turns them into scales. Each block covers kRowsPerAmaxBlock token rows; a thread keeps the
-// max of its 8 channels over those rows, then one atomic per thread and channel vector.
+// kept in the scale array as fp16 bits (the largest |x| of fp16 values is an fp16 value, exactly);
+// the second pass turns them into scales. Each block covers kRowsPerAmaxBlock token rows; a thread
+// keeps the max of its 8 channels over those rows, then one atomic per thread and channel vector.
 constexpr int kRowsPerAmaxBlock = 64;
 __global__ void __launch_bounds__(kThreads) amax_rows(Source src, KvCache dst, bool per_head) {
   const int is_v = blockIdx.y;
   const int64_t rows = int64_t(dst.slots) * dst.rows, r0 = int64_t(blockIdx.x) * kRowsPerAmaxBlock;
   const int64_t r1 = min(rows, r0 + kRowsPerAmaxBlock);
   const int vecs = dst.heads_kv * dst.head_dim / 8;
-  unsigned int* out = reinterpret_cast<unsigned int*>(is_v ? dst.v_scale : dst.k_scale);
+  uint16_t* out = is_v ? dst.v_scale : dst.k_scale;
   // Whole warps in every iteration (as in quantize_rows), so that the lanes of one bucket can
   // combine their maxima before the one atomic: all 32 lanes per tensor, the d/8 of a head.
   const int lanes = per_head ? dst.head_dim / 8 : 32;
@@ -195,7 +208,8 @@ __global__ void __launch_bounds__(kThreads) amax_rows(Source src, KvCache dst, b
       for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(f[e]));  // fmaxf drops NaN
     }
     for (int off = lanes / 2; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    if (active && vi % lanes == 0) atomicMax(&out[per_head ? h : 0], __float_as_uint(m));
+    if (active && vi % lanes == 0)
+      atomic_max_bits(&out[per_head ? h : 0], __half_as_ushort(__float2half_rn(m)));
   }
 }
 
@@ -203,8 +217,9 @@ __global__ void __launch_bounds__(kThreads) amax_rows(Source src, KvCache dst, b
 __global__ void amax_to_scale(KvCache dst, int count, bool fp8) {
   const int i = threadIdx.x + blockIdx.x * blockDim.x, is_v = blockIdx.y;
   if (i >= count) return;
-  float* s = (is_v ? dst.v_scale : dst.k_scale) + i;
-  *s = fp8 ? e4m3_scale_dev(*s) : int8_scale_dev(*s);
+  uint16_t* s = (is_v ? dst.v_scale : dst.k_scale) + i;
+  const float amax = scale_value(*s);
+  *s = fp8 ? e4m3_scale_dev(amax) : int8_scale_dev(amax);
 }
 
 // One token row (all KV heads) of K (blockIdx.y = 0) or V (1) per block.
@@ -233,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) quantize_rows(Source src, KvCache ds
   }
   const __half* x = src.base[is_v] + src_off;
   uint8_t* codes = (is_v ? dst.v : dst.k) + slot * dst.slot_stride + row * dst.row_stride;
-  float* scales = is_v ? dst.v_scale : dst.k_scale;
+  uint16_t* scales = is_v ? dst.v_scale : dst.k_scale;
   const int D = dst.head_dim, vecs = dst.heads_kv * D / 8;
   auto at = [&](int vi) { return x + (vi * 8 / D) * src.head_stride[is_v] + vi * 8 % D; };
 
@@ -253,8 +268,9 @@ __global__ void __launch_bounds__(kThreads) quantize_rows(Source src, KvCache ds
     __syncthreads();
     m = 0.f;
     for (int w = 0; w < int(blockDim.x / 32); ++w) m = fmaxf(m, s_warp_max[w]);
-    token_scale = int8_scale_dev(m);
-    if (threadIdx.x == 0) scales[slot * dst.rows + row] = token_scale;
+    const uint16_t bits = int8_scale_dev(m);
+    token_scale = scale_value(bits);  // codes from the stored scale, as they are read
+    if (threadIdx.x == 0) scales[slot * dst.rows + row] = bits;
   }
 
   // The same number of iterations for every thread, so that whole warps meet the shuffles; a lane
@@ -266,8 +282,8 @@ __global__ void __launch_bounds__(kThreads) quantize_rows(Source src, KvCache ds
     float f[8] = {};
     if (active) load8(at(vi), f);
     float scale = 1.f;
-    if constexpr (S == KvScheme::int8_tensor) scale = scales[0];
-    if constexpr (S == KvScheme::fp8_e4m3_head) scale = scales[h];
+    if constexpr (S == KvScheme::int8_tensor) scale = scale_value(scales[0]);
+    if constexpr (S == KvScheme::fp8_e4m3_head) scale = scale_value(scales[h]);
     if constexpr (S == KvScheme::int8_token) scale = token_scale;
     if constexpr (S == KvScheme::int8_head || S == KvScheme::int8_group) {
       const int lanes = (S == KvScheme::int8_head ? D : G) / 8;
@@ -275,9 +291,10 @@ __global__ void __launch_bounds__(kThreads) quantize_rows(Source src, KvCache ds
 #pragma unroll
       for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(f[e]));
       for (int off = lanes / 2; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-      scale = int8_scale_dev(m);
+      const uint16_t bits = int8_scale_dev(m);
+      scale = scale_value(bits);
       if (active && vi % lanes == 0)
-        scales[scale_index(S, G, slot, row, h, ch, dst.rows, dst.heads_kv, D)] = scale;
+        scales[scale_index(S, G, slot, row, h, ch, dst.rows, dst.heads_kv, D)] = bits;
     }
     if (active) {
       uint32_t w[2] = {0u, 0u};
@@ -356,8 +373,8 @@ void quantize_bulk(const lab::AttnParams& src, const KvCache& dst, cudaStream_t 
              per_head = dst.scheme == KvScheme::fp8_e4m3_head;
   if (per_tensor || per_head) {
     const size_t n = scale_count(dst);
-    LAB_CUDA_CHECK(cudaMemsetAsync(dst.k_scale, 0, n * sizeof(float), stream));
-    LAB_CUDA_CHECK(cudaMemsetAsync(dst.v_scale, 0, n * sizeof(float), stream));
+    LAB_CUDA_CHECK(cudaMemsetAsync(dst.k_scale, 0, n * lab::kKvScaleBytes, stream));
+    LAB_CUDA_CHECK(cudaMemsetAsync(dst.v_scale, 0, n * lab::kKvScaleBytes, stream));
     const dim3 grid(unsigned((rows + kRowsPerAmaxBlock - 1) / kRowsPerAmaxBlock), 2);
     amax_rows<<<grid, kThreads, 0, stream>>>(s, dst, per_head);
     LAB_LAUNCH_CHECK();

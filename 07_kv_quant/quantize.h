@@ -5,12 +5,20 @@
 // kernel.cu.
 //
 // The rules, identical on the device and the host (so the two agree bit for bit):
-//   int8 (symmetric):  scale = amax / 127 (1 when amax is 0 or not finite: a scale is never 0,
-//                      NaN or Inf), code = clamp(round_half_even(x / scale), -127, 127);
-//                      a NaN element codes as 0.
+//   int8 (symmetric):  scale = amax / 127 in fp32, stored as fp16 rounded UP (toward +inf), so
+//                      that |x| / scale <= 127 still holds and no code clips; 1 when amax is 0 or
+//                      not finite, and at least 2^-24 (the smallest fp16 above 0): a scale is never
+//                      0, NaN or Inf. code = clamp(round_half_even(x / s), -127, 127), where s is
+//                      the STORED scale (as fp32), and x reads back as code * s; a NaN element
+//                      codes as 0. The fp16 rounding makes s at most 2^-10 (relative) larger than
+//                      amax / 127 (at most 2^-24 larger where that is below fp16's normal range,
+//                      amax < 127 * 2^-14): the step, and so the error bound s / 2, grow that much.
 //   FP8 direct:        code = x rounded to nearest even in E4M3 (E5M2), saturated to the largest
 //                      finite value (448; 57344), as cuda_fp8.h's __NV_SATFINITE conversion does.
-//   FP8 E4M3 per head: scale = amax of the KV head / 448 (1 when 0), code = E4M3(x / scale).
+//   FP8 E4M3 per head: scale = amax of the KV head / 448, rounded up to fp16 likewise (1 when 0),
+//                      code = E4M3(x / s) with the stored s.
+// amax of fp16 inputs is at most 65504, so a scale never overflows fp16 (a larger amax, possible
+// only through int8_scale() and e4m3_scale() directly, gets 65504 and its codes clamp).
 // amax is taken over what the scale covers: the whole tensor (int8_tensor, in bulk), one token's
 // row over all KV heads (int8_token), one token and head (int8_head), one token, head and group
 // of channels (int8_group), one KV head over every token (fp8_e4m3_head, in bulk).
@@ -21,6 +29,7 @@
 // (FP8) what falls outside; every other scheme computes its scales from the rows it writes.
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -43,8 +52,8 @@ struct KvCache {
   int group_size = 0;  // int8_group: 32 or 64
   uint8_t* k = nullptr;
   uint8_t* v = nullptr;
-  float* k_scale = nullptr;
-  float* v_scale = nullptr;
+  uint16_t* k_scale = nullptr;  // fp16 bits, as lab::KvQuant's
+  uint16_t* v_scale = nullptr;
   int64_t slot_stride = 0, row_stride = 0, head_stride = 0;  // elements (= bytes)
   int slots = 0;                                             // batch, or num_pages when paged
   int rows = 0;  // seqlen_kv (the capacity), or page_size when paged
@@ -73,11 +82,30 @@ __host__ __device__ inline int64_t scale_index(KvScheme scheme, int group_size, 
   }
 }
 
+// A stored scale (fp16 bits) as the float it is; the same conversion on the host and the device.
+__host__ __device__ inline float scale_value(uint16_t bits) {
+  __half_raw r;
+  r.x = bits;
+  return __half2float(__half(r));
+}
+
+// The fp16 scale stored for the fp32 quotient `x` (amax / 127, or / 448; x >= 0): the smallest fp16
+// value >= x, so that dividing by it never pushes an element past the largest code; at least 2^-24
+// (x may underflow to 0 in fp32, and a scale must never be 0) and at most 65504 (see above). Round
+// to nearest, then one step up if that fell below x (positive fp16 values order like their bits):
+// one function for the host and the device quantizer, so that both store the same bits.
+__host__ __device__ inline uint16_t scale_bits_at_least(float x) {
+  x = x < 65504.f ? x : 65504.f;
+  __half_raw r = __half_raw(__float2half_rn(x));
+  if (scale_value(r.x) < x) ++r.x;
+  return r.x > 0 ? r.x : uint16_t(1);
+}
+
 // The layout of a cache in `scheme` for the fp16 problem `p` (no memory yet: see place()).
 KvCache cache_layout(const lab::AttnParams& p, KvScheme scheme, int group_size);
 size_t code_bytes(const KvCache& c);     // of K (V is the same)
-size_t scale_count(const KvCache& c);    // floats of K's scales (V's are the same)
-size_t storage_bytes(const KvCache& c);  // codes and scales of K and V, each 256-byte aligned
+size_t scale_count(const KvCache& c);    // fp16 scales of K (V's are the same)
+size_t storage_bytes(const KvCache& c);  // codes and scales of K and V, each part 256-byte aligned
 void place(KvCache& c, void* storage);   // points k, v, k_scale, v_scale into `storage`
 // Points p's K/V (pointers, strides, kv_quant) at the cache; and back from such params.
 void use_cache(lab::AttnParams& p, const KvCache& c);
@@ -97,11 +125,12 @@ void quantize_append(const KvCache& dst, const void* k_new, const void* v_new, c
 
 // ---- host side (quantize_host.cpp) ----
 
-// The codes and scales of a cache, on the host; `layout` has no usable pointers.
+// The codes and scales of a cache, on the host; `layout` has no usable pointers. Scales are fp16
+// bits, as stored: scale_value() reads one.
 struct HostKvCache {
   KvCache layout;
   std::vector<uint8_t> k, v;
-  std::vector<float> k_scale, v_scale;
+  std::vector<uint16_t> k_scale, v_scale;
 };
 HostKvCache download(const KvCache& c);  // synchronous
 
@@ -110,9 +139,10 @@ uint8_t encode_e4m3(float x);
 uint8_t encode_e5m2(float x);
 float decode_e4m3(uint8_t code);
 float decode_e5m2(uint8_t code);
-// int8 with a scale (the rules above).
-float int8_scale(float amax);
-float e4m3_scale(float amax);
+// The scales (fp16 bits, the rules above) and int8 codes. encode_int8 takes the stored scale as
+// a float: scale_value(int8_scale(amax)).
+uint16_t int8_scale(float amax);
+uint16_t e4m3_scale(float amax);
 int8_t encode_int8(float x, float scale);
 
 // The host quantizer: the same codes and scales as quantize_bulk(), from the host problem's fp16

@@ -70,8 +70,13 @@ float decode_e5m2(uint8_t code) {
   return decode_fp8(code, 5, 2);
 }
 
-float int8_scale(float amax) { return amax > 0.f && std::isfinite(amax) ? amax / 127.f : 1.f; }
-float e4m3_scale(float amax) { return amax > 0.f && std::isfinite(amax) ? amax / 448.f : 1.f; }
+// amax / 127 (448) in fp32, IEEE division as the device's __fdiv_rn, then the shared round-up to fp16.
+uint16_t int8_scale(float amax) {
+  return scale_bits_at_least(amax > 0.f && std::isfinite(amax) ? amax / 127.f : 1.f);
+}
+uint16_t e4m3_scale(float amax) {
+  return scale_bits_at_least(amax > 0.f && std::isfinite(amax) ? amax / 448.f : 1.f);
+}
 
 int8_t encode_int8(float x, float scale) {
   const float q = x / scale;
@@ -86,8 +91,8 @@ HostKvCache quantize_host(const lab::HostProblem& hp, KvScheme scheme, int group
   const KvCache& L = c.layout;
   c.k.assign(code_bytes(L), 0);
   c.v.assign(code_bytes(L), 0);
-  c.k_scale.assign(scale_count(L), 0.f);
-  c.v_scale.assign(scale_count(L), 0.f);
+  c.k_scale.assign(scale_count(L), 0);
+  c.v_scale.assign(scale_count(L), 0);
   const int H = L.heads_kv, D = L.head_dim, G = group_size;
 
   for (int is_v = 0; is_v < 2; ++is_v) {
@@ -105,7 +110,7 @@ HostKvCache quantize_host(const lab::HostProblem& hp, KvScheme scheme, int group
       return m;
     };
     std::vector<uint8_t>& codes = is_v ? c.v : c.k;
-    std::vector<float>& scales = is_v ? c.v_scale : c.k_scale;
+    std::vector<uint16_t>& scales = is_v ? c.v_scale : c.k_scale;
     auto at = [&](int64_t slot, int row, int h, int ch) {
       return scale_index(scheme, G, slot, row, h, ch, L.rows, H, D);
     };
@@ -134,11 +139,11 @@ HostKvCache quantize_host(const lab::HostProblem& hp, KvScheme scheme, int group
               case KvScheme::fp8_e5m2:
                 out[ch] = encode_e5m2(v);
                 break;
-              case KvScheme::fp8_e4m3_head:
-                out[ch] = encode_e4m3(v / scales[h]);
+              case KvScheme::fp8_e4m3_head:  // codes from the stored (fp16) scale, as they are read
+                out[ch] = encode_e4m3(v / scale_value(scales[h]));
                 break;
               default:
-                out[ch] = uint8_t(encode_int8(v, scales[at(s, r, h, ch)]));
+                out[ch] = uint8_t(encode_int8(v, scale_value(scales[at(s, r, h, ch)])));
                 break;
             }
           }
@@ -152,7 +157,7 @@ float dequantize(const HostKvCache& c, bool is_v, int slot, int row, int head, i
   const KvCache& L = c.layout;
   const uint8_t code =
       (is_v ? c.v : c.k)[slot * L.slot_stride + row * L.row_stride + head * L.head_stride + channel];
-  const std::vector<float>& scales = is_v ? c.v_scale : c.k_scale;
+  const std::vector<uint16_t>& scales = is_v ? c.v_scale : c.k_scale;
   const int64_t at =
       scale_index(L.scheme, L.group_size, slot, row, head, channel, L.rows, L.heads_kv, L.head_dim);
   switch (L.scheme) {
@@ -161,11 +166,11 @@ float dequantize(const HostKvCache& c, bool is_v, int slot, int row, int head, i
     case KvScheme::fp8_e5m2:
       return decode_e5m2(code);
     case KvScheme::fp8_e4m3_head:
-      return decode_e4m3(code) * scales[at];
+      return decode_e4m3(code) * scale_value(scales[at]);
     case KvScheme::none:
       return NAN;  // not a quantized cache
     default:
-      return float(int8_t(code)) * scales[at];
+      return float(int8_t(code)) * scale_value(scales[at]);
   }
 }
 

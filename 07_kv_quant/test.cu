@@ -1,6 +1,7 @@
-// Tests of 07_kv_quant. On the CPU: the FP8 formats written by hand against cuda_fp8.h, the error
-// bound of every scheme after a host round trip (outlier channels and an all-zero head included),
-// the accounting, and refusals by name. On the GPU: the device quantizer against the host one, bit
+// Tests of 07_kv_quant. On the CPU: the FP8 formats written by hand against cuda_fp8.h, the fp16
+// scales (rounded up, never 0, NaN or Inf, no clipped code), the error bound of every scheme after a
+// host round trip (outlier channels and an all-zero head included), the accounting, and refusals
+// by name. On the GPU: the device quantizer against the host one, bit
 // for bit; append against bulk; decoding against the fp64 reference on the dequantized K/V (the
 // kernel's own error, apart from the quantization error) on the awkward decode shapes, every split
 // count, and small cases for compute-sanitizer. Inputs are fp16 (the chapter's only dtype).
@@ -83,15 +84,16 @@ lab::HostProblem host_problem(int batch, int heads_kv, int seqlen_kv, int d, int
   return hp;
 }
 
-// The scale that covers an element (1 for direct FP8).
+// The stored scale that covers an element, as a float (1 for direct FP8).
 float scale_of(const ch07::HostKvCache& c, bool is_v, int slot, int row, int h, int ch) {
   const ch07::KvCache& L = c.layout;
   if (!lab::kv_scheme_has_scales(L.scheme)) return 1.f;
-  return (is_v ? c.v_scale : c.k_scale)[ch07::scale_index(L.scheme, L.group_size, slot, row, h, ch, L.rows,
-                                                          L.heads_kv, L.head_dim)];
+  return ch07::scale_value((is_v ? c.v_scale : c.k_scale)[ch07::scale_index(
+      L.scheme, L.group_size, slot, row, h, ch, L.rows, L.heads_kv, L.head_dim)]);
 }
 
-// The bound a scheme promises for one element x given its scale (see quantize.h).
+// The bound a scheme promises for one element x given its stored scale (see quantize.h): the
+// scale's rounding up to fp16 is in `scale` itself, a step at most 2^-10 larger than amax / 127.
 double error_bound(KvScheme s, float x, float scale) {
   const double a = std::fabs(double(x));
   // int8: half a step, plus the fp32 roundings of x / scale (up to 127 * 2^-24 of a step) and of
@@ -190,19 +192,76 @@ TEST_CASE("07: every FP8 and int8 code meets its error bound on every fp16 value
       REQUIRE(std::fabs(d5 - x) <= error_bound(KvScheme::fp8_e5m2, x, 1.f));
     else
       REQUIRE(d5 == std::copysign(57344.f, x));
-    const float scale = ch07::int8_scale(65504.f);  // the widest fp16 range: every x in range
+    // The widest fp16 range: every x in range.
+    const float scale = ch07::scale_value(ch07::int8_scale(65504.f));
     REQUIRE(std::fabs(ch07::encode_int8(x, scale) * scale - x) <= error_bound(KvScheme::int8_head, x, scale));
   }
   // Scales are never 0, NaN or Inf; an out-of-range value clamps; NaN codes as 0.
-  CHECK(ch07::int8_scale(0.f) == 1.f);
-  CHECK(ch07::int8_scale(INFINITY) == 1.f);
-  CHECK(ch07::int8_scale(NAN) == 1.f);
-  CHECK(ch07::e4m3_scale(0.f) == 1.f);
+  CHECK(ch07::scale_value(ch07::int8_scale(0.f)) == 1.f);
+  CHECK(ch07::scale_value(ch07::int8_scale(INFINITY)) == 1.f);
+  CHECK(ch07::scale_value(ch07::int8_scale(NAN)) == 1.f);
+  CHECK(ch07::scale_value(ch07::e4m3_scale(0.f)) == 1.f);
   CHECK(ch07::encode_int8(1000.f, 1.f) == 127);
   CHECK(ch07::encode_int8(-1000.f, 1.f) == -127);
   CHECK(ch07::encode_int8(NAN, 1.f) == 0);
   CHECK(ch07::encode_int8(2.5f, 1.f) == 2);  // round half to even, as the device's rintf
   CHECK(ch07::encode_int8(3.5f, 1.f) == 4);
+}
+
+TEST_CASE("07: scales are fp16 rounded up: never 0, NaN or Inf, and no code clips", "[cpu]") {
+  // The stored scale s of an amax is the smallest fp16 value >= amax / 127 (fp32), at least 2^-24:
+  // s >= amax / 127 keeps every |x| <= amax within the codes; s one fp16 step lower would not.
+  const double min_half = std::ldexp(1.0, -24), max_half = 65504.0;
+  auto check_scale = [&](float amax, uint16_t bits, float divisor, float max_code) {
+    INFO("amax = " << amax << " (/" << divisor << "): scale bits " << bits);
+    const float q = amax / divisor, s = ch07::scale_value(bits);
+    REQUIRE((std::isfinite(s) && s >= min_half && s <= max_half));
+    REQUIRE(s >= std::min(q, 65504.f));
+    if (bits > 1) REQUIRE(ch07::scale_value(uint16_t(bits - 1)) < q);  // the smallest such fp16
+    // Rounding up costs at most one fp16 step: 2^-10 relative where fp16 is normal.
+    if (q >= std::ldexp(1.0, -14) && q <= max_half)
+      REQUIRE(double(s) <= double(q) * (1 + std::ldexp(1.0, -10)));
+    // The largest element divides to at most the largest code: nothing is clipped.
+    if (q <= max_half) REQUIRE(std::nearbyint(amax / s) <= max_code);
+  };
+  std::vector<float> amaxes;
+  for (uint32_t bits = 1; bits < 0x7C00u; ++bits)  // every positive finite fp16 value: what inputs give
+    amaxes.push_back(lab::half_bits_to_float(uint16_t(bits), lab::DType::fp16));
+  std::mt19937_64 rng(lab::test_seed());
+  std::uniform_real_distribution<float> e(-150.f, 40.f);
+  for (int i = 0; i < 200000; ++i) amaxes.push_back(std::exp2(e(rng)));  // any float, through the API
+  for (float a : {1e-9f, 1e-30f, 1e-45f, 1.17549435e-38f, 127.f * 65504.f, 1e10f, 3.4e38f})
+    amaxes.push_back(a);
+  for (float amax : amaxes) {
+    const uint16_t i8 = ch07::int8_scale(amax), e4 = ch07::e4m3_scale(amax);
+    check_scale(amax, i8, 127.f, 127.f);
+    check_scale(amax, e4, 448.f, 448.f);
+    const float s = ch07::scale_value(i8);
+    if (amax / 127.f > 65504.f) continue;  // only through the API: its codes clamp (quantize.h)
+    for (float x : {amax, -amax, 0.5f * amax, amax / 3.f}) {
+      INFO("x = " << x << ", scale " << s);
+      const int code = ch07::encode_int8(x, s);
+      REQUIRE(std::abs(code) <= 127);
+      REQUIRE(std::fabs(code * s - x) <= error_bound(KvScheme::int8_head, x, s));  // half a step
+    }
+    // E4M3 with its scale: the largest element lands on at most 448, never saturated from above.
+    REQUIRE(std::fabs(ch07::decode_e4m3(ch07::encode_e4m3(amax / ch07::scale_value(e4)))) <= 448.f);
+  }
+  // fp16 inputs: 127 s >= amax exactly (not only in fp32), so x / s never exceeds 127.
+  for (uint32_t bits = 1; bits < 0x7C00u; ++bits) {
+    const float amax = lab::half_bits_to_float(uint16_t(bits), lab::DType::fp16);
+    REQUIRE(127.0 * ch07::scale_value(ch07::int8_scale(amax)) >= double(amax));
+    REQUIRE(448.0 * ch07::scale_value(ch07::e4m3_scale(amax)) >= double(amax));
+  }
+  // The edges: a tiny (or underflowing) amax gets the smallest fp16 scale, never 0; a huge one the
+  // largest, never Inf; 0, Inf and NaN get 1.
+  CHECK(ch07::int8_scale(1e-9f) == 0x0001);   // 1e-9 / 127 < 2^-24
+  CHECK(ch07::int8_scale(1e-45f) == 0x0001);  // 1e-45 / 127 underflows to 0 in fp32
+  CHECK(ch07::int8_scale(1e10f) == 0x7BFF);   // 65504
+  CHECK(ch07::int8_scale(127.f) == 0x3C00);   // exactly 1: no step up when amax / 127 is an fp16 value
+  CHECK(ch07::int8_scale(0.f) == 0x3C00);
+  CHECK(ch07::e4m3_scale(INFINITY) == 0x3C00);
+  CHECK(ch07::e4m3_scale(NAN) == 0x3C00);
 }
 
 TEST_CASE("07: host round trip of every scheme: error bounds, scales, an all-zero head", "[cpu]") {
@@ -215,8 +274,9 @@ TEST_CASE("07: host round trip of every scheme: error bounds, scales, an all-zer
       INFO(sc.name << (page ? " paged" : ""));
       REQUIRE(L.slots == (page ? p.num_pages : p.batch));
       REQUIRE(c.k_scale.size() == ch07::scale_count(L));
-      for (const std::vector<float>* scales : {&c.k_scale, &c.v_scale})
-        for (float s : *scales) REQUIRE((std::isfinite(s) && s > 0.f));
+      for (const std::vector<uint16_t>* scales : {&c.k_scale, &c.v_scale})
+        for (uint16_t s : *scales)
+          REQUIRE((std::isfinite(ch07::scale_value(s)) && ch07::scale_value(s) > 0.f));
       int64_t checked = 0;
       for (int is_v = 0; is_v < 2; ++is_v)
         for (int s = 0; s < L.slots; ++s)
@@ -227,7 +287,10 @@ TEST_CASE("07: host round trip of every scheme: error bounds, scales, an all-zer
                 const float x = t[s * p.k_batch_stride + r * p.k_row_stride + h * p.k_head_stride + ch];
                 const float y = ch07::dequantize(c, is_v, s, r, h, ch);
                 if (h == 1) REQUIRE(y == 0.f);  // the all-zero head: exact zeros back
-                const double bound = error_bound(sc.scheme, x, scale_of(c, is_v, s, r, h, ch));
+                const float scale = scale_of(c, is_v, s, r, h, ch);
+                // int8: the scale covers every element it scales, exactly (fp16 x): no code clips.
+                if (is_int8(sc.scheme)) REQUIRE(std::fabs(double(x)) <= 127.0 * scale);
+                const double bound = error_bound(sc.scheme, x, scale);
                 if (!(std::fabs(double(x) - y) <= bound)) {
                   INFO("K/V " << is_v << " slot " << s << " row " << r << " head " << h << " channel " << ch
                               << ": x = " << x << ", dequantized " << y << ", bound " << bound);
@@ -266,22 +329,24 @@ TEST_CASE("07: an outlier channel costs per-token and per-head int8 scales, not 
   CHECK(group64 * 8 < head0);
 }
 
-TEST_CASE("07: accounting counts 1-byte codes plus their scales", "[cpu]") {
+TEST_CASE("07: accounting counts 1-byte codes plus their fp16 scales", "[cpu]") {
   const lab::HostProblem hp = host_problem(2, 4, 40, 128, 0, 1);
   lab::KvQuant q;
   q.scheme = KvScheme::int8_head;
-  CHECK(lab::kv_scale_bytes_per_token_head(hp, q) == 4.0);
+  CHECK(lab::kv_scale_bytes_per_token_head(hp, q) == 2.0);
   q.scheme = KvScheme::int8_group, q.group_size = 32;
-  CHECK(lab::kv_scale_bytes_per_token_head(hp, q) == 16.0);
+  CHECK(lab::kv_scale_bytes_per_token_head(hp, q) == 8.0);
   q.scheme = KvScheme::int8_token, q.group_size = 0;
-  CHECK(lab::kv_scale_bytes_per_token_head(hp, q) == 1.0);  // 4 bytes over 4 KV heads
+  CHECK(lab::kv_scale_bytes_per_token_head(hp, q) == 0.5);  // 2 bytes over 4 KV heads
   q.scheme = KvScheme::int8_tensor;
-  CHECK(lab::kv_scale_bytes_per_token_head(hp, q) == Approx(4.0 / (2 * 40 * 4)));
+  CHECK(lab::kv_scale_bytes_per_token_head(hp, q) == Approx(2.0 / (2 * 40 * 4)));
+  q.scheme = KvScheme::fp8_e4m3_head;
+  CHECK(lab::kv_scale_bytes_per_token_head(hp, q) == Approx(2.0 * 4 / (2 * 40 * 4)));
   q.scheme = KvScheme::fp8_e5m2;
   CHECK(lab::kv_scale_bytes_per_token_head(hp, q) == 0.0);
-  // Q and O: 2 * (2 * 1 * 4 * 128) * 2 bytes; K and V: 2 * (2 * 40 * 4) tokens-heads * (128 + 4).
+  // Q and O: 2 * (2 * 1 * 4 * 128) * 2 bytes; K and V: 2 * (2 * 40 * 4) tokens-heads * (128 + 2).
   q.scheme = KvScheme::int8_head;
-  CHECK(lab::attn_bytes_stored(hp, q) == 2.0 * 2 * 4 * 128 * 2 + 2.0 * 2 * 40 * 4 * 132);
+  CHECK(lab::attn_bytes_stored(hp, q) == 2.0 * 2 * 4 * 128 * 2 + 2.0 * 2 * 40 * 4 * 130);
   q.scheme = KvScheme::none;
   CHECK(lab::attn_bytes_stored(hp, q) == lab::attn_bytes(hp));
   // The cache layout: fp16 strides rounded up to 16 elements; scales per common/attn.h.
@@ -292,6 +357,9 @@ TEST_CASE("07: accounting counts 1-byte codes plus their scales", "[cpu]") {
   CHECK(c.row_stride == 4 * 128 + 16);
   CHECK(c.slot_stride == 40 * c.row_stride);
   CHECK(ch07::scale_count(c) == size_t(2 * 40 * 4 * 2));
+  // Codes (2 slots of 40 rows of 528 bytes) and fp16 scales, K and V, each part 256-byte aligned.
+  CHECK(ch07::code_bytes(c) == size_t(2 * 40 * 528));
+  CHECK(ch07::storage_bytes(c) == 2 * size_t(42240) + 2 * size_t(1280));
   CHECK(ch07::scale_index(KvScheme::int8_head, 0, 1, 3, 2, 0, 40, 4, 128) == (1 * 4 + 2) * 40 + 3);
   CHECK(ch07::scale_index(KvScheme::int8_group, 32, 1, 3, 2, 70, 40, 4, 128) ==
         ((1 * 4 + 2) * 40 + 3) * 4 + 2);
@@ -299,7 +367,7 @@ TEST_CASE("07: accounting counts 1-byte codes plus their scales", "[cpu]") {
 
 TEST_CASE("07 refuses what it does not support, naming the field", "[cpu]") {
   const lab::AttnParams p = decode_params();
-  alignas(16) static float scales[4];
+  alignas(16) static uint16_t scales[4];
   CHECK(lab::unsupported_reason(p, ch07::kSupport).empty());
   auto refused = [&](lab::AttnParams bad, const std::string& field, const lab::Support& s = ch07::kSupport) {
     const std::string why = lab::unsupported_reason(bad, s);
@@ -387,6 +455,26 @@ void zero_head(lab::Problem& prob, int h) {
   LAB_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
+// Multiplies KV head `h` of K and V by `factor` (rounded to fp16), on the device and in the host
+// mirror: tiny heads whose scales fall among the fp16 subnormals, or below them (2^-24).
+void shrink_head(lab::Problem& prob, int h, float factor) {
+  const lab::AttnParams& p = prob.params;
+  const int64_t rows = int64_t(prob.kv_elems / p.k_row_stride);
+  std::vector<uint16_t> bits(size_t(rows) * p.head_dim);
+  for (int is_v = 0; is_v < 2; ++is_v) {
+    std::vector<float>& t = is_v ? prob.host.v : prob.host.k;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int ch = 0; ch < p.head_dim; ++ch) {
+        float& x = t[r * p.k_row_stride + h * p.k_head_stride + ch];
+        x = to_fp16(x * factor);
+        bits[size_t(r) * p.head_dim + ch] = lab::float_to_half_bits(x, lab::DType::fp16);
+      }
+    char* dev = static_cast<char*>(const_cast<void*>(is_v ? p.v : p.k)) + h * p.k_head_stride * 2;
+    LAB_CUDA_CHECK(cudaMemcpy2D(dev, p.k_row_stride * 2, bits.data(), p.head_dim * 2, p.head_dim * 2, rows,
+                                cudaMemcpyHostToDevice));
+  }
+}
+
 // Codes (valid positions only: padding is never written) and scales, bit for bit.
 void require_same(const ch07::HostKvCache& a, const ch07::HostKvCache& b) {
   const ch07::KvCache& L = a.layout;
@@ -404,8 +492,8 @@ void require_same(const ch07::HostKvCache& a, const ch07::HostKvCache& b) {
           }
   CHECK(diff == 0);
   REQUIRE(a.k_scale.size() == b.k_scale.size());
-  CHECK(std::memcmp(a.k_scale.data(), b.k_scale.data(), a.k_scale.size() * 4) == 0);
-  CHECK(std::memcmp(a.v_scale.data(), b.v_scale.data(), a.v_scale.size() * 4) == 0);
+  CHECK(std::memcmp(a.k_scale.data(), b.k_scale.data(), a.k_scale.size() * lab::kKvScaleBytes) == 0);
+  CHECK(std::memcmp(a.v_scale.data(), b.v_scale.data(), a.v_scale.size() * lab::kKvScaleBytes) == 0);
 }
 
 std::vector<lab::ProblemSpec> quantizer_shapes() {
@@ -429,6 +517,12 @@ TEST_CASE("07: the GPU quantizer writes the host quantizer's codes and scales, b
   for (const lab::ProblemSpec& spec : quantizer_shapes()) {
     lab::Problem prob(spec);
     zero_head(prob, 1);
+    if (spec.heads_kv >= 4) {
+      // The fp16 scales' edges, where host and device round up separately: head 2's scales among
+      // fp16's subnormals, head 3's amax / 127 below 2^-24 (their scale: 2^-24, never 0).
+      shrink_head(prob, 2, std::ldexp(1.f, -16));
+      shrink_head(prob, 3, std::ldexp(1.f, -26));
+    }
     for (const SchemeCase& sc : kSchemes) {
       INFO(sc.name << " " << lab::describe(spec));
       ch07::KvCache c = ch07::cache_layout(prob.params, sc.scheme, sc.group);
@@ -438,7 +532,24 @@ TEST_CASE("07: the GPU quantizer writes the host quantizer's codes and scales, b
       const ch07::HostKvCache dev = ch07::download(c);
       const ch07::HostKvCache host = ch07::quantize_host(prob.host, sc.scheme, sc.group);
       require_same(dev, host);
-      for (float s : dev.k_scale) REQUIRE((std::isfinite(s) && s > 0.f));
+      for (const std::vector<uint16_t>* scales : {&dev.k_scale, &dev.v_scale})
+        for (uint16_t s : *scales)
+          REQUIRE((std::isfinite(ch07::scale_value(s)) && ch07::scale_value(s) > 0.f));
+      if (spec.heads_kv >= 4 && sc.scheme == KvScheme::int8_head) {
+        // Both edges were reached: subnormal scales on head 2, the smallest (2^-24) on head 3.
+        const ch07::KvCache& L = dev.layout;
+        bool subnormal = false, smallest = false;
+        for (int r = 0; r < L.rows; ++r) {
+          const uint16_t s2 =
+              dev.k_scale[ch07::scale_index(L.scheme, 0, 0, r, 2, 0, L.rows, L.heads_kv, L.head_dim)];
+          const uint16_t s3 =
+              dev.k_scale[ch07::scale_index(L.scheme, 0, 0, r, 3, 0, L.rows, L.heads_kv, L.head_dim)];
+          subnormal |= s2 > 1 && s2 < 0x0400;
+          smallest |= s3 == 0x0001;
+        }
+        CHECK(subnormal);
+        CHECK(smallest);
+      }
       // The all-zero head dequantizes to zeros.
       for (int r = 0; r < c.rows; ++r) REQUIRE(ch07::dequantize(dev, true, 0, r, 1, 3) == 0.f);
     }
@@ -463,7 +574,7 @@ TEST_CASE("07: append writes what bulk writes, and nothing outside its rows", "[
       LAB_CUDA_CHECK(cudaMemset(app_mem.get(), 0xFF, ch07::storage_bytes(app)));  // "never written"
       if (sc.scheme == KvScheme::int8_tensor || sc.scheme == KvScheme::fp8_e4m3_head) {
         // Static scales: the calibrated ones (here: bulk's) are in the cache before appending.
-        const size_t n = ch07::scale_count(app) * 4;
+        const size_t n = ch07::scale_count(app) * lab::kKvScaleBytes;
         LAB_CUDA_CHECK(cudaMemcpy(app.k_scale, bulk.k_scale, n, cudaMemcpyDeviceToDevice));
         LAB_CUDA_CHECK(cudaMemcpy(app.v_scale, bulk.v_scale, n, cudaMemcpyDeviceToDevice));
       }

@@ -350,12 +350,13 @@ int lab_kv_scale_bytes(const LabAttnParams* p, int kv_scheme, int kv_group_size,
   return guarded([&] {
     if (!bytes) throw lab::InvalidArgument("bytes is a null pointer");
     *bytes = 0;
-    *bytes = ch07::scale_count(quantized_layout(to_attn_params(p), kv_scheme, kv_group_size)) * sizeof(float);
+    *bytes =
+        ch07::scale_count(quantized_layout(to_attn_params(p), kv_scheme, kv_group_size)) * lab::kKvScaleBytes;
   });
 }
 
 int lab_kv_quantize(const LabAttnParams* p, int kv_scheme, int kv_group_size, void* k_codes, void* v_codes,
-                    float* k_scale, float* v_scale, void* cuda_stream) {
+                    uint16_t* k_scale, uint16_t* v_scale, void* cuda_stream) {
   return guarded([&] {
     const lab::AttnParams src = to_attn_params(p);
     ch07::KvCache c = quantized_layout(src, kv_scheme, kv_group_size);
@@ -388,8 +389,8 @@ int lab_kv_quantize(const LabAttnParams* p, int kv_scheme, int kv_group_size, vo
     if (!scales && (k_scale || v_scale))
       throw lab::InvalidArgument(who + "k_scale/v_scale are given but " + lab::kv_scheme_name(c.scheme) +
                                  " has no scales");
-    if (!aligned(k_scale, 4) || !aligned(v_scale, 4))
-      throw lab::InvalidArgument(who + "k_scale/v_scale pointers must be 4-byte aligned");
+    if (!aligned(k_scale, lab::kKvScaleBytes) || !aligned(v_scale, lab::kKvScaleBytes))
+      throw lab::InvalidArgument(who + "k_scale/v_scale pointers must be 2-byte aligned (fp16 scales)");
     c.k = static_cast<uint8_t*>(k_codes), c.v = static_cast<uint8_t*>(v_codes);
     c.k_scale = k_scale, c.v_scale = v_scale;
     ch07::quantize_bulk(src, c, static_cast<cudaStream_t>(cuda_stream));  // checks dtype, strides

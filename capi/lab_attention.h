@@ -23,8 +23,9 @@
 extern "C" {
 #endif
 
-/* Bumped whenever LabAttnParams or LabSupport change layout; callers put it in abi_version. */
-#define LAB_ATTENTION_ABI_VERSION 3
+/* Bumped whenever LabAttnParams or LabSupport change layout or meaning; callers put it in
+ * abi_version. 4: KV cache scales are fp16 (they were fp32 in 3). */
+#define LAB_ATTENTION_ABI_VERSION 4
 
 /* Return codes. */
 #define LAB_OK 0
@@ -93,13 +94,14 @@ typedef struct LabAttnParams {
   uint64_t workspace_bytes;
 
   /* KV cache quantization (lab::KvQuant, common/attn.h): LAB_KV_NONE (a 16-bit cache), else k, v
-     point at 1-byte codes (strides in elements, now bytes) and kv_k_scale, kv_v_scale at fp32
-     scales in the layout attn.h documents (NULL for a scheme without scales). 07_kv_quant reads
-     every scheme (LabSupport.kv_schemes); lab_kv_quantize() makes such a cache from an fp16 one. */
+     point at 1-byte codes (strides in elements, now bytes) and kv_k_scale, kv_v_scale at fp16
+     (IEEE half) scales, given as their 16-bit patterns (C has no half type), 2-byte aligned, in the
+     layout attn.h documents (NULL for a scheme without scales). 07_kv_quant reads every scheme
+     (LabSupport.kv_schemes); lab_kv_quantize() makes such a cache from an fp16 one. */
   int32_t kv_scheme;
   int32_t kv_group_size;
-  const float* kv_k_scale;
-  const float* kv_v_scale;
+  const uint16_t* kv_k_scale;
+  const uint16_t* kv_v_scale;
 } LabAttnParams;
 
 /* What a variant computes (lab::Support): anything else it refuses by name. */
@@ -151,13 +153,15 @@ const char* lab_kv_scheme_name(int kv_scheme);
  * codes and kv_scheme, kv_group_size, kv_k_scale, kv_v_scale set. Scales are computed per K and per
  * V (int8_tensor and fp8_e4m3_head too: from this cache, as a calibration pass would).
  *
- *   lab_kv_scale_bytes: the bytes of K's scales (V's are the same); 0 for fp8_e4m3, fp8_e5m2.
+ *   lab_kv_scale_bytes: the bytes of K's scales (V's are the same): 2 per fp16 scale; 0 for
+ *                       fp8_e4m3, fp8_e5m2.
  *   lab_kv_quantize:    writes codes and scales; enqueued on `cuda_stream`, like lab_forward.
  * k_codes, v_codes: 16-byte aligned device memory covering the cache's extent; k_scale, v_scale:
- * lab_kv_scale_bytes() each, NULL for a scheme without scales. */
+ * lab_kv_scale_bytes() each, 2-byte aligned, receiving fp16 scales (rounded up from amax / 127, or
+ * / 448: the rules are in 07_kv_quant/quantize.h), NULL for a scheme without scales. */
 int lab_kv_scale_bytes(const LabAttnParams* p, int kv_scheme, int kv_group_size, size_t* bytes);
 int lab_kv_quantize(const LabAttnParams* p, int kv_scheme, int kv_group_size, void* k_codes, void* v_codes,
-                    float* k_scale, float* v_scale, void* cuda_stream);
+                    uint16_t* k_scale, uint16_t* v_scale, void* cuda_stream);
 
 #ifdef __cplusplus
 }

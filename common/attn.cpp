@@ -94,8 +94,8 @@ static std::string kv_quant_reason(const AttnParams& p, const Support& s, const 
   if (kv_scheme_has_scales(kq.scheme)) {
     if (!kq.k_scale) return who() + "kv_quant.k_scale is a null pointer (" + name + " needs scales)";
     if (!kq.v_scale) return who() + "kv_quant.v_scale is a null pointer (" + name + " needs scales)";
-    if (!aligned(kq.k_scale, 4) || !aligned(kq.v_scale, 4))
-      return who() + "kv_quant scale pointers must be 4-byte aligned";
+    if (!aligned(kq.k_scale, kKvScaleBytes) || !aligned(kq.v_scale, kKvScaleBytes))
+      return who() + "kv_quant scale pointers must be 2-byte aligned (fp16 scales)";
   } else if (kq.k_scale || kq.v_scale) {
     // A caller passing scales expects them applied: refuse rather than ignore them.
     return who() + "kv_quant.k_scale/v_scale are given but " + name + " has no scales";

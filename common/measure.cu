@@ -198,12 +198,13 @@ double kv_scale_bytes_per_token_head(const HostProblem& hp, const KvQuant& kq) {
   double tokens = 0;  // the tokens attention reads, summed over the batch
   for (int b = 0; b < p.batch; ++b) tokens += seqlen_kv_of(hp, b);
   const double token_heads = std::max(1.0, tokens * p.heads_kv);
+  const double s = kKvScaleBytes;  // one fp16 scale
   switch (kq.scheme) {
-    case KvScheme::int8_tensor: return 4.0 / token_heads;
-    case KvScheme::int8_token: return 4.0 / p.heads_kv;
-    case KvScheme::int8_head: return 4.0;
-    case KvScheme::int8_group: return kq.group_size > 0 ? 4.0 * p.head_dim / kq.group_size : 0.0;
-    case KvScheme::fp8_e4m3_head: return 4.0 * p.heads_kv / token_heads;
+    case KvScheme::int8_tensor: return s / token_heads;
+    case KvScheme::int8_token: return s / p.heads_kv;
+    case KvScheme::int8_head: return s;
+    case KvScheme::int8_group: return kq.group_size > 0 ? s * p.head_dim / kq.group_size : 0.0;
+    case KvScheme::fp8_e4m3_head: return s * p.heads_kv / token_heads;
     default: return 0.0;
   }
 }

@@ -73,10 +73,10 @@ double attn_flops(const HostProblem& hp);
 double attn_bytes(const HostProblem& hp, double kv_bytes_per_element = 2.0,
                   double kv_scale_bytes_per_token_head = 0.0);
 
-// Scale bytes a KV cache stored as `kq` keeps, per token and KV head, for one of K and V: 4 per
-// token and head for int8_head, 4 * head_dim / group_size for int8_group, 4 / heads_kv for
-// int8_token; per-tensor scales (int8_tensor: one float, fp8_e4m3_head: heads_kv floats) spread
-// over the problem's tokens and heads; 0 without scales.
+// Scale bytes a KV cache stored as `kq` keeps, per token and KV head, for one of K and V, at
+// kKvScaleBytes (2, fp16) per scale: 2 per token and head for int8_head, 2 * head_dim / group_size
+// for int8_group, 2 / heads_kv for int8_token; per-tensor scales (int8_tensor: one scale,
+// fp8_e4m3_head: heads_kv scales) spread over the problem's tokens and heads; 0 without scales.
 double kv_scale_bytes_per_token_head(const HostProblem& hp, const KvQuant& kq);
 // attn_bytes with K/V at the width `kq` stores them (1 byte plus scales, or the dtype's 2 bytes).
 double attn_bytes_stored(const HostProblem& hp, const KvQuant& kq);

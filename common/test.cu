@@ -361,7 +361,7 @@ TEST_CASE("check_params: the KV quantization descriptor is refused by name", "[c
   p.softmax_scale = 0.125f;
   set_contiguous_strides(p);
   alignas(16) static char buf[64];
-  alignas(16) static float scales[4];
+  alignas(16) static uint16_t scales[4];
   p.q = p.k = p.v = buf;
   p.o = buf;
   for (int i = 0; i < kKvSchemeCount; ++i) REQUIRE(kv_scheme_name(KvScheme(i)) != nullptr);
@@ -392,8 +392,9 @@ TEST_CASE("check_params: the KV quantization descriptor is refused by name", "[c
             .find("kv_quant.group_size = 64 does not divide head_dim = 96") != std::string::npos);
   CHECK(why([](auto& c) { c.kv_quant.scheme = KvScheme::fp8_e5m2, c.kv_quant.group_size = 0; })
             .find("kv_quant.k_scale/v_scale are given but fp8_e5m2 has no scales") != std::string::npos);
-  CHECK(why([](auto& c) { c.kv_quant.v_scale = reinterpret_cast<const float*>(buf + 2); })
-            .find("4-byte aligned") != std::string::npos);
+  CHECK(why([](auto& c) { c.kv_quant.v_scale = reinterpret_cast<const uint16_t*>(buf + 1); })
+            .find("kv_quant scale pointers must be 2-byte aligned") != std::string::npos);
+  CHECK(why([](auto& c) { c.kv_quant.v_scale = reinterpret_cast<const uint16_t*>(buf + 2); }).empty());
   // 1-byte codes: K/V strides must still cover whole 16-byte vectors (16 elements, not 8).
   CHECK(why([](auto& c) { c.v_row_stride = 8 * 64 + 8; })
             .find("v_row_stride = 520 is not a multiple of 16 elements") != std::string::npos);

@@ -8,7 +8,7 @@
     call = lab.prepare(q, k, v, chapter="03"); call.run(); call.run()   # checked once, run again
 
     # 07_kv_quant: decode (seqlen_q = 1) from an int8 or FP8 KV cache made from fp16 K, V
-    kc, vc, ks, vs = lab.quantize_kv(k, v, "int8_head")               # codes and fp32 scales
+    kc, vc, ks, vs = lab.quantize_kv(k, v, "int8_head")               # codes and fp16 scales
     o = lab.forward(q[:, -1:], kc, vc, chapter="07", kv_scheme="int8_head", k_scale=ks, v_scale=vs)
 
 Tensors use FlashAttention's layout: q, out [batch, seqlen_q, heads_q, head_dim], k, v
@@ -31,7 +31,7 @@ __all__ = ["forward", "prepare", "Call", "quantize_kv", "chapters", "variants", 
            "load_library", "KV_SCHEMES", "LabError", "InvalidArgument", "UnknownName", "CudaError",
            "LibraryNotFound"]
 
-ABI_VERSION = 3  # LAB_ATTENTION_ABI_VERSION in capi/lab_attention.h
+ABI_VERSION = 4  # LAB_ATTENTION_ABI_VERSION in capi/lab_attention.h (4: fp16 KV cache scales)
 LIB_NAME = "liblab_attention.so"
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -278,8 +278,8 @@ def forward(q, k, v, chapter="03", causal=False, **kwargs):
     longest), cache_seqlens (int32 [batch]: keys per sequence), paged KV (block_table int32
     [batch, max_pages_per_seq], k, v [num_pages, page_size, heads_kv, head_dim]), num_splits.
     A quantized KV cache (07_kv_quant): kv_scheme ("int8_head", ...; see KV_SCHEMES), kv_group_size
-    (int8_group: 32 or 64), k_scale, v_scale, with k, v the 1-byte codes and the scales from
-    quantize_kv() (q and out stay fp16).
+    (int8_group: 32 or 64), k_scale, v_scale, with k, v the 1-byte codes and the scales (torch.float16)
+    from quantize_kv() (q and out stay fp16).
     """
     call = prepare(q, k, v, chapter, causal, **kwargs).run()
     return (call.out, call.lse) if kwargs.get("lse") else call.out
@@ -328,7 +328,8 @@ def quantize_kv(k, v, scheme="int8_head", group_size=0):
 
     k, v: fp16 CUDA tensors [batch, seqlen_kv, heads_kv, head_dim] (or paged: [num_pages, page_size,
     heads_kv, head_dim]; every row is quantized). The codes have k's shape and strides, as torch.int8
-    (int8 schemes) or PyTorch's FP8 dtype; the scales are float32 in common/attn.h's layout:
+    (int8 schemes) or PyTorch's FP8 dtype; the scales are float16 (amax / 127, or / 448, rounded up
+    to fp16; the rules are in 07_kv_quant/quantize.h) in common/attn.h's layout:
     int8_tensor [1], int8_token [slots, rows], int8_head [slots, heads_kv, rows], int8_group [slots,
     heads_kv, rows, head_dim / group_size], fp8_e4m3_head [heads_kv], None for fp8_e4m3 and fp8_e5m2
     (slots, rows: k's first two dimensions). int8_tensor and fp8_e4m3_head scales cover this cache.
@@ -357,9 +358,9 @@ def quantize_kv(k, v, scheme="int8_head", group_size=0):
     shape = _scale_shape(scheme, group_size, *k.shape)
     k_scale = v_scale = None
     if shape is not None:
-        if math.prod(shape) * 4 != scale_bytes.value:
+        if math.prod(shape) * 2 != scale_bytes.value:  # fp16 scales
             raise LabError(f"scales: the library needs {scale_bytes.value} bytes, this module computed {shape}")
-        k_scale, v_scale = (torch.empty(shape, dtype=torch.float32, device=k.device) for _ in range(2))
+        k_scale, v_scale = (torch.empty(shape, dtype=torch.float16, device=k.device) for _ in range(2))
     ptr = lambda t: None if t is None else t.data_ptr()
     with torch.cuda.device(k.device):
         stream = torch.cuda.current_stream(k.device).cuda_stream
@@ -452,9 +453,12 @@ def prepare(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=
         for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
             if t is None or shape is None:
                 continue  # the library refuses a missing scale, or one given for a scheme without
-            _check_tensor(name, t, torch.float32, device)
+            if isinstance(t, torch.Tensor) and t.dtype != torch.float16:  # fp32 scales (ABI 3) included
+                raise TypeError(f"{name}: dtype {t.dtype} does not match torch.float16 (07's scales are fp16, "
+                                "as quantize_kv returns them)")
+            _check_tensor(name, t, torch.float16, device)
             if not t.is_contiguous() or t.numel() < math.prod(shape):  # never read past its end
-                raise ValueError(f"{name}: expected a contiguous float32 tensor of {math.prod(shape)} elements "
+                raise ValueError(f"{name}: expected a contiguous float16 tensor of {math.prod(shape)} elements "
                                  f"{shape} for {kv_scheme}, got shape {tuple(t.shape)}")
         p.kv_k_scale = None if k_scale is None else k_scale.data_ptr()
         p.kv_v_scale = None if v_scale is None else v_scale.data_ptr()

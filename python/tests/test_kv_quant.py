@@ -2,8 +2,9 @@
 
     LAB_ATTENTION_LIB=build/lib/liblab_attention.so python3 -m pytest -q python/tests/test_kv_quant.py
 
-The codes and scales are dequantized here, in PyTorch, following common/attn.h's layouts; the
-kernel's output is compared with scaled_dot_product_attention in fp32 on those dequantized K/V (the
+The codes and fp16 scales are dequantized here, in PyTorch (in float32, from the stored fp16 scale
+values), following common/attn.h's layouts; the kernel's output is compared with
+scaled_dot_product_attention in fp32 on those dequantized K/V (the
 kernel's own error, with the lab's fp16 tolerance), on every scheme 07 lists and the shapes it
 supports (decode, GQA/MQA, cache_seqlens, paged KV, split counts). The error against the original
 fp16 K/V, which is the quantization's, is only printed: how large it may be depends on the inputs.
@@ -85,11 +86,14 @@ def test_c_api_07_accepts_its_schemes_and_refuses_by_name():
         ("int8_head", 0, "kv_k_scale", "kv_quant.k_scale is a null pointer"),
         ("fp8_e4m3", 0, "give_scales", "has no scales"),
         ("int8_head", 0, "k_row_stride", "k_row_stride = 264 is not a multiple of 16"),
+        ("int8_group", 32, "odd_scale", "kv_quant scale pointers must be 2-byte aligned (fp16 scales)"),
     ]
     for scheme, group_size, field, expected in refusals:
         p = quantized_c_params(scheme, group_size)
         if field == "give_scales":
             p.kv_k_scale, p.kv_v_scale = 0x50000, 0x60000
+        elif field == "odd_scale":
+            p.kv_v_scale = 0x60001  # fp16 scales need 2-byte alignment (2-byte aligned is accepted above)
         elif field == "k_row_stride":
             p.k_row_stride = 264  # 16-byte rows of codes: a multiple of 16 bytes
         elif field:
@@ -101,6 +105,19 @@ def test_c_api_07_accepts_its_schemes_and_refuses_by_name():
     p.kv_scheme = 99
     rc, message, _ = c_call("forward", "07", None, p)
     assert rc == 1 and "kv_quant.scheme = 99 is unknown" in message, message
+
+
+@needs_library
+def test_c_api_refuses_callers_built_for_fp32_scales():
+    """ABI 3 passed fp32 scales: the same params with abi_version 3 are refused, never read as fp16."""
+    assert lab.ABI_VERSION == 4 and lab.load_library().lab_abi_version() == 4
+    p = quantized_c_params("int8_head")
+    p.abi_version = 3
+    for function in ("forward", "workspace"):
+        rc, message, _ = c_call(function, "07", None, p)
+        assert rc == 1 and "abi_version = 3 does not match the library's 4" in message, message
+    rc, message, n = scale_bytes(p, "int8_head", 0)
+    assert rc == 1 and n == 0 and "abi_version = 3" in message, message
 
 
 def scale_bytes(p, scheme, group_size):
@@ -125,9 +142,9 @@ def test_c_api_sizes_the_scales_as_attn_h_lays_them_out():
                   "fp8_e4m3": 0, "fp8_e5m2": 0, "fp8_e4m3_head": h}
     for (scheme, group_size), name in zip(SCHEMES, SCHEME_IDS):
         rc, message, n = scale_bytes(p, scheme, group_size)
-        assert (rc, n) == (0, 4 * want[name]), f"{name}: {message}"
+        assert (rc, n) == (0, 2 * want[name]), f"{name}: {message}"  # fp16: 2 bytes per scale
         rc, message, n = scale_bytes(paged_p, scheme, group_size)
-        assert (rc, n) == (0, 4 * want_paged[name]), f"paged {name}: {message}"
+        assert (rc, n) == (0, 2 * want_paged[name]), f"paged {name}: {message}"
     for scheme, group_size, head_dim, expected in (
             ("none", 0, 64, "kv_scheme = none cannot be quantized into"),
             ("int8_group", 48, 64, "kv_group_size = 48 is not supported"),
@@ -155,6 +172,8 @@ def test_c_api_quantize_refuses_by_name_before_touching_the_gpu():
     cases.append((valid_c_params(), dict(codes=(None, 0x90000)), "k_codes is a null pointer"))
     cases.append((valid_c_params(), dict(codes=(0x80008, 0x90000)), "k_codes pointer is not 16-byte aligned"))
     cases.append((valid_c_params(), dict(scale=(0x50000, None)), "v_scale is a null pointer"))
+    cases.append((valid_c_params(), dict(scale=(0x50001, 0x60000)),
+                  "k_scale/v_scale pointers must be 2-byte aligned"))
     cases.append((valid_c_params(), dict(scheme="fp8_e5m2"), "k_scale/v_scale are given but fp8_e5m2"))
     p = valid_c_params()
     p.dtype = lab.DTYPE_BF16
@@ -183,6 +202,9 @@ def test_unknown_scheme_names_are_refused_in_python():
 def dequantize(torch, codes, scale, scheme, group_size):
     """common/attn.h: an element is code * scale (int8), or the FP8 number (times its head's scale)."""
     x = codes.float()  # int8, or PyTorch's FP8 dtype: their values
+    if scale is not None:
+        assert scale.dtype == torch.float16, f"{scheme}: scales are {scale.dtype}, not fp16"
+        scale = scale.float()  # the stored fp16 values, exactly, as the kernel reads them
     if scheme == "int8_tensor":
         return x * scale[0]
     if scheme == "int8_token":  # [slots][rows]
@@ -206,13 +228,28 @@ def quantized(torch, k, v, scheme, group_size):
 
 @pytest.mark.parametrize("scheme,group_size", SCHEMES, ids=SCHEME_IDS)
 def test_quantize_kv_follows_the_rules(cuda, scheme, group_size):
-    """Every element within the scheme's rounding error, and int8 scales = amax / 127 of what they cover."""
+    """Every element within the scheme's rounding error; scales = amax / 127 (448) of what they cover,
+    rounded up to fp16: the smallest fp16 value >= amax / 127 in fp32, so no code clips."""
     torch = cuda
     torch.manual_seed(SEED)
     k, v = (input_tensor(torch, (3, 257, 4, 128), torch.float16, outliers=True) for _ in range(2))
     k[1, :, 2] = 0  # an all-zero head: its scales are 1, its codes 0
     kc, vc, ks, vs, kd, vd = quantized(torch, k, v, scheme, group_size)
     assert kc.shape == k.shape and kc.stride() == k.stride() and kc.element_size() == 1
+    assert (ks is None) == (scheme in ("fp8_e4m3", "fp8_e5m2"))
+
+    def check_rounded_up(scale, amax, divisor):
+        assert scale.dtype == torch.float16 and scale.shape == amax.shape
+        # amax / divisor in fp32 as the library computes it (IEEE division; PyTorch's division by a
+        # scalar multiplies by its reciprocal, which may differ in the last bit), before rounding.
+        want = torch.where(amax > 0, (amax.double() / divisor).float(), torch.ones_like(amax))
+        bits = scale.view(torch.int16)
+        assert (bits >= 1).all() and torch.isfinite(scale).all(), f"{scheme}: a scale is 0, negative or not finite"
+        assert (scale.float() >= want).all(), f"{scheme}: a scale below amax / {divisor}"
+        below = (bits - 1).view(torch.float16).float()  # the next fp16 value down
+        assert ((below < want) | (bits == 1)).all(), f"{scheme}: a scale more than one fp16 step above"
+        assert (scale.double() * divisor >= amax.double()).all(), f"{scheme}: an element would clip"
+
     for x, codes, scale, deq in ((k, kc, ks, kd), (v, vc, vs, vd)):
         x = x.float()
         err = (deq - x).abs()
@@ -222,18 +259,16 @@ def test_quantize_kv_follows_the_rules(cuda, scheme, group_size):
                     "int8_head": lambda: x.abs().amax(dim=3).permute(0, 2, 1),
                     "int8_group": lambda: x.abs().unflatten(3, (-1, max(group_size, 1))).amax(dim=4).permute(0, 2, 1, 3),
                     }[scheme]()
-            want = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-            torch.testing.assert_close(scale, want, rtol=1e-6, atol=0)
+            check_rounded_up(scale, amax, 127)
             assert codes.abs().max().item() <= 127
             half_step = dequantize(torch, torch.ones_like(codes), scale, scheme, group_size) / 2
             assert (err <= half_step * (1 + 1e-3)).all(), f"{scheme}: an element off by more than half a step"
         else:  # round to nearest even: half a unit in the last place (2^-4 E4M3, 2^-3 E5M2) or the subnormal step
             rel, tiny = (2.0 ** -3, 2.0 ** -17) if scheme == "fp8_e5m2" else (2.0 ** -4, 2.0 ** -10)
-            unit = scale[None, None, :, None] if scheme == "fp8_e4m3_head" else 1.0
+            unit = scale.float()[None, None, :, None] if scheme == "fp8_e4m3_head" else 1.0
             if scheme == "fp8_e4m3_head":
                 amax = x.abs().amax(dim=(0, 1, 3))  # [heads_kv]: over every slot, row and channel
-                torch.testing.assert_close(scale, torch.where(amax > 0, amax / 448, torch.ones_like(amax)),
-                                           rtol=1e-6, atol=0)
+                check_rounded_up(scale, amax, 448)
             assert (err <= (rel * x.abs() + tiny * unit) * (1 + 1e-5)).all(), f"{scheme}: rounding error too large"
     assert (kd[1, :, 2] == 0).all(), f"{scheme}: an all-zero head must stay 0"
 
@@ -330,13 +365,16 @@ def test_refusals_name_the_field(cuda):
     with pytest.raises(lab.InvalidArgument, match=r"07_kv_quant: kv_quant.k_scale is a null pointer"):
         lab.forward(q, kc, vc, chapter="07", kv_scheme="int8_head", v_scale=vs)
     # Scales of the size group 16 would need (the module checks sizes first): the library refuses the group.
-    ks16 = torch.ones((2, 8, 64, 128 // 16), dtype=torch.float32, device=q.device)
+    ks16 = torch.ones((2, 8, 64, 128 // 16), dtype=torch.float16, device=q.device)
     with pytest.raises(lab.InvalidArgument, match=r"kv_quant.group_size = 16 is not supported"):
         lab.forward(q, kc, vc, chapter="07", kv_scheme="int8_group", kv_group_size=16, k_scale=ks16, v_scale=ks16)
     with pytest.raises(lab.InvalidArgument, match=r"kv_quant.k_scale/v_scale are given but fp8_e4m3"):
         lab.forward(q, kc, vc, chapter="07", kv_scheme="fp8_e4m3", k_scale=ks, v_scale=vs)
-    with pytest.raises(ValueError, match=r"k_scale: expected a contiguous float32 tensor of 1024 elements"):
+    with pytest.raises(ValueError, match=r"k_scale: expected a contiguous float16 tensor of 1024 elements"):
         lab.forward(q, kc, vc, chapter="07", kv_scheme="int8_head", k_scale=ks[:1], v_scale=vs)
+    # fp32 scales (the format of ABI 3) are refused by name, not read as pairs of fp16 numbers.
+    with pytest.raises(TypeError, match=r"v_scale: dtype torch.float32 does not match torch.float16"):
+        lab.forward(q, kc, vc, chapter="07", kv_scheme="int8_head", k_scale=ks, v_scale=vs.float())
     with pytest.raises(TypeError, match=r"k: dtype torch.float16 is not a 1-byte code"):
         lab.forward(q, k, v, chapter="07", kv_scheme="int8_head", k_scale=ks, v_scale=vs)
     with pytest.raises(ValueError, match=r"k_scale/v_scale are given without a kv_scheme"):
