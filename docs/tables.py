@@ -312,8 +312,8 @@ def chapter(lab, ceil, ch):
 
 def compare03(lab, torch, ceil):
     seqs = [512, 1024, 2048, 4096, 8192, 16384]
-    lines = ["Chapter 03 next to PyTorch's backends, fp16 TFLOPS, same GPU, consecutive runs of one session "
-             "(`docs/results/h100/summary.txt`); **bold**: 03's best "
+    lines = ["Chapter 03 (ladder.csv) next to PyTorch's backends (torch_sdpa.csv), fp16 TFLOPS, separate runs on "
+             "the same GPU model (which run made which file: `docs/results/h100/summary.txt`); **bold**: 03's best "
              "step at or above FlashAttention-2. " + header(ceil), "",
              "| d | mask | | " + " | ".join(f"s{s}" for s in seqs) + " |", "|---|---|---|" + "---|" * len(seqs)]
     for d in (64, 128):
