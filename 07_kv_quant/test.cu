@@ -442,22 +442,10 @@ TEST_CASE("07 refuses what it does not support, naming the field", "[cpu]") {
 
 namespace {
 
-// Zeroes KV head `h` of K and V on the device and in the host mirror (an all-zero head).
-void zero_head(lab::Problem& prob, int h) {
-  const lab::AttnParams& p = prob.params;
-  const int64_t rows = int64_t(prob.kv_elems / p.k_row_stride);
-  for (const void* t : {p.k, p.v})
-    LAB_CUDA_CHECK(cudaMemset2D(static_cast<char*>(const_cast<void*>(t)) + h * p.k_head_stride * 2,
-                                p.k_row_stride * 2, 0, p.head_dim * 2, rows));
-  for (std::vector<float>* t : {&prob.host.k, &prob.host.v})
-    for (int64_t r = 0; r < rows; ++r)
-      std::fill_n(t->data() + r * p.k_row_stride + h * p.k_head_stride, p.head_dim, 0.f);
-  LAB_CUDA_CHECK(cudaDeviceSynchronize());
-}
-
 // Multiplies KV head `h` of K and V by `factor` (rounded to fp16), on the device and in the host
-// mirror: tiny heads whose scales fall among the fp16 subnormals, or below them (2^-24).
-void shrink_head(lab::Problem& prob, int h, float factor) {
+// mirror: 0 gives an all-zero head (+0, as a memset would), tiny factors heads whose scales fall
+// among the fp16 subnormals, or below them (2^-24).
+void scale_head(lab::Problem& prob, int h, float factor) {
   const lab::AttnParams& p = prob.params;
   const int64_t rows = int64_t(prob.kv_elems / p.k_row_stride);
   std::vector<uint16_t> bits(size_t(rows) * p.head_dim);
@@ -466,7 +454,7 @@ void shrink_head(lab::Problem& prob, int h, float factor) {
     for (int64_t r = 0; r < rows; ++r)
       for (int ch = 0; ch < p.head_dim; ++ch) {
         float& x = t[r * p.k_row_stride + h * p.k_head_stride + ch];
-        x = to_fp16(x * factor);
+        x = factor == 0.f ? 0.f : to_fp16(x * factor);
         bits[size_t(r) * p.head_dim + ch] = lab::float_to_half_bits(x, lab::DType::fp16);
       }
     char* dev = static_cast<char*>(const_cast<void*>(is_v ? p.v : p.k)) + h * p.k_head_stride * 2;
@@ -516,12 +504,12 @@ std::vector<lab::ProblemSpec> quantizer_shapes() {
 TEST_CASE("07: the GPU quantizer writes the host quantizer's codes and scales, bit for bit", "[gpu]") {
   for (const lab::ProblemSpec& spec : quantizer_shapes()) {
     lab::Problem prob(spec);
-    zero_head(prob, 1);
+    scale_head(prob, 1, 0.f);  // an all-zero head
     if (spec.heads_kv >= 4) {
       // The fp16 scales' edges, where host and device round up separately: head 2's scales among
       // fp16's subnormals, head 3's amax / 127 below 2^-24 (their scale: 2^-24, never 0).
-      shrink_head(prob, 2, std::ldexp(1.f, -16));
-      shrink_head(prob, 3, std::ldexp(1.f, -26));
+      scale_head(prob, 2, std::ldexp(1.f, -16));
+      scale_head(prob, 3, std::ldexp(1.f, -26));
     }
     for (const SchemeCase& sc : kSchemes) {
       INFO(sc.name << " " << lab::describe(spec));
