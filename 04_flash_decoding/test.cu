@@ -1,10 +1,12 @@
 // Tests of 04_flash_decoding against the fp64 reference, and of the split combine.
 #include <cmath>
 #include <cstring>
+#include <iomanip>
 
 #include <cuda_fp16.h>
 
 #include "04_flash_decoding/kernel.h"
+#include "common/reference.h"
 #include "common/testing.h"
 
 using lab::DType;
@@ -13,7 +15,7 @@ namespace {
 const lab::Variant& variant() { static lab::Chapter c = ch04::chapter(); return c.variants[0]; }
 
 // Runs the chapter on `spec` and returns O (as bits) and lse, after checking against the reference.
-struct Result { std::vector<uint16_t> o; std::vector<float> lse; };
+struct Result { std::vector<uint16_t> o; std::vector<float> lse; std::vector<double> ref_lse; };
 Result run_checked(const lab::ProblemSpec& spec) {
   lab::Problem prob(spec);
   prob.ensure_workspace(ch04::workspace_bytes(prob.params));
@@ -25,7 +27,13 @@ Result run_checked(const lab::ProblemSpec& spec) {
   LAB_REQUIRE_PASS(prob.check(opt));
   Result r;
   r.o = lab::download_bits(prob.params.o, prob.o_elems);
-  if (prob.lse_elems) r.lse = lab::download_f32(prob.params.lse, prob.lse_elems);
+  if (prob.lse_elems) {
+    r.lse = lab::download_f32(prob.params.lse, prob.lse_elems);
+    // The fp64 lse of every row (seqlen_q = 1 here), so that a disagreement says which side is off.
+    std::vector<double> out(size_t(spec.head_dim));
+    for (int b = 0; b < spec.batch; ++b)
+      for (int h = 0; h < spec.heads_q; ++h) r.ref_lse.push_back(lab::reference_row(prob.host, b, h, 0, out.data()));
+  }
   return r;
 }
 }  // namespace
@@ -77,6 +85,7 @@ TEST_CASE("04_flash_decoding: any split count gives the one-pass result", "[gpu]
       // most ~2^-11 max|v| (|v| < 8 here); the fp32 partials add ~1e-6. A wrong combine weight
       // moves O by the size of O itself.
       double max_o = 0, max_lse = 0;
+      size_t worst = 0;
       for (size_t i = 0; i < one.o.size(); ++i) {
         __half a, b;
         std::memcpy(&a, &one.o[i], 2), std::memcpy(&b, &many.o[i], 2);
@@ -84,9 +93,13 @@ TEST_CASE("04_flash_decoding: any split count gives the one-pass result", "[gpu]
       }
       for (size_t i = 0; i < one.lse.size(); ++i) {
         if (std::isinf(one.lse[i]) || std::isinf(many.lse[i])) REQUIRE(one.lse[i] == many.lse[i]);
-        else max_lse = std::max(max_lse, double(std::fabs(one.lse[i] - many.lse[i])));
+        else if (double(std::fabs(one.lse[i] - many.lse[i])) > max_lse)
+          max_lse = std::fabs(one.lse[i] - many.lse[i]), worst = i;
       }
-      INFO("max |O_1 - O_splits| = " << max_o << ", max |lse_1 - lse_splits| = " << max_lse);
+      INFO("max |O_1 - O_splits| = " << max_o << ", max |lse_1 - lse_splits| = " << max_lse << " at row "
+           << worst << " (b " << worst / s.heads_q << ", h " << worst % s.heads_q << "): lse_1 "
+           << std::setprecision(9) << one.lse[worst] << ", lse_splits " << many.lse[worst] << ", fp64 "
+           << one.ref_lse[worst]);
       CHECK(max_o <= 8.0 / 2048);
       CHECK(max_lse <= 1e-4);
     }
