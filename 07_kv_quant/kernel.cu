@@ -3,10 +3,12 @@
 // Decoding reads every byte of K and V once per step and does about one FLOP per byte: halve the
 // bytes and, if nothing else becomes the limit, the step takes half the time. This is 05's kernel
 // reading 1-byte codes instead of fp16 values; what changes:
-//   - a 16-byte load now holds 16 elements, so a thread owns 16 of a key's d elements and a key
-//     group is d/16 threads (8 at d = 128, one shuffle step fewer). U = 4 keys per group in flight
-//     as in 05: each thread keeps the same 2 x 4 x 16 bytes of K/V in flight, which now cover
-//     twice as many keys, so a block covers 64 keys per step instead of 32 (d = 128);
+//   - a 16-byte load now holds 16 elements, so a thread owns 16 of a key's d elements and a head's
+//     share of a key is d/16 threads (8 at d = 128, one shuffle step fewer). U = 4 keys per group
+//     in flight as in 05: each thread keeps the same 2 x 4 x 16 bytes of K/V in flight;
+//   - a key's row of one head is now 128 bytes (d = 128), and such short rows stream slower than
+//     256-byte ones, so a block takes two KV heads that sit side by side: a group of 16 lanes reads
+//     one key's 256 bytes, 8 lanes per head, and keeps one (m, l, O) per head (heads_per_block);
 //   - codes become fp32 in registers right after the load: int8 by a byte permute into a float's
 //     mantissa and one subtraction (no int-to-float conversion instruction, which runs at an
 //     eighth of the FMA rate), E4M3 by the hardware's 2-at-a-time conversion to half2, E5M2 by
@@ -26,15 +28,16 @@
 // the speedups.
 //
 // clang-format off
-//   grid: (num_splits, heads_q, batch)       block: 128 threads = 16 groups of 8 (1-byte codes, d = 128)
+//   grid: (num_splits, heads_q / 2, batch)   block: 128 threads = 8 groups of 2 x 8 (1-byte codes, d = 128)
 //
-//   keys of one split, U = 4 per group per step:   step 0: keys 0..63    step 1: keys 64..127 ...
-//                     group:  0  1 ... 15  0  1 ... 15 ...      (key = step base + 16 u + group)
-//   one key, one group:  lane c of 8 loads codes k[16c .. 16c+15], v[16c .. 16c+15] (16 bytes each)
+//   keys of one split, U = 4 per group per step:   step 0: keys 0..31    step 1: keys 32..63 ...
+//                     group:  0  1 ... 7  0  1 ... 7 ...         (key = step base + 8 u + group)
+//   one key, one group:  lane c of 8 per head loads codes k[16c .. 16c+15], v[16c .. 16c+15] of its
+//                        head (16 bytes each; the group's 16 lanes read 256 contiguous bytes)
 //                        (and, per-key scales, the scale of its token/head/group: 2 bytes each)
 //                        k -> 16 floats; s = sum_c q[16c..] . k[16c..] (x scale)   16 FMAs, 3 shuffles
-//                        m, l, O[16c .. 16c+15] of the group: online softmax, O += (p scale_v) v
-//   end: 16 groups' (m, l, O) -> one (m, l, O) in shared memory -> O (x static V scale) or a partial
+//                        m, l, O[16c .. 16c+15] of the group and head: online softmax, O += (p scale_v) v
+//   end: per head, 8 groups' (m, l, O) -> one (m, l, O) in shared memory -> O (x static V scale) or a partial
 // clang-format on
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -98,12 +101,27 @@ constexpr ScaleAt scale_at() {
     return ScaleAt::none;
 }
 
+// Heads per block. A key's row of one head is D x 1 byte: 128 bytes at d = 128, one L2 line, and
+// the same key's row of the next KV head sits right after it. Measured on H100 (b8, 4k keys, the
+// fp16 and int8_tensor variants): 128-byte rows stream at 2750-2830 GB/s, 256-byte rows at
+// 2950-3000. So a block takes the KV heads side by side until a key's rows make 256 bytes: 2 heads
+// at d = 128 and 4 at d = 64 for 1-byte codes; fp16 at d >= 128 stays at 1 (512 bytes was slower
+// at batch 8). Its query heads are those of each KV head at the same place in their GQA group.
+constexpr int kSegmentBytes = 256;
 template <KvScheme S, int D>
+constexpr int heads_per_block() {
+  constexpr int row = D * (code_of<S>() == Code::fp16 ? 2 : 1);
+  return row >= kSegmentBytes ? 1 : kSegmentBytes / row;
+}
+
+template <KvScheme S, int D, int HPB>
 struct Groups {
   static constexpr int BYTES = code_of<S>() == Code::fp16 ? 2 : 1;  // per stored element
   static constexpr int E = 16 / BYTES;                              // elements per thread: one 16-byte load
-  static constexpr int TPK = D / E;                                 // threads per key
-  static constexpr int COUNT = kThreads / TPK;                      // groups per block
+  static constexpr int TPK = D / E;                                 // threads per key and head
+  static constexpr int LANES = HPB * TPK;                           // threads per key (its HPB heads)
+  static_assert(LANES <= 32, "a key's heads must fit in a warp");
+  static constexpr int COUNT = kThreads / LANES;                    // groups per block
   static constexpr int KEYS_PER_STEP = COUNT * kU;
 };
 
@@ -175,18 +193,22 @@ constexpr int min_blocks_per_sm() {
   return code_of<S>() == Code::fp16 ? 7 : 5;
 }
 
-template <KvScheme S, int G, int D>
+template <KvScheme S, int G, int D, int HPB>
 __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
     decode_split(const lab::AttnParams p, int splits, float* o_partial, float* lse_partial) {
-  using Gr = Groups<S, D>;
+  using Gr = Groups<S, D, HPB>;
   constexpr int E = Gr::E, TPK = Gr::TPK, GROUPS = Gr::COUNT, STEP = Gr::KEYS_PER_STEP, U = kU;
   constexpr Code C = code_of<S>();
   constexpr ScaleAt SA = scale_at<S>();
-  __shared__ float red_m[GROUPS], red_l[GROUPS], row_ml[2];
-  __shared__ __align__(16) float part_o[GROUPS][D];
+  __shared__ float red_m[GROUPS * HPB], red_l[GROUPS * HPB], row_ml[HPB][2];
+  __shared__ __align__(16) float part_o[GROUPS][HPB * D];
 
-  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, h_kv = h / (p.heads_q / p.heads_kv);
-  const int group = threadIdx.x / TPK, c = threadIdx.x % TPK;  // this thread: elements E c .. E c + E-1
+  // This block: query heads (kv0 + i) gq + r for i < HPB, reading KV heads kv0 .. kv0 + HPB - 1.
+  const int gq = p.heads_q / p.heads_kv, kv0 = blockIdx.y / gq * HPB, r = blockIdx.y % gq;
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int group = threadIdx.x / Gr::LANES, hb = threadIdx.x % Gr::LANES / TPK;
+  const int c = threadIdx.x % TPK;  // this thread: elements E c .. E c + E-1 of the block's head hb
+  const int h_kv = kv0 + hb, h = h_kv * gq + r;
   int sk = p.cache_seqlens ? p.cache_seqlens[b] : p.seqlen_kv;
   bool bad_table = sk < 0 || sk > p.seqlen_kv;
   sk = bad_table ? 0 : sk;
@@ -198,7 +220,13 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
   // q, pre-scaled so that scores come out in the exp2 domain: s = (q . k) * scale * log2(e); a
   // fixed K scale joins the same multiply, and a fixed V scale multiplies O once at the end.
   float q[E];
-  float v_fixed = 1.f;
+  // A fixed V scale (per tensor or per KV head) multiplies O once, at the end.
+  auto v_fixed_of = [&](int head_kv) {
+    if constexpr (SA == ScaleAt::fixed)
+      return scale_value(p.kv_quant.v_scale[S == KvScheme::int8_tensor ? 0 : head_kv]);
+    else
+      return 1.f;
+  };
   {
     const __half* Q = static_cast<const __half*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + E * c;
 #pragma unroll
@@ -207,7 +235,6 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
     if constexpr (SA == ScaleAt::fixed) {
       const int at = S == KvScheme::int8_tensor ? 0 : h_kv;
       qs *= scale_value(p.kv_quant.k_scale[at]);  // fp16 scales (quantize.h)
-      v_fixed = scale_value(p.kv_quant.v_scale[at]);
     }
 #pragma unroll
     for (int e = 0; e < E; ++e) q[e] *= qs;
@@ -312,42 +339,48 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
   asm volatile("griddepcontrol.launch_dependents;");  // 04's combine may start launching
 #endif
   // Merge the groups (04's warp merge): m = max_g m_g, l = sum_g l_g 2^(m_g - m), O likewise.
-  if (c == 0) red_m[group] = m, red_l[group] = l;
+  if (c == 0) red_m[group * HPB + hb] = m, red_l[group * HPB + hb] = l;
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (threadIdx.x < HPB) {
+    const int hf = threadIdx.x;
     float mm = -INFINITY, ll = 0.f;
-    for (int gi = 0; gi < GROUPS; ++gi) mm = fmaxf(mm, red_m[gi]);
+    for (int gi = 0; gi < GROUPS; ++gi) mm = fmaxf(mm, red_m[gi * HPB + hf]);
     if (mm != -INFINITY)
-      for (int gi = 0; gi < GROUPS; ++gi) ll += red_l[gi] * exp2_approx(red_m[gi] - mm);
-    row_ml[0] = mm, row_ml[1] = ll;
+      for (int gi = 0; gi < GROUPS; ++gi) ll += red_l[gi * HPB + hf] * exp2_approx(red_m[gi * HPB + hf] - mm);
+    row_ml[hf][0] = mm, row_ml[hf][1] = ll;
   }
   __syncthreads();
-  const float f = row_ml[0] == -INFINITY ? 0.f : exp2_approx(m - row_ml[0]);
+  const float f = row_ml[hb][0] == -INFINITY ? 0.f : exp2_approx(m - row_ml[hb][0]);
 #pragma unroll
   for (int i = 0; i < E / 4; ++i)
-    reinterpret_cast<float4*>(&part_o[group][E * c])[i] =
+    reinterpret_cast<float4*>(&part_o[group][hb * D + E * c])[i] =
         make_float4(acc[4 * i] * f, acc[4 * i + 1] * f, acc[4 * i + 2] * f, acc[4 * i + 3] * f);
   bad_table = __syncthreads_or(bad_table);  // also the barrier before part_o is read
 
-  const float l_sum = row_ml[1], inv_l = bad_table ? NAN : (l_sum > 0.f ? v_fixed / l_sum : 0.f);
-  const int64_t part_row = (int64_t(split) * p.batch + b) * p.heads_q + h;  // seqlen_q = 1
-  __half* O = static_cast<__half*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
-  for (int e = threadIdx.x; e < D; e += kThreads) {
+  for (int e = threadIdx.x; e < HPB * D; e += kThreads) {
+    const int hf = e / D, h_out = (kv0 + hf) * gq + r;
+    const int64_t part_row = (int64_t(split) * p.batch + b) * p.heads_q + h_out;  // seqlen_q = 1
     float sum = 0.f;
 #pragma unroll
     for (int gi = 0; gi < GROUPS; ++gi) sum += part_o[gi][e];
+    const float l_sum = row_ml[hf][1];
+    const float inv_l = bad_table ? NAN : (l_sum > 0.f ? v_fixed_of(kv0 + hf) / l_sum : 0.f);
+    __half* O = static_cast<__half*>(p.o) + b * p.o_batch_stride + h_out * p.o_head_stride;
     if (splits == 1)
-      O[e] = __float2half_rn(sum * inv_l);
+      O[e % D] = __float2half_rn(sum * inv_l);
     else
-      o_partial[part_row * D + e] = sum * inv_l;
+      o_partial[part_row * D + e % D] = sum * inv_l;
   }
-  if (threadIdx.x == 0) {
+  if (threadIdx.x < HPB) {
     // Natural-log LSE from the exp2-domain max and sum: (m + log2 l) ln 2.
-    const float lse = bad_table ? NAN : (l_sum > 0.f ? (row_ml[0] + log2f(l_sum)) * float(M_LN2) : -INFINITY);
+    const int hf = threadIdx.x, h_out = (kv0 + hf) * gq + r;
+    const float l_sum = row_ml[hf][1];
+    const float lse =
+        bad_table ? NAN : (l_sum > 0.f ? (row_ml[hf][0] + log2f(l_sum)) * float(M_LN2) : -INFINITY);
     if (splits > 1)
-      lse_partial[part_row] = lse;
+      lse_partial[(int64_t(split) * p.batch + b) * p.heads_q + h_out] = lse;
     else if (p.lse)
-      p.lse[int64_t(b) * p.heads_q + h] = lse;
+      p.lse[int64_t(b) * p.heads_q + h_out] = lse;
   }
 }
 
@@ -357,6 +390,21 @@ struct Config {
   static constexpr KvScheme S = S_;
   static constexpr int G = G_, D = D_;
 };
+
+// Heads per block for p: heads_per_block<S, D>() when the KV heads split evenly into such runs.
+template <class Cfg>
+int hpb_for(const lab::AttnParams& p) {
+  constexpr int H = heads_per_block<Cfg::S, Cfg::D>();
+  return p.heads_kv % H == 0 ? H : 1;
+}
+
+// Calls f(std::integral_constant<int, HPB>{}) for p's heads per block.
+template <class Cfg, class F>
+decltype(auto) by_hpb(const lab::AttnParams& p, F&& f) {
+  constexpr int H = heads_per_block<Cfg::S, Cfg::D>();
+  if (hpb_for<Cfg>(p) == H) return f(std::integral_constant<int, H>{});
+  return f(std::integral_constant<int, 1>{});
+}
 
 template <KvScheme S, int G, class F>
 decltype(auto) by_head_dim(const lab::AttnParams& p, F&& f) {
@@ -399,33 +447,38 @@ int splits_for(const lab::AttnParams& p) {
   int dev = 0, sms = 0;
   LAB_CUDA_CHECK(cudaGetDevice(&dev));
   LAB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  // 05's rule: aim for 4 blocks per SM, chunks of at least 4 steps (256 keys with 1-byte codes at
-  // d = 128, 128 with fp16) ...
-  const int64_t items = int64_t(p.batch) * p.heads_q;
-  int splits = ch04::choose_num_splits(p.num_splits, items, p.seqlen_kv,
-                                       4 * Groups<Cfg::S, Cfg::D>::KEYS_PER_STEP, 4 * sms);
-  // ... but no more blocks than fit on the GPU at once, when one wave can hold them all: the blocks
-  // of a second, partial wave would stream their chunks with few loads in flight beside them.
-  if (p.num_splits == 0) {
-    int per_sm = 0;
-    LAB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, decode_split<Cfg::S, Cfg::G, Cfg::D>, kThreads, 0));
-    const int64_t resident = int64_t(per_sm) * sms;
-    if (items * splits > resident && items <= resident) splits = int(std::max<int64_t>(1, resident / items));
-  }
-  return splits;
+  // 05's rule over the blocks' (batch, head group) items: aim for 4 blocks per SM, chunks of at
+  // least 4 steps (128 keys at d = 128: 2 heads of 1-byte codes or 1 of fp16) ...
+  return by_hpb<Cfg>(p, [&](auto hpb) {
+    constexpr int HPB = decltype(hpb)::value;
+    const int64_t items = int64_t(p.batch) * p.heads_q / HPB;
+    int splits = ch04::choose_num_splits(p.num_splits, items, p.seqlen_kv,
+                                         4 * Groups<Cfg::S, Cfg::D, HPB>::KEYS_PER_STEP, 4 * sms);
+    // ... but no more blocks than fit on the GPU at once, when one wave can hold them all: the blocks
+    // of a second, partial wave would stream their chunks with few loads in flight beside them.
+    if (p.num_splits == 0) {
+      int per_sm = 0;
+      LAB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, decode_split<Cfg::S, Cfg::G, Cfg::D, HPB>, kThreads, 0));
+      const int64_t resident = int64_t(per_sm) * sms;
+      if (items * splits > resident && items <= resident) splits = int(std::max<int64_t>(1, resident / items));
+    }
+    return splits;
+  });
 }
 
 template <class Cfg>
 void launch(const lab::AttnParams& p, cudaStream_t stream) {
   const int splits = splits_for<Cfg>(p);
   const ch04::Partials part = ch04::partials_in_workspace(p, splits, kSupport.chapter);
-  decode_split<Cfg::S, Cfg::G, Cfg::D>
-      <<<dim3(splits, p.heads_q, p.batch), kThreads, 0, stream>>>(p, splits, part.o, part.lse);
+  by_hpb<Cfg>(p, [&](auto hpb) {
+    constexpr int HPB = decltype(hpb)::value;
+    decode_split<Cfg::S, Cfg::G, Cfg::D, HPB>
+        <<<dim3(splits, p.heads_q / HPB, p.batch), kThreads, 0, stream>>>(p, splits, part.o, part.lse);
+  });
   LAB_LAUNCH_CHECK();
   if (splits > 1) ch04::combine_splits(p, splits, part.o, part.lse, stream);
 }
-
 
 }  // namespace
 
