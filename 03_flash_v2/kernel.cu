@@ -47,14 +47,6 @@ const lab::Support kSupport = [] {
 
 namespace {
 
-// 2^x on the special-function unit (MUFU.EX2); flushes denormal results to 0, where exp2f would
-// add range fix-ups around every call.
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // B_r query rows per block (4 warps, 16 * M_FRAGS rows each), B_c keys per K/V tile, and how far
 // to unroll the k-loop of S = QK^T (a rolled loop keeps fewer fragments in flight: fewer registers).
 // Chosen by measurement (docs/results, 03_flash_v2/README.md); every accumulator must fit in the
@@ -235,10 +227,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward(const lab::AttnPara
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 threads of a quad share a row
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;  // row with no key yet
-        // alpha is exactly 1 when the max did not move: m_i c is rounded as m_scaled was. Written
-        // m_i * c - m_scaled, it compiles to one FMA that returns m_scaled's rounding error, and
-        // l_i drifts by ~1e-6 per tile (1e-4 in lse over 4k keys: 04's split test caught it).
-        const float alpha = exp2_approx(__fmul_rn(m_i[mi][r], scale_log2) - m_scaled);
+        const float alpha = softmax_alpha(m_i[mi][r], m_scaled, scale_log2);  // 1 if mx did not move
         m_i[mi][r] = mx;
 #pragma unroll
         for (int nj = 0; nj < N_S; ++nj) {
@@ -251,16 +240,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward(const lab::AttnPara
         alpha_of[mi][r] = alpha;
         moved |= alpha != 1.f;
       }
-    // Rescale what O_i holds only if some row's max moved (most tiles after the first few skip
-    // this). One branch for the warp, not one per row: per-row branches diverge and cut the
-    // loop into basic blocks the compiler cannot schedule across (+2.5% at d = 128 on H100).
-    if (__any_sync(0xffffffffu, moved))
-#pragma unroll
-      for (int mi = 0; mi < M_FRAGS; ++mi)
-#pragma unroll
-        for (int nd = 0; nd < N_O; ++nd)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) o[mi][nd][e] *= alpha_of[mi][e / 2];
+    rescale_rows(o, alpha_of, moved);  // one warp-wide branch (tensor_core.cuh)
   };
 
   // O_i += P V_j: P goes from S's accumulators straight into A fragments.

@@ -32,14 +32,6 @@ namespace ch03 {
 
 namespace {
 
-// 2^x on the special-function unit (MUFU.EX2); flushes denormal results to 0, where exp2f would
-// add range fix-ups around every call.
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // B_r query rows per block (4 warps, 16 * M_FRAGS rows each), B_c keys per K/V tile, and how far
 // to unroll the k-loop of S = QK^T (a rolled loop keeps fewer fragments in flight: fewer registers).
 // Chosen by measurement (docs/results, 03_flash_v2/README.md); every accumulator must fit in the
@@ -216,10 +208,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_overlap(const lab::
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 threads of a quad share a row
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;  // row with no key yet
-        // alpha is exactly 1 when the max did not move: m_i c is rounded as m_scaled was. Written
-        // m_i * c - m_scaled, it compiles to one FMA that returns m_scaled's rounding error, and
-        // l_i drifts by ~1e-6 per tile (1e-4 in lse over 4k keys: 04's split test caught it).
-        const float alpha = exp2_approx(__fmul_rn(m_i[mi][r], scale_log2) - m_scaled);
+        const float alpha = softmax_alpha(m_i[mi][r], m_scaled, scale_log2);  // 1 if mx did not move
         m_i[mi][r] = mx;
 #pragma unroll
         for (int nj = 0; nj < N_S; ++nj) {

@@ -64,17 +64,13 @@ namespace {
 using ch03::cp_async_16;
 using ch03::cp_async_commit;
 using ch03::cp_async_wait;
+using ch03::exp2_approx;
 using ch03::ldmatrix_x4;
 using ch03::ldmatrix_x4_trans;
 using ch03::mma_16816;
 using ch03::pack2;
 using ch03::smem_addr;
-
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
+using ch03::softmax_alpha;
 
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 constexpr int B_r = 16;               // query rows per block: one m16 fragment
@@ -221,10 +217,7 @@ __global__ void __launch_bounds__(kThreads) flash_decode_split(const lab::AttnPa
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
-      // alpha is exactly 1 when the max did not move: m_i c is rounded as m_scaled was (written
-      // m_i * c - m_scaled, it compiles to one FMA that returns m_scaled's rounding error, and l_i
-      // drifts by ~1e-6 per tile: 1e-4 in lse over 4k keys, against the split result).
-      const float alpha = exp2_approx(__fmul_rn(m_i[r], scale_log2) - m_scaled);
+      const float alpha = softmax_alpha(m_i[r], m_scaled, scale_log2);  // 1 if mx did not move
       m_i[r] = mx;
       float sum = 0.f;
 #pragma unroll

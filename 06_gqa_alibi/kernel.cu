@@ -65,17 +65,14 @@ namespace {
 using ch03::cp_async_16;
 using ch03::cp_async_commit;
 using ch03::cp_async_wait;
+using ch03::exp2_approx;
 using ch03::ldmatrix_x4;
 using ch03::ldmatrix_x4_trans;
 using ch03::mma_16816;
 using ch03::pack2;
+using ch03::rescale_rows;
 using ch03::smem_addr;
-
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
+using ch03::softmax_alpha;
 
 // 03's K/V tiles: 64 keys.
 template <int D> struct Tiles { static constexpr int B_c = 64, QK_UNROLL = D / 16; };
@@ -401,10 +398,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
-        // alpha is exactly 1 when the max did not move: m_i c is rounded as m_scaled was. Written
-        // m_i * c - m_scaled, it compiles to one FMA that returns m_scaled's rounding error, and
-        // l_i drifts by ~1e-6 per tile (1e-4 in lse over 4k keys: 04's split test caught it).
-        const float alpha = exp2_approx(__fmul_rn(m_i[mi][r], scale_log2) - m_scaled);
+        const float alpha = softmax_alpha(m_i[mi][r], m_scaled, scale_log2);  // 1 if mx did not move
         const float shift = fmaf(row_bias, scale_log2, -m_scaled);
         m_i[mi][r] = mx;
 #pragma unroll
@@ -418,16 +412,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
         alpha_of[mi][r] = alpha;
         moved |= alpha != 1.f;
       }
-    // Rescale what O_i holds only if some row's max moved (most tiles after the first few skip
-    // this). One branch for the warp, not one per row: per-row branches diverge and cut the
-    // loop into basic blocks the compiler cannot schedule across (+2.5% in 03's step 2 at d = 128, H100).
-    if (__any_sync(0xffffffffu, moved))
-#pragma unroll
-      for (int mi = 0; mi < M_FRAGS; ++mi)
-#pragma unroll
-        for (int nd = 0; nd < N_O; ++nd)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) o[mi][nd][e] *= alpha_of[mi][e / 2];
+    rescale_rows(o, alpha_of, moved);  // one warp-wide branch (tensor_core.cuh)
   };
 
   auto accumulate_pv = [&](const float (&s)[M_FRAGS][N_S][4], uint32_t sV_j) {
