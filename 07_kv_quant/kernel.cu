@@ -43,6 +43,7 @@
 #include <cuda_fp8.h>
 
 #include <cmath>
+#include <mutex>
 #include <type_traits>
 
 #include "07_kv_quant/kernel.h"
@@ -391,19 +392,28 @@ struct Config {
   static constexpr int G = G_, D = D_;
 };
 
-// Heads per block for p: heads_per_block<S, D>() when the KV heads split evenly into such runs.
-template <class Cfg>
-int hpb_for(const lab::AttnParams& p) {
-  constexpr int H = heads_per_block<Cfg::S, Cfg::D>();
-  return p.heads_kv % H == 0 ? H : 1;
-}
-
-// Calls f(std::integral_constant<int, HPB>{}) for p's heads per block.
+// Calls f(std::integral_constant<int, HPB>{}) with p's heads per block: heads_per_block<S, D>()
+// when the KV heads split evenly into such runs, else 1.
 template <class Cfg, class F>
 decltype(auto) by_hpb(const lab::AttnParams& p, F&& f) {
   constexpr int H = heads_per_block<Cfg::S, Cfg::D>();
-  if (hpb_for<Cfg>(p) == H) return f(std::integral_constant<int, H>{});
+  if (p.heads_kv % H == 0) return f(std::integral_constant<int, H>{});
   return f(std::integral_constant<int, 1>{});
+}
+
+// Blocks of decode_split an SM holds, asked once per device (not on every launch: launches are
+// timed).
+template <class Cfg, int HPB>
+int blocks_per_sm() {
+  int dev = 0;
+  LAB_CUDA_CHECK(cudaGetDevice(&dev));
+  static std::once_flag asked[64];
+  static int resident[64];
+  std::call_once(asked[dev % 64], [&] {
+    LAB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &resident[dev % 64], decode_split<Cfg::S, Cfg::G, Cfg::D, HPB>, kThreads, 0));
+  });
+  return resident[dev % 64];
 }
 
 template <KvScheme S, int G, class F>
@@ -457,10 +467,7 @@ int splits_for(const lab::AttnParams& p) {
     // ... but no more blocks than fit on the GPU at once, when one wave can hold them all: the blocks
     // of a second, partial wave would stream their chunks with few loads in flight beside them.
     if (p.num_splits == 0) {
-      int per_sm = 0;
-      LAB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &per_sm, decode_split<Cfg::S, Cfg::G, Cfg::D, HPB>, kThreads, 0));
-      const int64_t resident = int64_t(per_sm) * sms;
+      const int64_t resident = int64_t(blocks_per_sm<Cfg, HPB>()) * sms;
       if (items * splits > resident && items <= resident) splits = int(std::max<int64_t>(1, resident / items));
     }
     return splits;
