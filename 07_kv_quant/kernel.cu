@@ -9,6 +9,8 @@
 //   - a key's row of one head is now 128 bytes (d = 128), and such short rows stream slower than
 //     256-byte ones, so a block takes two KV heads that sit side by side: a group of 16 lanes reads
 //     one key's 256 bytes, 8 lanes per head, and keeps one (m, l, O) per head (heads_per_block);
+//   - a block is then twice as fast per key as 05's, so it has 256 threads instead of 128: half as
+//     many blocks and splits, each paying its start and its merge once for twice the keys;
 //   - codes become fp32 in registers right after the load: int8 by a byte permute into a float's
 //     mantissa and one subtraction (no int-to-float conversion instruction, which runs at an
 //     eighth of the FMA rate), E4M3 by the hardware's 2-at-a-time conversion to half2, E5M2 by
@@ -28,16 +30,16 @@
 // the speedups.
 //
 // clang-format off
-//   grid: (num_splits, heads_q / 2, batch)   block: 128 threads = 8 groups of 2 x 8 (1-byte codes, d = 128)
+//   grid: (num_splits, heads_q / 2, batch)   block: 256 threads = 16 groups of 2 x 8 (1-byte codes, d = 128)
 //
-//   keys of one split, U = 4 per group per step:   step 0: keys 0..31    step 1: keys 32..63 ...
-//                     group:  0  1 ... 7  0  1 ... 7 ...         (key = step base + 8 u + group)
+//   keys of one split, U = 4 per group per step:   step 0: keys 0..63    step 1: keys 64..127 ...
+//                     group:  0  1 ... 15  0  1 ... 15 ...       (key = step base + 16 u + group)
 //   one key, one group:  lane c of 8 per head loads codes k[16c .. 16c+15], v[16c .. 16c+15] of its
 //                        head (16 bytes each; the group's 16 lanes read 256 contiguous bytes)
 //                        (and, per-key scales, the scale of its token/head/group: 2 bytes each)
 //                        k -> 16 floats; s = sum_c q[16c..] . k[16c..] (x scale)   16 FMAs, 3 shuffles
 //                        m, l, O[16c .. 16c+15] of the group and head: online softmax, O += (p scale_v) v
-//   end: per head, 8 groups' (m, l, O) -> one (m, l, O) in shared memory -> O (x static V scale) or a partial
+//   end: per head, 16 groups' (m, l, O) -> one (m, l, O) in shared memory -> O (x static V scale) or a partial
 // clang-format on
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -72,8 +74,7 @@ const lab::Support kSupport = [] {
 
 namespace {
 
-constexpr int kThreads = 128;
-// Keys per group in flight: 4 x (16 + 16) bytes per thread, 16 KB per block, as in 05.
+// Keys per group in flight: 4 x (16 + 16) bytes per thread as in 05 (16 KB per 128 threads).
 constexpr int kU = 4;
 
 // What a scheme stores per element, and how its scales are applied.
@@ -102,6 +103,19 @@ constexpr ScaleAt scale_at() {
     return ScaleAt::none;
 }
 
+// Threads per block: 128 for fp16 (05's block), 256 for 1-byte codes. A 1-byte block streams half
+// the bytes per key of an fp16 block, so at the same split count it is over twice as fast: what a
+// block pays once (its first loads, its merge, its partial's share of 04's combine) weighs twice as
+// much. Twice the threads keep the bytes in flight per SM and halve the blocks and the splits.
+// Measured on H100 (b8 kv4k, ms): int8_group64 0.1007 -> 0.0994, int8_group32 0.1035 -> 0.1025,
+// int8_tensor 0.0966 -> 0.0963; b1 kv32k 2-3% faster; b32 kv4k within 0.4%. 512 threads: faster
+// still for the schemes without per-key scales at b8 (2%) but 1-2.5% slower at b32, and slower for
+// int8_group32.
+template <KvScheme S>
+constexpr int threads_per_block() {
+  return code_of<S>() == Code::fp16 ? 128 : 256;
+}
+
 // Heads per block. A key's row of one head is D x 1 byte: 128 bytes at d = 128, one L2 line, and
 // the same key's row of the next KV head sits right after it. Measured on H100 (b8, 4k keys, the
 // fp16 and int8_tensor variants): 128-byte rows stream at 2750-2830 GB/s, 256-byte rows at
@@ -122,7 +136,8 @@ struct Groups {
   static constexpr int TPK = D / E;                                 // threads per key and head
   static constexpr int LANES = HPB * TPK;                           // threads per key (its HPB heads)
   static_assert(LANES <= 32, "a key's heads must fit in a warp");
-  static constexpr int COUNT = kThreads / LANES;                    // groups per block
+  static constexpr int THREADS = threads_per_block<S>();
+  static constexpr int COUNT = THREADS / LANES;  // groups per block
   static constexpr int KEYS_PER_STEP = COUNT * kU;
 };
 
@@ -185,17 +200,17 @@ __device__ __forceinline__ void decode(const uint4& raw, float* f) {
 
 // Blocks per SM the compiler must allow (__launch_bounds__' second argument), so that registers
 // do not decide occupancy by accident. fp16: 7 (72 registers; 8, at 64 as 05, spills the stepped
-// pointers). 1-byte codes hold 16 elements of q and of O per thread and would take ~125 registers
-// with per-key scales (4 blocks per SM); bounded to 96 they fit 5 blocks per SM (80 KB of K/V in
-// flight per SM) with no spill at d = 128. (Measured on H100: U = 8 at 3 blocks per SM, 96 KB,
-// within 2% of this; U = 6 at 4 blocks per SM 3-6% slower at batch 8.)
+// pointers). 1-byte codes hold 16 elements of q and of O per thread: 2 blocks of 256 threads (up
+// to 128 registers, 64 KB of K/V in flight per SM), no spill. (Measured on H100 with 128-thread
+// blocks: 5 per SM at 96 registers; U = 8 at 3 blocks per SM within 2% of that; U = 6 at 4 blocks
+// per SM 3-6% slower at batch 8.)
 template <KvScheme S>
 constexpr int min_blocks_per_sm() {
-  return code_of<S>() == Code::fp16 ? 7 : 5;
+  return code_of<S>() == Code::fp16 ? 7 : 2;
 }
 
 template <KvScheme S, int G, int D, int HPB>
-__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
+__global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>())
     decode_split(const lab::AttnParams p, int splits, float* o_partial, float* lse_partial) {
   using Gr = Groups<S, D, HPB>;
   constexpr int E = Gr::E, TPK = Gr::TPK, GROUPS = Gr::COUNT, STEP = Gr::KEYS_PER_STEP, U = kU;
@@ -358,7 +373,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks_per_sm<S>())
         make_float4(acc[4 * i] * f, acc[4 * i + 1] * f, acc[4 * i + 2] * f, acc[4 * i + 3] * f);
   bad_table = __syncthreads_or(bad_table);  // also the barrier before part_o is read
 
-  for (int e = threadIdx.x; e < HPB * D; e += kThreads) {
+  for (int e = threadIdx.x; e < HPB * D; e += Gr::THREADS) {
     const int hf = e / D, h_out = (kv0 + hf) * gq + r;
     const int64_t part_row = (int64_t(split) * p.batch + b) * p.heads_q + h_out;  // seqlen_q = 1
     float sum = 0.f;
@@ -411,7 +426,7 @@ int blocks_per_sm() {
   static int resident[64];
   std::call_once(asked[dev % 64], [&] {
     LAB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &resident[dev % 64], decode_split<Cfg::S, Cfg::G, Cfg::D, HPB>, kThreads, 0));
+        &resident[dev % 64], decode_split<Cfg::S, Cfg::G, Cfg::D, HPB>, threads_per_block<Cfg::S>(), 0));
   });
   return resident[dev % 64];
 }
@@ -457,13 +472,15 @@ int splits_for(const lab::AttnParams& p) {
   int dev = 0, sms = 0;
   LAB_CUDA_CHECK(cudaGetDevice(&dev));
   LAB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  // 05's rule over the blocks' (batch, head group) items: aim for 4 blocks per SM, chunks of at
-  // least 4 steps (128 keys at d = 128: 2 heads of 1-byte codes or 1 of fp16) ...
+  // 05's rule over the blocks' (batch, head group) items: aim for 512 threads per SM (4 fp16
+  // blocks, 2 of 1-byte codes), chunks of at least 4 steps (at d = 128, 128 keys of one fp16
+  // head, 256 keys of two 1-byte heads) ...
   return by_hpb<Cfg>(p, [&](auto hpb) {
     constexpr int HPB = decltype(hpb)::value;
     const int64_t items = int64_t(p.batch) * p.heads_q / HPB;
     int splits = ch04::choose_num_splits(p.num_splits, items, p.seqlen_kv,
-                                         4 * Groups<Cfg::S, Cfg::D, HPB>::KEYS_PER_STEP, 4 * sms);
+                                         4 * Groups<Cfg::S, Cfg::D, HPB>::KEYS_PER_STEP,
+                                         512 / threads_per_block<Cfg::S>() * sms);
     // ... but no more blocks than fit on the GPU at once, when one wave can hold them all: the blocks
     // of a second, partial wave would stream their chunks with few loads in flight beside them.
     if (p.num_splits == 0) {
@@ -480,8 +497,9 @@ void launch(const lab::AttnParams& p, cudaStream_t stream) {
   const ch04::Partials part = ch04::partials_in_workspace(p, splits, kSupport.chapter);
   by_hpb<Cfg>(p, [&](auto hpb) {
     constexpr int HPB = decltype(hpb)::value;
+    constexpr int threads = threads_per_block<Cfg::S>();
     decode_split<Cfg::S, Cfg::G, Cfg::D, HPB>
-        <<<dim3(splits, p.heads_q / HPB, p.batch), kThreads, 0, stream>>>(p, splits, part.o, part.lse);
+        <<<dim3(splits, p.heads_q / HPB, p.batch), threads, 0, stream>>>(p, splits, part.o, part.lse);
   });
   LAB_LAUNCH_CHECK();
   if (splits > 1) ch04::combine_splits(p, splits, part.o, part.lse, stream);
