@@ -453,7 +453,7 @@ def prepare(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=
         for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
             if t is None or shape is None:
                 continue  # the library refuses a missing scale, or one given for a scheme without
-            _check_tensor(name, t, torch.float16, device)  # fp32 scales (the format of ABI 3) too
+            _check_tensor(name, t, torch.float16, device)  # refuses float32 scales (ABI 3's) by name
             if not t.is_contiguous() or t.numel() < math.prod(shape):  # never read past its end
                 raise ValueError(f"{name}: expected a contiguous float16 tensor of {math.prod(shape)} elements "
                                  f"{shape} for {kv_scheme}, got shape {tuple(t.shape)}")
