@@ -11,9 +11,12 @@
 //     one key's 256 bytes, 8 lanes per head, and keeps one (m, l, O) per head (heads_per_block);
 //   - a block is then twice as fast per key as 05's, so it has 256 threads instead of 128: half as
 //     many blocks and splits, each paying its start and its merge once for twice the keys;
-//   - codes become fp32 in registers right after the load: int8 by a byte permute into a float's
-//     mantissa and one subtraction (no int-to-float conversion instruction, which runs at an
-//     eighth of the FMA rate), E4M3 by the hardware's 2-at-a-time conversion to half2, E5M2 by
+//   - int8 K codes are never converted: q becomes 24-bit fixed point (as fine as fp32's
+//     significand for its largest element) and q . k runs on the integer pipe, three dp4a (4-way
+//     byte dot products) per 4 codes, where converting the codes and 16 FMAs took 52 instructions;
+//   - the other codes become fp32 in registers right after the load: int8 V by a byte permute into
+//     a float's mantissa and one subtraction (no int-to-float conversion instruction, which runs at
+//     an eighth of the FMA rate), E4M3 by the hardware's 2-at-a-time conversion to half2, E5M2 by
 //     a byte permute (an E5M2 number is the top byte of an fp16 one);
 //   - scales: a per-tensor or per-KV-head scale is folded into q (for K) and into the final O
 //     (for V), costing nothing per key; per-token, per-head and per-group scales are loaded per
@@ -21,9 +24,11 @@
 //     before the shuffle reduction, and to p_j before O += p_j v_j;
 //   - addresses: a key is half the bytes, so per byte its address arithmetic weighs twice as much;
 //     contiguous caches step pointers (adds only), paged ones find the page with a shift and mask.
-// Cost: about one instruction per element more than fp16 (the conversion), with twice the
-// elements per byte: about twice the instructions per byte of 05; at d = 128 that is about half of
-// what an SM can issue while its loads run at full bandwidth. Per-key scales are fp16, 2 bytes each,
+// Cost: FP8 and int8 V take about one instruction per element more than fp16 (the conversion),
+// with twice the elements per byte. Measured on H200 (4.25 TB/s, 132 SMs at the H100's clock) that
+// was the limit: with K converted like V, int8 ran at 80-87% of the copy bandwidth at batch 8 while
+// fp16 ran at 102%; dp4a for K took 5-9% off every int8 scheme's time there (the README's table).
+// Per-key scales are fp16, 2 bytes each,
 // per token and head at d = 128: int8_head 2 bytes (1.6% more than the codes alone: 130 B, so at
 // best 1.97x faster than fp16's 256 B), int8_group64 4 (132 B, 1.94x), int8_group32 8 (6.25%:
 // 136 B, 1.88x). The fp16 variant is the same kernel with 8 elements per thread: the baseline of
@@ -37,7 +42,8 @@
 //   one key, one group:  lane c of 8 per head loads codes k[16c .. 16c+15], v[16c .. 16c+15] of its
 //                        head (16 bytes each; the group's 16 lanes read 256 contiguous bytes)
 //                        (and, per-key scales, the scale of its token/head/group: 2 bytes each)
-//                        k -> 16 floats; s = sum_c q[16c..] . k[16c..] (x scale)   16 FMAs, 3 shuffles
+//                        s = sum_c q[16c..] . k[16c..] (x scale): int8 12 dp4a, other codes 16 floats
+//                        and 16 FMAs; then 3 shuffles
 //                        m, l, O[16c .. 16c+15] of the group and head: online softmax, O += (p scale_v) v
 //   end: per head, 16 groups' (m, l, O) -> one (m, l, O) in shared memory -> O (x static V scale) or a partial
 // clang-format on
@@ -150,6 +156,13 @@ __device__ __forceinline__ uint4 load_stream(const void* ptr) {
   return r;
 }
 
+// sum_i a.byte[i] * b.byte[i] + c, a's bytes unsigned and b's signed.
+__device__ __forceinline__ int dp4a_u8_s8(uint32_t a, int b, int c) {
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
 __device__ __forceinline__ float exp2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -255,6 +268,34 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
 #pragma unroll
     for (int e = 0; e < E; ++e) q[e] *= qs;
   }
+  // int8 codes: q . k on the integer pipe, with no conversion of k. q (already scaled) becomes
+  // 24-bit fixed point over this thread's E elements, q = q_step (65536 hi + 256 mid + lo), hi a
+  // signed byte, mid and lo unsigned ones: as fine as fp32's 24-bit significand for the largest
+  // element. Then q . k = q_step (65536 sum hi k + (256 sum mid k + sum lo k)): three dp4a per 4
+  // codes, two int32 sums that cannot overflow (|sum hi k| <= 2^18, the other < 2^28), two I2F.
+  constexpr bool kIntDot = C == Code::int8;
+  uint32_t q_hi[E / 4], q_mid[E / 4], q_lo[E / 4];
+  float q_step = 0.f;
+  if constexpr (kIntDot) {
+    float amax = 0.f;
+    bool finite = true;
+#pragma unroll
+    for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(q[e])), finite = finite && isfinite(q[e]);
+    q_step = finite ? amax / 8388607.f : NAN;  // a NaN or Inf in q reaches O, as in the fp32 path
+#pragma unroll
+    for (int w = 0; w < E / 4; ++w) {
+      q_hi[w] = q_mid[w] = q_lo[w] = 0;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        // |q| / amax <= 1, so no overflow even for a subnormal amax; 0 for an all-zero or bad q.
+        const float x = finite && amax > 0.f ? q[4 * w + i] / amax : 0.f;
+        const int v = __float2int_rn(x * 8388607.f);  // -(2^23 - 1) .. 2^23 - 1
+        q_hi[w] |= uint32_t(v >> 16 & 0xFF) << 8 * i;
+        q_mid[w] |= uint32_t(v >> 8 & 0xFF) << 8 * i;
+        q_lo[w] |= uint32_t(v & 0xFF) << 8 * i;
+      }
+    }
+  }
   // Where key j's rows are. Contiguous caches: this thread's pointers step through its sequence,
   // no multiply in the loop. Paged: the page is looked up per key (page_size is a power of two:
   // a shift and a mask). With 1-byte codes a key is half the bytes of 05's, so the address
@@ -319,11 +360,24 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
     float s[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      float k[E];
-      decode<C>(kraw[u], k);
       float dot = 0.f;
+      if constexpr (kIntDot) {
+        const int kw[4] = {int(kraw[u].x), int(kraw[u].y), int(kraw[u].z), int(kraw[u].w)};
+        int hi = 0, low = 0;
 #pragma unroll
-      for (int e = 0; e < E; ++e) dot = fmaf(q[e], k[e], dot);
+        for (int w = 0; w < 4; ++w) hi = __dp4a(int(q_hi[w]), kw[w], hi);
+#pragma unroll
+        for (int w = 0; w < 4; ++w) low = dp4a_u8_s8(q_mid[w], kw[w], low);
+        low *= 256;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) low = dp4a_u8_s8(q_lo[w], kw[w], low);
+        dot = fmaf(float(hi), 65536.f, float(low)) * q_step;
+      } else {
+        float k[E];
+        decode<C>(kraw[u], k);
+#pragma unroll
+        for (int e = 0; e < E; ++e) dot = fmaf(q[e], k[e], dot);
+      }
       if constexpr (SA == ScaleAt::per_key) dot *= scale_value(k_sbits[u]);
 #pragma unroll
       for (int off = TPK / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
