@@ -4,7 +4,7 @@
     python3 docs/tables.py           rewrite every table between <!-- results:NAME --> markers
     python3 docs/tables.py --check   exit 1 if a README is out of date with the CSVs (CI runs this)
 
-NAME is one of: summary, decode, chapter:<dir> (a chapter's rows over the prefill grid),
+NAME is one of (NAME@h200 draws it from docs/results/h200/ instead of h100/): summary, decode, chapter:<dir> (a chapter's rows over the prefill grid),
 compare:03_flash_v2 (chapter 03 next to PyTorch's backends, same GPU, same session),
 decode:<dir> (the decode grid for a decoding chapter and its predecessor, with PyTorch's backends),
 paged (paged against contiguous KV), splits (the num_splits sweep against the heuristic's choice),
@@ -16,7 +16,7 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "docs", "results", "h100")  # the GPU the README numbers come from
+RESULTS = os.path.join(ROOT, "docs", "results", "h100")  # the GPU the README numbers come from (see use())
 READMES = ["README.md", "01_naive/README.md", "02_flash_v1/README.md", "03_flash_v2/README.md",
            "04_flash_decoding/README.md", "05_decoding_cuda_core/README.md", "06_gqa_alibi/README.md",
            "07_kv_quant/README.md"]
@@ -360,7 +360,7 @@ def kvquant():
     rows = load("kv_quant.csv")
     if not rows:
         return ["(no results yet: run `bench/gpu_check.sh build kvquant` on the GPU and copy "
-                "`gpu_check_out/kv_quant.csv` to `docs/results/h100/`)"]
+                f"`gpu_check_out/kv_quant.csv` to `docs/results/{os.path.basename(RESULTS)}/`)"]
     first = rows[0]
     src = (f"{first['gpu']}, CUDA {first['cuda']}, measured {first['date']}; copy bandwidth measured in the same "
            f"run: {float(first['copy_gbps']):.0f} GB/s. Source: `docs/results/{os.path.basename(RESULTS)}/kv_quant.csv`.")
@@ -439,11 +439,17 @@ def render(name, lab, torch, ceil):
     raise SystemExit(f"unknown table {name}")
 
 
+def use(gpu):
+    """Points load() at docs/results/<gpu>/ and returns that GPU's ladder, PyTorch rows and ceilings."""
+    global RESULTS
+    RESULTS = os.path.join(ROOT, "docs", "results", gpu)
+    ceil = load("ceilings.csv")
+    return index(load("ladder.csv"), step), index(load("torch_sdpa.csv"), lambda r: r["variant"]), \
+        (ceil[0] if ceil else None)
+
+
 def main():
     check = "--check" in sys.argv
-    lab = index(load("ladder.csv"), step)
-    torch = index(load("torch_sdpa.csv"), lambda r: r["variant"])
-    ceil = load("ceilings.csv")[0]
     stale = []
     for rel in READMES:
         path = os.path.join(ROOT, rel)
@@ -452,7 +458,8 @@ def main():
         text = open(path).read()
 
         def fill(m):
-            body = "\n".join(render(m.group(1), lab, torch, ceil))
+            name, _, gpu = m.group(1).partition("@")
+            body = "\n".join(render(name, *use(gpu or "h100")))
             return f"<!-- results:{m.group(1)} -->\n{body}\n<!-- /results -->"
 
         new = re.sub(r"<!-- results:(\S+) -->.*?<!-- /results -->", fill, text, flags=re.S)
