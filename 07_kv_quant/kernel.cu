@@ -27,7 +27,7 @@
 // Cost: FP8 and int8 V take about one instruction per element more than fp16 (the conversion),
 // with twice the elements per byte. Measured on H200 (4.25 TB/s, 132 SMs at the H100's clock) that
 // was the limit: with K converted like V, int8 ran at 80-87% of the copy bandwidth at batch 8 while
-// fp16 ran at 102%; dp4a for K took 5-9% off every int8 scheme's time there (the README's table).
+// fp16 ran at 102%; dp4a for K took 4-8% off every int8 scheme's time there (the README's table).
 // Per-key scales are fp16, 2 bytes each,
 // per token and head at d = 128: int8_head 2 bytes (1.6% more than the codes alone: 130 B, so at
 // best 1.97x faster than fp16's 256 B), int8_group64 4 (132 B, 1.94x), int8_group32 8 (6.25%:
