@@ -270,10 +270,11 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
   }
   // int8 codes: q . k on the integer pipe, with no conversion of k. q (already scaled) becomes
   // 24-bit fixed point over this thread's E elements, q = q_step (65536 hi + 256 mid + lo), hi a
-  // signed byte, mid and lo unsigned ones: as fine as fp32's 24-bit significand for the largest
-  // element. Then q . k = q_step (65536 sum hi k + (256 sum mid k + sum lo k)): three dp4a per 4
-  // codes, two int32 sums that cannot overflow (|sum hi k| <= 2^18, the other < 2^28), two I2F.
+  // signed byte, mid and lo unsigned ones: a step of 2^-23 of the largest element, about fp32's.
+  // Then q . k = q_step (65536 sum hi k + (256 sum mid k + sum lo k)): three dp4a per 4 codes,
+  // two int32 sums that cannot overflow (|sum hi k| <= 2^18, the other < 2^27), two I2F.
   constexpr bool kIntDot = C == Code::int8;
+  static_assert(!kIntDot || E == 16, "the dp4a path below takes a thread's codes as 4 words");
   uint32_t q_hi[E / 4], q_mid[E / 4], q_lo[E / 4];
   float q_step = 0.f;
   if constexpr (kIntDot) {
@@ -281,7 +282,7 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
     bool finite = true;
 #pragma unroll
     for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(q[e])), finite = finite && isfinite(q[e]);
-    q_step = finite ? amax / 8388607.f : NAN;  // a NaN or Inf in q reaches O, as in the fp32 path
+    q_step = finite ? amax / 8388607.f : NAN;  // non-finite q: NaN scores (README, Limits)
 #pragma unroll
     for (int w = 0; w < E / 4; ++w) {
       q_hi[w] = q_mid[w] = q_lo[w] = 0;
@@ -356,7 +357,7 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
       }
     }
     k_next += STEP * k_row, v_next += STEP * v_row;
-    // Scores: E FMAs per thread (scaled once), then a butterfly over the group's TPK lanes.
+    // Scores: 12 dp4a (int8) or E FMAs per thread (scaled once), then a butterfly over the TPK lanes.
     float s[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
