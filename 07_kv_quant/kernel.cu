@@ -11,9 +11,9 @@
 //     one key's 256 bytes, 8 lanes per head, and keeps one (m, l, O) per head (heads_per_block);
 //   - a block is then twice as fast per key as 05's, so it has 256 threads instead of 128: half as
 //     many blocks and splits, each paying its start and its merge once for twice the keys;
-//   - int8 K codes are never converted: q becomes 24-bit fixed point (as fine as fp32's
-//     significand for its largest element) and q . k runs on the integer pipe, three dp4a (4-way
-//     byte dot products) per 4 codes, where converting the codes and 16 FMAs took 52 instructions;
+//   - int8 K codes are never converted: q becomes 24-bit fixed point (a step of 2^-23 of its
+//     largest element, about fp32's) and q . k runs on the integer pipe, three dp4a (4-way byte
+//     dot products) per 4 codes, where converting the codes and 16 FMAs took 52 instructions;
 //   - the other codes become fp32 in registers right after the load: int8 V by a byte permute into
 //     a float's mantissa and one subtraction (no int-to-float conversion instruction, which runs at
 //     an eighth of the FMA rate), E4M3 by the hardware's 2-at-a-time conversion to half2, E5M2 by

@@ -4,11 +4,12 @@
     python3 docs/tables.py           rewrite every table between <!-- results:NAME --> markers
     python3 docs/tables.py --check   exit 1 if a README is out of date with the CSVs (CI runs this)
 
-NAME is one of (NAME@h200 draws it from docs/results/h200/ instead of h100/): summary, decode, chapter:<dir> (a chapter's rows over the prefill grid),
+NAME is one of: summary, decode, chapter:<dir> (a chapter's rows over the prefill grid),
 compare:03_flash_v2 (chapter 03 next to PyTorch's backends, same GPU, same session),
 decode:<dir> (the decode grid for a decoding chapter and its predecessor, with PyTorch's backends),
 paged (paged against contiguous KV), splits (the num_splits sweep against the heuristic's choice),
 kvquant (07_kv_quant's schemes: bytes, accuracy and speed, from kv_quant.csv).
+NAME@h200 draws the same table from docs/results/h200/ instead of h100/.
 """
 import csv
 import os
@@ -439,13 +440,19 @@ def render(name, lab, torch, ceil):
     raise SystemExit(f"unknown table {name}")
 
 
+_loaded = {}
+
+
 def use(gpu):
-    """Points load() at docs/results/<gpu>/ and returns that GPU's ladder, PyTorch rows and ceilings."""
+    """Points load() at docs/results/<gpu>/ and returns that GPU's ladder, PyTorch rows and ceilings
+    (read once per GPU)."""
     global RESULTS
     RESULTS = os.path.join(ROOT, "docs", "results", gpu)
-    ceil = load("ceilings.csv")
-    return index(load("ladder.csv"), step), index(load("torch_sdpa.csv"), lambda r: r["variant"]), \
-        (ceil[0] if ceil else None)
+    if gpu not in _loaded:
+        ceil = load("ceilings.csv")
+        _loaded[gpu] = (index(load("ladder.csv"), step), index(load("torch_sdpa.csv"), lambda r: r["variant"]),
+                        ceil[0] if ceil else None)
+    return _loaded[gpu]
 
 
 def main():
