@@ -4,6 +4,7 @@
 #include <numeric>
 #include <random>
 
+#include "common/device.h"
 #include "common/testing.h"
 
 using namespace lab;
@@ -455,4 +456,21 @@ TEST_CASE("timing and ceilings measure something plausible", "[gpu]") {
   INFO("copy " << c.copy_gbps << " GB/s, GEMM " << c.gemm_tflops << " TFLOPS");
   REQUIRE(c.copy_gbps > 100);
   REQUIRE(c.gemm_tflops > 10);
+}
+
+TEST_CASE("LAB_SMEM_CAP: sizes in bytes or KiB, anything else refused by name", "[cpu]") {
+  CHECK(parse_smem_cap("") == 0);
+  CHECK(parse_smem_cap("0") == 0);
+  CHECK(parse_smem_cap("101376") == 101376);
+  CHECK(parse_smem_cap("99K") == 99 * 1024);
+  CHECK(parse_smem_cap("163k") == 163 * 1024);
+  for (const char* bad : {"99KB", "-1", "1e5", "K", " 99", "99 ", "1000"}) {
+    INFO(bad);
+    try {
+      parse_smem_cap(bad);
+      FAIL("accepted");
+    } catch (const InvalidArgument& e) {
+      CHECK(std::string(e.what()).find("LAB_SMEM_CAP") != std::string::npos);
+    }
+  }
 }
