@@ -76,6 +76,13 @@ struct AttnParams {
   void* o = nullptr;
   float* lse = nullptr;  // optional, [batch, heads_q, seqlen_q]: log(sum_j exp(s_ij)), natural log
 
+  // NaN, one rule for the whole lab (FlashAttention's and PyTorch's): a NaN is never turned into
+  // an answer. A NaN in q row i, or in any channel of a key row j that row i sees, makes every
+  // channel of O row i and lse_i NaN; a NaN in V[j][c] makes O[i][c] NaN for every row i that sees
+  // key j (it may also reach rows of the same key tile that do not see j, through 0 * NaN in P V).
+  // Keys a row does not see (causal mask, beyond its cache length) never change it otherwise. The
+  // same answer for every split count.
+
   // Strides in elements (head_dim stride is 1). set_contiguous_strides() fills the usual ones.
   int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
   int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
@@ -101,6 +108,10 @@ struct AttnParams {
   // of a [total_q, heads_q, head_dim] tensor (batch strides unused); device, [batch + 1].
   const int* cu_seqlens_q = nullptr;
   const int* cu_seqlens_kv = nullptr;
+  // With varlen: the rows the packed tensors hold (q and o: total_q, k and v: total_kv), so that
+  // offsets past them are refused on the host and never followed on the device.
+  int total_q = 0;
+  int total_kv = 0;
 
   // KV cache: sequence b attends to its first cache_seqlens[b] keys; device, [batch].
   const int* cache_seqlens = nullptr;
