@@ -9,9 +9,13 @@ compare:03_flash_v2 (chapter 03 next to PyTorch's backends, same GPU, same sessi
 decode:<dir> (the decode grid for a decoding chapter and its predecessor, with PyTorch's backends),
 paged (paged against contiguous KV), splits (the num_splits sweep against the heuristic's choice),
 kvquant (07_kv_quant's schemes: bytes, accuracy and speed, from kv_quant.csv).
+lab:<dir> (a chapter's LAB.md: the solution on the shapes `bench/lab check` times, H100 and H200).
 NAME@h200 draws the same table from docs/results/h200/ instead of h100/.
 """
 import csv
+import glob
+import importlib.machinery
+import importlib.util
 import os
 import re
 import sys
@@ -21,6 +25,8 @@ RESULTS = os.path.join(ROOT, "docs", "results", "h100")  # the GPU the README nu
 READMES = ["README.md", "01_naive/README.md", "02_flash_v1/README.md", "03_flash_v2/README.md",
            "04_flash_decoding/README.md", "05_decoding_cuda_core/README.md", "06_gqa_alibi/README.md",
            "07_kv_quant/README.md"]
+# Each chapter's LAB.md (bench/lab's exercises) holds a table too: its numbers to beat.
+LABS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "[0-9][0-9]_*", "LAB.md")))
 ORDER = ["01_naive/cublas", "01_naive/naive", "02_flash_v1", "03_flash_v2/mma", "03_flash_v2/fa2",
          "03_flash_v2/overlap", "04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi"]
 PREFILL_ORDER = ORDER[:6] + ["06_gqa_alibi"]  # 04 and 05 are decoding kernels (seqlen_q <= 64 and 1)
@@ -410,6 +416,39 @@ def kvquant():
     return lines
 
 
+def lab_targets(ch):
+    """LAB.md: the solution's speed on the shapes `bench/lab check` times (bench/lab's TIMED), both GPUs."""
+    loader = importlib.machinery.SourceFileLoader("bench_lab", os.path.join(ROOT, "bench", "lab"))
+    spec = importlib.util.spec_from_loader("bench_lab", loader)
+    tool = importlib.util.module_from_spec(spec)
+    loader.exec_module(tool)
+    gpus = ("h100", "h200")
+    data = {g: use(g) for g in gpus}
+    srcs = "; ".join(f"{c['gpu']}, CUDA {c['cuda']}, measured {c['date']}" for c in (data[g][2] for g in gpus) if c)
+    lines = ["The solution on the shapes `bench/lab check` times, fp16, from the ladder (median, L2 flushed): "
+             "TFLOPS for prefill (% of the fp16 GEMM rate measured in the same run), GB/s for decode (% of the "
+             f"measured copy bandwidth). {srcs}. Sources: " + ", ".join(f"`docs/results/{g}/ladder.csv`" for g in gpus)
+             + ".", "", "| step | shape | " + " | ".join(g.upper() for g in gpus) + " |", "|---|---|" + "---|" * len(gpus)]
+    for variant, s in tool.TIMED[ch]:
+        name = ch + ("/" + variant if variant else "")
+        k = (s["workload"], "fp16", s["batch"], s["heads_q"], s["heads_kv"], s["seqlen_q"], s["seqlen_kv"],
+             s["head_dim"], s["causal"])
+        cells = []
+        for g in gpus:
+            lab, _, ceil = data[g]
+            r = lab.get((name,) + k)
+            if r is None:
+                cells.append("-")
+            elif s["workload"] == "prefill":
+                cells.append(f"{float(r['tflops']):.1f} TFLOPS ({100 * float(r['tflops']) / float(ceil['gemm_tflops']):.0f}%)")
+            else:
+                cells.append(f"{float(r['gbps']):.0f} GB/s ({100 * float(r['gbps']) / float(ceil['copy_gbps']):.0f}%)")
+        shape = (f"b{s['batch']} h{s['heads_q']} s{s['seqlen_q']} d{s['head_dim']} {'causal' if s['causal'] else 'full'}"
+                 if s["workload"] == "prefill" else f"b{s['batch']} h{s['heads_q']} kv{s['seqlen_kv'] // 1024}k d{s['head_dim']}")
+        lines.append(f"| {variant or ch} | {s['workload']} {shape} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(name, lab, torch, ceil):
     if name == "summary":
         return summary(lab, torch, ceil)
@@ -437,6 +476,8 @@ def render(name, lab, torch, ceil):
         return splits_sweep(lab, ceil)
     if name == "kvquant":
         return kvquant()
+    if name.startswith("lab:"):
+        return lab_targets(name.split(":", 1)[1])
     raise SystemExit(f"unknown table {name}")
 
 
@@ -458,7 +499,7 @@ def use(gpu):
 def main():
     check = "--check" in sys.argv
     stale = []
-    for rel in READMES:
+    for rel in READMES + LABS:
         path = os.path.join(ROOT, rel)
         if not os.path.exists(path):
             continue
