@@ -183,3 +183,47 @@ def test_check_without_a_gpu_exits_3_and_builds_nothing(tmp_path):
     assert p.returncode == 3, p.stdout + p.stderr
     assert "no GPU" in p.stderr
     assert not build.exists()
+
+
+def test_score_rule(capsys):
+    """70 points shared by the tests, 30 by the timed shapes: full at 90% of the solution's speed."""
+    tool = load_tool()
+    s = tool.decode(8, 4096)
+    fast, ref, slow = {"gbps": "2900"}, {"gbps": "3000"}, {"gbps": "1350"}  # 0.97x and 0.45x
+    rc = tool.report("04_flash_decoding", "a GPU", [("t1", True), ("t2", True)],
+                     [("", s, fast, ref), ("", s, slow, ref)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "score: 92.5 / 100  (correctness 70.0/70, speed 22.5/30" in out
+    # A failed test costs its share and makes the exit code 1; a failed check earns no speed points.
+    rc = tool.report("04_flash_decoding", "a GPU", [("t1", True), ("t2", False)], [("", s, None, ref)])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "score: 35.0 / 100  (correctness 35.0/70, speed 0.0/30" in out
+    assert "FAILED" in out
+
+
+def test_catch2_xml_report_parsing(tmp_path):
+    """A report cut short by a crash keeps the finished cases and adds a failed row."""
+    tool = load_tool()
+    prog = tmp_path / "fake_test"
+    prog.write_text(f"""#!{sys.executable}
+import sys
+print("test seed: 42 (LAB_TEST_SEED=42 repeats this run)")
+out = sys.argv[sys.argv.index("-o") + 1]
+body = ('<?xml version="1.0"?><Catch><Group>'
+        '<TestCase name="a &amp;b"><Section name="s"><OverallResults successes="1"/></Section>'
+        '<OverallResult success="true"/></TestCase>'
+        '<TestCase name="second"><Expression success="false"/><OverallResult success="false"/></TestCase>')
+if "crash" in sys.argv[1]:
+    open(out, "w").write(body + '<TestCase name="third"><Expression success="true"/>')
+    sys.exit(134)
+open(out, "w").write(body + '</Group></Catch>')
+sys.exit(1)
+""")
+    prog.chmod(0o755)
+    tests, seed = tool.gpu_tests(str(prog), str(tmp_path / "log"))
+    assert tests == [("a &b", True), ("second", False)] and seed == "42"
+    tests, _ = tool.gpu_tests(str(prog), str(tmp_path / "log"), tag="[crash]")
+    assert tests[:2] == [("a &b", True), ("second", False)]
+    assert len(tests) == 3 and not tests[2][1] and "exit 134" in tests[2][0]
