@@ -5,11 +5,11 @@
 # attention backends timed on the same GPU, and the chapters timed next to them in one process (the
 # last two stages and most Python tests need PyTorch).
 # Logs and CSVs go to one folder; a short summary prints last.
+# One more stage, labs (the workshop labs, bench/lab), is not in the default list: it builds every
+# chapter twice more, in build-lab/, and runs each one's GPU tests twice (`test` tests the solutions).
 #
 #   bench/gpu_check.sh [STAGE...]   stages: build test pytest sanitize ladder kvquant plot torch compare
-#                                   (default: all), and labs (not in the default list: it builds
-#                                   every chapter twice more, in build-lab/, and runs each one's GPU
-#                                   tests twice; the solutions are tested by `test` already)
+#                                   (default: all)
 #
 # Environment: OUT_DIR (default ./gpu_check_out), BUILD_DIR (./build-gpu), CUDA_ARCH (90),
 #              CMAKE_ARGS (extra configure flags, e.g. -DCMAKE_PREFIX_PATH=...), LADDER_ARGS,

@@ -9,8 +9,8 @@ compare:03_flash_v2 (chapter 03 next to PyTorch's backends, same GPU, same sessi
 decode:<dir> (the decode grid for a decoding chapter and its predecessor, with PyTorch's backends),
 paged (paged against contiguous KV), splits (the num_splits sweep against the heuristic's choice),
 kvquant (07_kv_quant's schemes: bytes, accuracy and speed, from kv_quant.csv).
-lab:<dir> (a chapter's LAB.md: the solution on the shapes `bench/lab check` times, H100 and H200).
 NAME@h200 draws the same table from docs/results/h200/ instead of h100/.
+lab:<dir> is a chapter's LAB.md table: the solution on the shapes `bench/lab check` times, H100 and H200.
 """
 import csv
 import glob
@@ -25,12 +25,12 @@ RESULTS = os.path.join(ROOT, "docs", "results", "h100")  # the GPU the README nu
 READMES = ["README.md", "01_naive/README.md", "02_flash_v1/README.md", "03_flash_v2/README.md",
            "04_flash_decoding/README.md", "05_decoding_cuda_core/README.md", "06_gqa_alibi/README.md",
            "07_kv_quant/README.md"]
-# Each chapter's LAB.md (bench/lab's exercises) holds a table too: its numbers to beat.
-LABS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "[0-9][0-9]_*", "LAB.md")))
 ORDER = ["01_naive/cublas", "01_naive/naive", "02_flash_v1", "03_flash_v2/mma", "03_flash_v2/fa2",
          "03_flash_v2/overlap", "04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi"]
 PREFILL_ORDER = ORDER[:6] + ["06_gqa_alibi"]  # 04 and 05 are decoding kernels (seqlen_q <= 64 and 1)
 DECODE_SHAPES = [(1, 1024), (1, 8192), (1, 32768), (8, 4096), (32, 4096), (128, 1024), (128, 4096), (64, 16384)]
+# Each chapter's LAB.md (bench/lab's exercises) holds a table too: its numbers to beat.
+LABS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "[0-9][0-9]_*", "LAB.md")))
 
 
 def load(name):
@@ -450,6 +450,8 @@ def lab_targets(ch):
 
 
 def render(name, lab, torch, ceil):
+    if name.startswith("lab:"):
+        return lab_targets(name.split(":", 1)[1])
     if name == "summary":
         return summary(lab, torch, ceil)
     if name == "decode":
@@ -476,8 +478,6 @@ def render(name, lab, torch, ceil):
         return splits_sweep(lab, ceil)
     if name == "kvquant":
         return kvquant()
-    if name.startswith("lab:"):
-        return lab_targets(name.split(":", 1)[1])
     raise SystemExit(f"unknown table {name}")
 
 
