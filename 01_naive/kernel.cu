@@ -92,6 +92,7 @@ __global__ void __launch_bounds__(THREADS) compute_scores(lab::AttnParams p, flo
 
 __device__ float block_reduce(float v, bool is_max) {
   __shared__ float partial[32];
+  // LAB-BEGIN(block-reduce): reduce v over the block: warp shuffles, a partial per warp in partial[]
   for (int o = 16; o > 0; o /= 2) {
     const float other = __shfl_xor_sync(0xffffffffu, v, o);
     v = is_max ? fmaxf(v, other) : v + other;
@@ -101,6 +102,7 @@ __device__ float block_reduce(float v, bool is_max) {
   v = partial[0];
   for (int w = 1; w < blockDim.x / 32; ++w) v = is_max ? fmaxf(v, partial[w]) : v + partial[w];
   __syncthreads();  // partial[] is reused by the next call
+  // LAB-END(block-reduce)
   return v;
 }
 
@@ -108,6 +110,7 @@ __device__ float block_reduce(float v, bool is_max) {
 __global__ void __launch_bounds__(THREADS) softmax_rows(lab::AttnParams p, float* S) {
   const size_t row = blockIdx.x;  // (b * heads_q + h) * seqlen_q + i
   float* s = S + row * p.seqlen_kv;
+  // LAB-BEGIN(row-softmax): m_i and l_i of this row, then P_ij = exp(S_ij - m_i) / l_i over S, and lse_i
   float m = -INFINITY;
   for (int j = threadIdx.x; j < p.seqlen_kv; j += THREADS) m = fmaxf(m, s[j]);
   m = block_reduce(m, true);
@@ -118,6 +121,7 @@ __global__ void __launch_bounds__(THREADS) softmax_rows(lab::AttnParams p, float
   const float inv_l = l > 0.f ? 1.f / l : 0.f;
   for (int j = threadIdx.x; j < p.seqlen_kv; j += THREADS) s[j] = l > 0.f ? expf(s[j] - m) * inv_l : 0.f;
   if (p.lse && threadIdx.x == 0) p.lse[row] = l > 0.f ? m + logf(l) : -INFINITY;
+  // LAB-END(row-softmax)
 }
 
 // O[b, i, h, c] = sum_j P[b, h, i, j] * V[b, j, h_kv, c]

@@ -146,6 +146,8 @@ __global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, fl
       // Four threads per row, 16 columns each.
       {
         const int r = tid / 4, q4 = tid % 4, row = m0 + r;
+        // LAB-BEGIN(tile-stats): this row's m~ and l~ over its 64 scores, P~ = exp(S - m~) written over S
+        // LAB-STUB: float m_tile = -INFINITY, l_tile = 0.f;
         float* s_row = Ss + r * (B_c + 1) + 16 * q4;
         float m_tile = -INFINITY;
         for (int c = 0; c < 16; ++c) m_tile = fmaxf(m_tile, s_row[c]);
@@ -159,7 +161,10 @@ __global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, fl
         }
         l_tile += __shfl_xor_sync(0xffffffffu, l_tile, 1);
         l_tile += __shfl_xor_sync(0xffffffffu, l_tile, 2);
+        // LAB-END(tile-stats)
         if (q4 == 0) {
+          // LAB-BEGIN(rescale): m_new, l_new (line 11), the factors of line 12, m_i, l_i (or lse) to HBM
+          // LAB-STUB: row_alpha[r] = 0.f, row_beta[r] = 0.f;
           float m_old = -INFINITY, l_old = 0.f;  // Algorithm 1, line 2: l = 0, m = -inf
           if (j > 0 && row < sq) m_old = m_run[row], l_old = l_run[row];
           const float m_new = fmaxf(m_old, m_tile);
@@ -173,6 +178,7 @@ __global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, fl
             if (!last_visit) m_run[row] = m_new, l_run[row] = l_new;  // line 13: back to HBM
             else if (p.lse) p.lse[size_t(bh) * sq + row] = l_new > 0.f ? m_new + logf(l_new) : -INFINITY;
           }
+          // LAB-END(rescale)
         }
       }
       __syncthreads();
@@ -194,8 +200,11 @@ __global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, fl
           const int col = tx + 16 * x;
           if (col >= d) continue;
           float* o_run = O_run + size_t(row) * d + col;
+          // LAB-BEGIN(o-update): O_i = diag(alpha) O_i + diag(beta) P~ V_j for this element (line 12)
+          // LAB-STUB: const float o_new = pv[y][x];
           const float o_old = j > 0 ? *o_run : 0.f;
           const float o_new = row_alpha[r] * o_old + row_beta[r] * pv[y][x];
+          // LAB-END(o-update)
           if (last_visit) O[row * p.o_row_stride + col] = T(o_new);  // final: the output tensor
           else *o_run = o_new;
         }

@@ -151,12 +151,14 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward(const lab::AttnPara
 
   // Prologue: Q_i and the first K/V tiles. Buffers alternate: tile j lives in buffer j % 2.
   constexpr uint32_t KV_TILE = B_c * ROW * sizeof(T);
+  // LAB-BEGIN(cp-async-prologue): issue Q_i and K_0, V_0 (buffer 0) as one cp.async group
   load_tile_async<T, D, ROW, B_r>(sQ, Q, p.q_row_stride, sq - m0);
   if (T_c > 0) {
     load_tile_async<T, D, ROW, B_c>(sK, K, p.k_row_stride, sk);
     load_tile_async<T, D, ROW, B_c>(sV, V, p.v_row_stride, sk);
   }
   cp_async_commit();
+  // LAB-END(cp-async-prologue)
 
   // Per thread: rows g and g + 8 of each of its M_FRAGS fragments.
   float o[M_FRAGS][N_O][4] = {};
@@ -270,6 +272,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward(const lab::AttnPara
 
   for (int j = 0; j < T_c; ++j) {
     const int n0 = j * B_c;
+    // LAB-BEGIN(cp-async-prefetch): wait for tile j, one barrier, then issue tile j + 1 into the other pair
     cp_async_wait<0>();
     __syncthreads();  // K_j, V_j (and Q_i) have landed; every warp is done with tile j - 1
     if (j + 1 < T_c) {  // prefetch tile j + 1 into the other buffers while tile j is computed
@@ -278,6 +281,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward(const lab::AttnPara
       load_tile_async<T, D, ROW, B_c>(sV + next, V + (n0 + B_c) * p.v_row_stride, p.v_row_stride, sk - n0 - B_c);
       cp_async_commit();
     }
+    // LAB-END(cp-async-prefetch)
     const uint32_t sK_j = sK + (j & 1) * KV_TILE, sV_j = sV + (j & 1) * KV_TILE;
     float s[M_FRAGS][N_S][4];
     compute_scores(s, sK_j);

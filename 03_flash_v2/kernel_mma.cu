@@ -138,6 +138,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_mma(const lab::Attn
       for (int nj = 0; nj < N_S; ++nj)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[mi][nj][e] = 0.f;
+    // LAB-BEGIN(mma-scores): S = Q_i K_j^T: per step kk, ldmatrix Q and K fragments, mma_16816 into s
 #pragma unroll(QK_UNROLL)
     for (int kk = 0; kk < D / 16; ++kk) {
       uint32_t a[M_FRAGS][4];
@@ -155,6 +156,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_mma(const lab::Attn
         }
       }
     }
+    // LAB-END(mma-scores)
   };
 
   // Mask keys past the end of the sequence and, with causal, right of the diagonal. Only the
@@ -190,6 +192,8 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_mma(const lab::Attn
         float mx = fmaxf(m_i[mi][r], tree_reduce(pair, [](float u, float v) { return fmaxf(u, v); }));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 threads of a quad share a row
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // LAB-BEGIN(exp2-softmax): P = 2^(s c - m c), alpha when the max moves, m_i and l_i updated
+        // LAB-STUB: alpha_of[mi][r] = 1.f;
         const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;  // row with no key yet
         const float alpha = softmax_alpha(m_i[mi][r], m_scaled, scale_log2);  // 1 if mx did not move
         m_i[mi][r] = mx;
@@ -203,6 +207,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_mma(const lab::Attn
         l_i[mi][r] = l_i[mi][r] * alpha + row_sum;  // per-thread partial sum; quad-reduced at the end
         alpha_of[mi][r] = alpha;
         moved |= alpha != 1.f;
+        // LAB-END(exp2-softmax)
       }
     rescale_rows(o, alpha_of, moved);  // one warp-wide branch (tensor_core.cuh)
   };

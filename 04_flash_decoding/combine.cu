@@ -102,21 +102,26 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const lab::AttnPara
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
   nan = __any_sync(0xffffffffu, nan);
+  // LAB-BEGIN(combine-lse): lse = m + log sum_s exp(lse_s - m), reduced over the warp; NaN stays NaN
+  // LAB-STUB: const float lse = m;
   float sum = 0.f;
   if (m != -INFINITY)
     for (int s = lane; s < splits; s += 32) sum += expf(lse_partial[s * rows + row] - m);
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   const float lse = nan ? NAN : (m == -INFINITY ? -INFINITY : m + logf(sum));
+  // LAB-END(combine-lse)
 
   T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + o_row * p.o_row_stride + h * p.o_head_stride;
   for (int c = 4 * lane; c < p.head_dim; c += 128) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
     if (m != -INFINITY)
       for (int s = 0; s < splits; ++s) {
+        // LAB-BEGIN(combine-weights): O += exp(lse_s - lse) * O_s for these 4 channels of split s
         const float w = expf(lse_partial[s * rows + row] - lse);  // 0 for an empty split
         const float4 o = *reinterpret_cast<const float4*>(o_partial + (s * rows + row) * p.head_dim + c);
         acc.x += w * o.x, acc.y += w * o.y, acc.z += w * o.z, acc.w += w * o.w;
+        // LAB-END(combine-weights)
       }
     if (nan) acc = make_float4(NAN, NAN, NAN, NAN);
     uint2 packed = {ch03::pack2<T>(acc.x, acc.y), ch03::pack2<T>(acc.z, acc.w)};

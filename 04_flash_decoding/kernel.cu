@@ -133,8 +133,11 @@ __global__ void __launch_bounds__(kThreads) flash_decode_split(const lab::AttnPa
   // The keys this query tile sees, cut into `splits` chunks of whole 64-key tiles.
   int n_keys = sk;
   if (p.causal) n_keys = min(sk, max(0, min(m0 + B_r, sq) + diag));
+  // LAB-BEGIN(split-range): this split's keys [k_begin, k_end): its chunk of whole 64-key tiles
+  // LAB-STUB: const int k_begin = 0, k_end = 0;
   const int chunk = ((n_keys + splits - 1) / splits + kTile - 1) / kTile * kTile;
   const int k_begin = min(n_keys, split * chunk), k_end = min(n_keys, k_begin + chunk);
+  // LAB-END(split-range)
   const int n_slices = (k_end - k_begin + B_c - 1) / B_c;
   const int my_slices = n_slices > warp ? (n_slices - warp + kWarps - 1) / kWarps : 0;
 

@@ -150,8 +150,10 @@ __global__ void __launch_bounds__(kThreads) decode_split(const lab::AttnParams p
       float dot = 0.f;
 #pragma unroll
       for (int e = 0; e < 8; ++e) dot = fmaf(q[e], k[e], dot);
+      // LAB-BEGIN(group-reduce): sum dot over the TPK lanes of this thread group; every lane gets the sum
 #pragma unroll
       for (int off = TPK / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      // LAB-END(group-reduce)
       s[u] = base + u * GROUPS + group < k_end ? dot : -INFINITY;
     }
     // Online softmax over these U keys, then O += p v.
@@ -182,11 +184,14 @@ __global__ void __launch_bounds__(kThreads) decode_split(const lab::AttnParams p
   if (c == 0) red_m[group] = m, red_l[group] = l;
   __syncthreads();
   if (threadIdx.x == 0) {
+    // LAB-BEGIN(group-merge): the block's (m, l) from the groups' (m_g, l_g) into row_ml
+    // LAB-STUB: row_ml[0] = m, row_ml[1] = l;
     float mm = -INFINITY, ll = 0.f;
     for (int gi = 0; gi < GROUPS; ++gi) mm = fmaxf(mm, red_m[gi]);
     if (mm != -INFINITY)
       for (int gi = 0; gi < GROUPS; ++gi) ll += red_l[gi] * exp2_approx(red_m[gi] - mm);
     row_ml[0] = mm, row_ml[1] = ll;
+    // LAB-END(group-merge)
   }
   __syncthreads();
   const float f = row_ml[0] == -INFINITY ? 0.f : exp2_approx(m - row_ml[0]);

@@ -5,6 +5,8 @@
 # attention backends timed on the same GPU, and the chapters timed next to them in one process (the
 # last two stages and most Python tests need PyTorch).
 # Logs and CSVs go to one folder; a short summary prints last.
+# One more stage, labs (the workshop labs, bench/lab), is not in the default list: it builds every
+# chapter twice more, in build-lab/, and runs each one's GPU tests twice (`test` tests the solutions).
 #
 #   bench/gpu_check.sh [STAGE...]   stages: build test pytest sanitize ladder kvquant plot torch compare
 #                                   (default: all)
@@ -129,12 +131,48 @@ stage_compare() {
   return $rc
 }
 
+# The workshop labs (bench/lab): every chapter with exercises, handed out blanked, must fail its GPU
+# tests, and with every blank filled by the solution must score full marks (tests and speed against
+# the solution, same GPU, same run). Workspaces in a temporary folder; builds in build-lab/.
+stage_labs() {
+  local t0=$SECONDS rc=0 tmp ch r score
+  tmp=$(mktemp -d)
+  : > "$out/labs.log"
+  for ch in $("$root/bench/lab" list | awk '$2 != "no" {print $1}' | uniq); do
+    for kind in blank filled; do
+      echo "=== $ch: $kind" >> "$out/labs.log"
+      "$root/bench/lab" start "$ch" --labs "$tmp/$kind" $([ $kind = filled ] && echo --filled) >> "$out/labs.log" 2>&1
+      "$root/bench/lab" check "$ch" --labs "$tmp/$kind" > "$tmp/check.txt" 2>&1
+      r=$?
+      cat "$tmp/check.txt" >> "$out/labs.log"
+      if [ $r -eq 3 ]; then
+        note "labs:     no GPU (bench/lab check exit 3): nothing built or run"; rm -rf "$tmp"; return 1
+      fi
+      score=$(grep '^score:' "$tmp/check.txt" | cut -d'(' -f1)
+      if [ $kind = blank ]; then
+        if [ $r -eq 1 ] && grep -q 'FAILED' "$tmp/check.txt"; then
+          note "labs:     $ch blanked: fails its tests, as it must (${score:-no score})"
+        else
+          note "labs:     $ch blanked: exit $r, expected its tests to fail (${score:-no score})"; rc=1
+        fi
+      elif [ $r -eq 0 ] && echo "$score" | grep -q 'score: 100.0 / 100'; then
+        note "labs:     $ch solution: full marks (${score})"
+      else
+        note "labs:     $ch solution: exit $r, ${score:-no score} (expected full marks)"; rc=1
+      fi
+    done
+  done
+  rm -rf "$tmp"
+  note "labs:     done ($((SECONDS - t0)) s, log labs.log)"
+  return $rc
+}
+
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu \
   --format=csv > "$out/gpu.txt" 2>&1 || true
 for s in "${stages[@]}"; do
   case "$s" in
-    build|test|pytest|sanitize|ladder|kvquant|plot|torch|compare) "stage_$s" || status=1 ;;
-    *) echo "gpu_check: unknown stage '$s' (allowed: build test pytest sanitize ladder kvquant plot torch compare)" >&2; exit 2 ;;
+    build|test|pytest|sanitize|ladder|kvquant|plot|torch|compare|labs) "stage_$s" || status=1 ;;
+    *) echo "gpu_check: unknown stage '$s' (allowed: build test pytest sanitize ladder kvquant plot torch compare labs)" >&2; exit 2 ;;
   esac
   [ "$s" = build ] && [ $status -ne 0 ] && break
 done

@@ -10,8 +10,12 @@ decode:<dir> (the decode grid for a decoding chapter and its predecessor, with P
 paged (paged against contiguous KV), splits (the num_splits sweep against the heuristic's choice),
 kvquant (07_kv_quant's schemes: bytes, accuracy and speed, from kv_quant.csv).
 NAME@h200 draws the same table from docs/results/h200/ instead of h100/.
+lab:<dir> is a chapter's LAB.md table: the solution on the shapes `bench/lab check` times, H100 and H200.
 """
 import csv
+import glob
+import importlib.machinery
+import importlib.util
 import os
 import re
 import sys
@@ -25,6 +29,8 @@ ORDER = ["01_naive/cublas", "01_naive/naive", "02_flash_v1", "03_flash_v2/mma", 
          "03_flash_v2/overlap", "04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi"]
 PREFILL_ORDER = ORDER[:6] + ["06_gqa_alibi"]  # 04 and 05 are decoding kernels (seqlen_q <= 64 and 1)
 DECODE_SHAPES = [(1, 1024), (1, 8192), (1, 32768), (8, 4096), (32, 4096), (128, 1024), (128, 4096), (64, 16384)]
+# Each chapter's LAB.md (bench/lab's exercises) holds a table too: its numbers to beat.
+LABS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "[0-9][0-9]_*", "LAB.md")))
 
 
 def load(name):
@@ -410,7 +416,42 @@ def kvquant():
     return lines
 
 
+def lab_targets(ch):
+    """LAB.md: the solution's speed on the shapes `bench/lab check` times (bench/lab's TIMED), both GPUs."""
+    loader = importlib.machinery.SourceFileLoader("bench_lab", os.path.join(ROOT, "bench", "lab"))
+    spec = importlib.util.spec_from_loader("bench_lab", loader)
+    tool = importlib.util.module_from_spec(spec)
+    loader.exec_module(tool)
+    gpus = ("h100", "h200")
+    data = {g: use(g) for g in gpus}
+    srcs = "; ".join(f"{c['gpu']}, CUDA {c['cuda']}, measured {c['date']}" for c in (data[g][2] for g in gpus) if c)
+    lines = ["The solution on the shapes `bench/lab check` times, fp16, from the ladder (median, L2 flushed): "
+             "TFLOPS for prefill (% of the fp16 GEMM rate measured in the same run), GB/s for decode (% of the "
+             f"measured copy bandwidth). {srcs}. Sources: " + ", ".join(f"`docs/results/{g}/ladder.csv`" for g in gpus)
+             + ".", "", "| step | shape | " + " | ".join(g.upper() for g in gpus) + " |", "|---|---|" + "---|" * len(gpus)]
+    for variant, s in tool.TIMED[ch]:
+        name = ch + ("/" + variant if variant else "")
+        k = (s["workload"], "fp16", s["batch"], s["heads_q"], s["heads_kv"], s["seqlen_q"], s["seqlen_kv"],
+             s["head_dim"], s["causal"])
+        cells = []
+        for g in gpus:
+            lab, _, ceil = data[g]
+            r = lab.get((name,) + k)
+            if r is None:
+                cells.append("-")
+            elif s["workload"] == "prefill":
+                cells.append(f"{float(r['tflops']):.1f} TFLOPS ({100 * float(r['tflops']) / float(ceil['gemm_tflops']):.0f}%)")
+            else:
+                cells.append(f"{float(r['gbps']):.0f} GB/s ({100 * float(r['gbps']) / float(ceil['copy_gbps']):.0f}%)")
+        shape = (f"b{s['batch']} h{s['heads_q']} s{s['seqlen_q']} d{s['head_dim']} {'causal' if s['causal'] else 'full'}"
+                 if s["workload"] == "prefill" else f"b{s['batch']} h{s['heads_q']} kv{s['seqlen_kv'] // 1024}k d{s['head_dim']}")
+        lines.append(f"| {variant or ch} | {s['workload']} {shape} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def render(name, lab, torch, ceil):
+    if name.startswith("lab:"):
+        return lab_targets(name.split(":", 1)[1])
     if name == "summary":
         return summary(lab, torch, ceil)
     if name == "decode":
@@ -458,7 +499,7 @@ def use(gpu):
 def main():
     check = "--check" in sys.argv
     stale = []
-    for rel in READMES:
+    for rel in READMES + LABS:
         path = os.path.join(ROOT, rel)
         if not os.path.exists(path):
             continue
