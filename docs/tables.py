@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results", "h100")  # the GPU the README numbers come from (see use())
 READMES = ["README.md", "01_naive/README.md", "02_flash_v1/README.md", "03_flash_v2/README.md",
            "04_flash_decoding/README.md", "05_decoding_cuda_core/README.md", "06_gqa_alibi/README.md",
-           "07_kv_quant/README.md"]
+           "07_kv_quant/README.md", "docs/NOTES-03.md", "docs/NOTES-04.md"]
 ORDER = ["01_naive/cublas", "01_naive/naive", "02_flash_v1", "03_flash_v2/loop_order", "03_flash_v2/mma",
          "03_flash_v2/fa2", "03_flash_v2/overlap", "04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi"]
 PREFILL_ORDER = ORDER[:7] + ["06_gqa_alibi"]  # 04 and 05 are decoding kernels (seqlen_q <= 64 and 1)
