@@ -1,6 +1,6 @@
 // 03_flash_v2, step 0 ("loop_order"): FlashAttention-2's loop order, still on CUDA cores (fp32 math).
 //
-// What changes from 02_flash_v1 (`diff -u 02_flash_v1/kernel.cu 03_flash_v2/kernel_loop_order.cu`):
+// What changes from 02_flash_v1 (`diff -u -w 02_flash_v1/kernel.cu 03_flash_v2/kernel_loop_order.cu`):
 // the two loops swap. A block owns one query tile Q_i (grid: (batch * heads_q, T_r)) and walks
 // over every K_j, V_j inside. So Q_i is loaded once, and the running O_i, l_i, m_i never leave the
 // chip: O_i lives in the registers of the threads that compute P~ V_j, m_i and l_i in those of the

@@ -87,7 +87,9 @@ def table(ladders, prefill_key, decode_key):
              "lines of code added / removed (comments and blank lines not counted, whitespace ignored), computed "
              "from the files by `docs/steps.py`; **rewrite**: the diff is not one idea, and the chapter's README "
              "maps the places to read side by side. Speedup: the predecessor's time over the step's, same shape, "
-             "same ladder run (" + ", ".join(f"{g}: `{src}`" for g, src, _ in ladders) + "), fp16; "
+             "same ladder run (" + ", ".join(f"{g}: `{src}`" for g, src, _ in ladders) + "), fp16: `d128 s4k` is "
+             "prefill at head_dim 128, seqlen 4096, batch 4, 16 heads, full mask (`d64`: 32 heads); `b8 kv4k` "
+             "decoding one token for batch 8 from 4096 keys, 32 heads, d 128 (`GQA 32/8`: 8 KV heads); "
              "\"not measured yet\" where a ladder has no row for both.", "",
              "| step | files | read against | lines +/- | the idea | speedup over the predecessor (" +
              " / ".join(g for g, _, _ in ladders) + ") |", "|---|---|---|---|---|---|"]
@@ -96,7 +98,8 @@ def table(ladders, prefill_key, decode_key):
             change, against, speed = f"{len(code_lines(files))} (new)", "-", "-"
         else:
             a, r = diff_counts(files_of(prev), files)
-            change = f"+{a} / -{r}" + (" **rewrite**" if kind == "rewrite" else "")
+            change = f"+{a} / -{r}" + (" **rewrite**" if kind == "rewrite" else
+                                       " (over the ~150-line bound for one idea)" if a + r > 150 else "")
             against = f"`{prev}`"
             cells = []
             for label, k in SHAPES[shapes]:
