@@ -14,6 +14,26 @@ namespace {
 const lab::Chapter& ch() { static lab::Chapter c = ch03::chapter(); return c; }
 const lab::Variant& loop_order() { return ch().variants[0]; }
 
+// A small problem whose tensors all point at one dummy buffer: a refusal happens before any read.
+alignas(16) char refusal_buffer[64];
+lab::AttnParams refusal_params(int head_dim) {
+  lab::AttnParams p;
+  p.batch = 1, p.heads_q = 2, p.heads_kv = 2, p.seqlen_q = 8, p.seqlen_kv = 8, p.head_dim = head_dim;
+  p.softmax_scale = 0.1f;
+  lab::set_contiguous_strides(p);
+  p.q = p.k = p.v = refusal_buffer;
+  p.o = refusal_buffer;
+  return p;
+}
+std::string refusal(lab::ForwardFn forward, const lab::AttnParams& p) {
+  try {
+    forward(p, 0);
+  } catch (const lab::InvalidArgument& e) {
+    return e.what();
+  }
+  return "";
+}
+
 // Step 0 takes any head_dim up to 128; steps 1-3 a list that reaches 256.
 bool takes_head_dim(const lab::Variant& v, int d) {
   const std::vector<int>& dims = v.support->head_dims;
@@ -132,69 +152,34 @@ TEST_CASE("03_flash_v2: a small case for the sanitizers", "[gpu][sanitize]") {
 }
 
 TEST_CASE("03_flash_v2 refuses what it does not support, naming the field", "[cpu]") {
-  lab::AttnParams p;
-  p.batch = 1, p.heads_q = 2, p.heads_kv = 2, p.seqlen_q = 8, p.seqlen_kv = 8, p.head_dim = 80;
-  p.softmax_scale = 0.1f;
-  lab::set_contiguous_strides(p);
-  alignas(16) static char buf[64];
-  p.q = p.k = p.v = buf;
-  p.o = buf;
-  auto message = [](const lab::AttnParams& bad) -> std::string {
-    try {
-      ch03::forward(bad, 0);
-    } catch (const lab::InvalidArgument& e) {
-      return e.what();
-    }
-    return "";
-  };
-  CHECK(message(p) == "03_flash_v2: head_dim = 80 is not supported (supported: 32, 64, 96, 128, 256)");
-  p.head_dim = 64;
-  lab::set_contiguous_strides(p);
+  lab::AttnParams p = refusal_params(80);
+  CHECK(refusal(ch03::forward, p) == "03_flash_v2: head_dim = 80 is not supported (supported: 32, 64, 96, 128, 256)");
+  p = refusal_params(64);
   lab::AttnParams q = p;
   q.k_row_stride = 2 * 64 + 4;
-  CHECK(message(q).find("k_row_stride") != std::string::npos);
+  CHECK(refusal(ch03::forward, q).find("k_row_stride") != std::string::npos);
   q = p;
-  q.v = buf + 8;
-  CHECK(message(q).find("v pointer is not 16-byte aligned") != std::string::npos);
-  q = p;
-  q.heads_kv = 3;
-  CHECK(message(q).find("heads_q = 2 is not a multiple of heads_kv = 3") != std::string::npos);
-  q = p;
-  q.cu_seqlens_q = q.cu_seqlens_kv = reinterpret_cast<const int*>(buf);
-  CHECK(message(q).find("varlen") != std::string::npos);
+  q.v = refusal_buffer + 8;
+  CHECK(refusal(ch03::forward, q).find("v pointer is not 16-byte aligned") != std::string::npos);
   q = p;
   q.batch = 70000;
   lab::set_contiguous_strides(q);
-  CHECK(message(q).find("batch = 70000") != std::string::npos);
+  CHECK(refusal(ch03::forward, q).find("batch = 70000") != std::string::npos);
+  for (lab::ForwardFn forward : {ch03::forward, ch03::forward_loop_order}) {
+    q = p;
+    q.heads_kv = 3;
+    CHECK(refusal(forward, q).find("heads_q = 2 is not a multiple of heads_kv = 3") != std::string::npos);
+    q = p;
+    q.cu_seqlens_q = q.cu_seqlens_kv = reinterpret_cast<const int*>(refusal_buffer);
+    CHECK(refusal(forward, q).find("varlen") != std::string::npos);
+  }
 }
 
 TEST_CASE("03_flash_v2 step 0 (loop_order) refuses what it does not support, naming the field", "[cpu]") {
-  lab::AttnParams p;
-  p.batch = 1, p.heads_q = 2, p.heads_kv = 2, p.seqlen_q = 8, p.seqlen_kv = 8, p.head_dim = 256;
-  p.softmax_scale = 0.1f;
-  lab::set_contiguous_strides(p);
-  alignas(16) static char buf[64];
-  p.q = p.k = p.v = buf;
-  p.o = buf;
-  auto message = [](const lab::AttnParams& bad) -> std::string {
-    try {
-      ch03::forward_loop_order(bad, 0);
-    } catch (const lab::InvalidArgument& e) {
-      return e.what();
-    }
-    return "";
-  };
-  CHECK(message(p) == "03_flash_v2/loop_order: head_dim = 256 is not supported (supported: 1..128)");
-  p.head_dim = 64;
-  lab::set_contiguous_strides(p);
-  lab::AttnParams q = p;
-  q.heads_kv = 3;
-  CHECK(message(q).find("heads_q = 2 is not a multiple of heads_kv = 3") != std::string::npos);
-  q = p;
-  q.cu_seqlens_q = q.cu_seqlens_kv = reinterpret_cast<const int*>(buf);
-  CHECK(message(q).find("varlen") != std::string::npos);
-  q = p;
+  CHECK(refusal(ch03::forward_loop_order, refusal_params(256)) ==
+        "03_flash_v2/loop_order: head_dim = 256 is not supported (supported: 1..128)");
+  lab::AttnParams q = refusal_params(64);
   q.seqlen_q = 65535 * 64 + 1;
   lab::set_contiguous_strides(q);
-  CHECK(message(q).find("seqlen_q = 4194241") != std::string::npos);
+  CHECK(refusal(ch03::forward_loop_order, q).find("seqlen_q = 4194241") != std::string::npos);
 }
