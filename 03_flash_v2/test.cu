@@ -99,7 +99,8 @@ TEST_CASE("03_flash_v2 step 0 (loop_order): a NaN in q or K makes the rows that 
     LAB_CUDA_CHECK(cudaDeviceSynchronize());
     const std::vector<uint16_t> o = lab::download_bits(prob.params.o, prob.o_elems);
     std::vector<float> lse(prob.lse_elems);
-    LAB_CUDA_CHECK(cudaMemcpy(lse.data(), prob.params.lse, lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    LAB_CUDA_CHECK(
+        cudaMemcpy(lse.data(), prob.params.lse, lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
     for (int row = 0; row < s.seqlen_q; ++row)
       for (int h = 0; h < s.heads_q; ++h) {
         const bool nan_row = h == 0 && (in_q ? row == q_row : row >= k_row);
@@ -153,7 +154,8 @@ TEST_CASE("03_flash_v2: a small case for the sanitizers", "[gpu][sanitize]") {
 
 TEST_CASE("03_flash_v2 refuses what it does not support, naming the field", "[cpu]") {
   lab::AttnParams p = refusal_params(80);
-  CHECK(refusal(ch03::forward, p) == "03_flash_v2: head_dim = 80 is not supported (supported: 32, 64, 96, 128, 256)");
+  CHECK(refusal(ch03::forward, p) ==
+        "03_flash_v2: head_dim = 80 is not supported (supported: 32, 64, 96, 128, 256)");
   p = refusal_params(64);
   lab::AttnParams q = p;
   q.k_row_stride = 2 * 64 + 4;
