@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <limits>
 #include <mutex>
 
 #include "01_naive/kernel.h"
@@ -132,8 +133,9 @@ void forward_cublas(const lab::AttnParams& p, cudaStream_t stream) {
     throw lab::InvalidArgument("01_naive/cublas: workspace of " +
                                std::to_string(cublas_workspace_bytes(p)) + " bytes needed, got " +
                                std::to_string(p.workspace_bytes));
-  if (p.q_row_stride > 0x7fffffff || p.k_row_stride > 0x7fffffff || p.v_row_stride > 0x7fffffff ||
-      p.o_row_stride > 0x7fffffff)
+  constexpr int64_t kMaxLeadingDim = std::numeric_limits<int>::max();  // cuBLAS takes int strides
+  if (p.q_row_stride > kMaxLeadingDim || p.k_row_stride > kMaxLeadingDim || p.v_row_stride > kMaxLeadingDim ||
+      p.o_row_stride > kMaxLeadingDim)
     throw lab::InvalidArgument("01_naive/cublas: row strides must fit in 32 bits for cuBLAS");
   if (p.dtype == lab::DType::fp16) launch<__half>(p, stream, CUDA_R_16F);
   else launch<__nv_bfloat16>(p, stream, CUDA_R_16BF);

@@ -188,7 +188,10 @@ void forward(const lab::AttnParams& p, cudaStream_t stream) {
   if (!p.workspace || p.workspace_bytes < workspace_bytes(p))
     throw lab::InvalidArgument("01_naive: workspace of " + std::to_string(workspace_bytes(p)) +
                                " bytes needed for S, got " + std::to_string(p.workspace_bytes));
-  if (size_t(p.batch) * p.heads_q * p.seqlen_q > 0x7fffffffu || p.batch * p.heads_q > 65535)
+  // CUDA's grid limits: softmax_rows runs one block per row of S in x (2^31 - 1 at most), the two
+  // products put batch * heads_q in z (65535 at most).
+  constexpr size_t kMaxGridX = 0x7fffffffu, kMaxGridZ = 65535;
+  if (size_t(p.batch) * p.heads_q * p.seqlen_q > kMaxGridX || size_t(p.batch) * p.heads_q > kMaxGridZ)
     throw lab::InvalidArgument("01_naive: batch * heads_q = " + std::to_string(p.batch * p.heads_q) +
                                " is too large for one grid (supported: up to 65535)");
   if (p.dtype == lab::DType::fp16) launch<__half>(p, stream);

@@ -1,4 +1,6 @@
-// Chapter 03: FlashAttention-2 on tensor cores, in three steps.
+// Chapter 03: FlashAttention-2: its loop order on CUDA cores, then on tensor cores in three steps.
+//   step 0 "loop_order" (kernel_loop_order.cu): 02's kernel with the loops swapped: one block per
+//                                         (batch, head, query tile), O_i on chip, fp32 CUDA-core math.
 //   step 1 "mma" (kernel_mma.cu):         one block per (query tile, head, batch), O_i in registers,
 //                                         S = QK^T and O += PV with mma.sync; K/V loaded synchronously.
 //   step 2 "fa2" (kernel.cu):             the same math with a cp.async pipeline and swizzled
@@ -13,8 +15,12 @@
 
 namespace ch03 {
 
-// Both steps: head_dim 32, 64, 96, 128, 256; fp16 and bf16; causal; GQA/MQA; lse.
+// Steps 1-3: head_dim 32, 64, 96, 128, 256; fp16 and bf16; causal; GQA/MQA; lse.
 extern const lab::Support kSupport;
+// Step 0, as 02: head_dim 1..128, any stride; fp16 and bf16; causal; GQA/MQA; lse.
+extern const lab::Support kSupportLoopOrder;
+
+void forward_loop_order(const lab::AttnParams& p, cudaStream_t stream);  // step 0
 
 void forward_mma(const lab::AttnParams& p, cudaStream_t stream);  // step 1
 void forward(const lab::AttnParams& p, cudaStream_t stream);      // step 2
@@ -32,7 +38,8 @@ inline void check_grid_limits(const lab::AttnParams& p, const char* who) {
 
 inline lab::Chapter chapter() {
   return {"03_flash_v2",
-          {{"mma", forward_mma, &kSupport, nullptr},
+          {{"loop_order", forward_loop_order, &kSupportLoopOrder, nullptr},
+           {"mma", forward_mma, &kSupport, nullptr},
            {"fa2", forward, &kSupport, nullptr},
            {"overlap", forward_overlap, &kSupport, nullptr}}};
 }

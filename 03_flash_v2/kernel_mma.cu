@@ -1,15 +1,15 @@
-// 03_flash_v2, step 1 ("mma"): FlashAttention-2's loop order on tensor cores.
+// 03_flash_v2, step 1 ("mma"): the same algorithm as step 0, on tensor cores.
 //
-// What changes from 02_flash_v1 (FlashAttention-1 on CUDA cores):
-//   - the loops swap: one block owns a query tile Q_i and walks over all K_j, V_j, so O_i, m_i and
-//     l_i live in registers for the whole loop and reach HBM once, at the end, already divided by l_i,
-//   - the blocks are (query tile, head, batch): T_r * heads * batch independent blocks fill the GPU,
+// What changes from step 0 (kernel_loop_order.cu: FlashAttention-2's loop order on CUDA cores,
+// O_i already on chip); the inner products are rewritten, so read the two files side by side:
 //   - S = Q_i K_j^T and O_i += P V_j run on tensor cores (mma.sync m16n8k16, fp32 accumulate),
-//     with fragments loaded by ldmatrix; P goes from the S accumulators to the A operand of the
-//     second product without leaving registers,
+//     with fragments loaded by ldmatrix from 16-bit tiles; P goes from the S accumulators to the
+//     A operand of the second product without leaving registers,
 //   - each warp owns 16 * M_FRAGS rows of Q_i, so the softmax statistics of a row stay in one quad
 //     of threads (two shuffles per reduction, no shared memory, no __syncthreads),
-//   - exp2 with scale * log2(e) folded into one FMA, and O_i rescaled only when a row max moves.
+//   - O_i is divided by l_i once, at the end, exp2 with scale * log2(e) folded into one FMA, and
+//     O_i rescaled only when a row max moves,
+//   - the grid is (query tile, head, batch), and with causal the longest query tiles start first.
 // What it still costs: every K_j/V_j tile is loaded with plain loads while the tensor cores wait
 // (two barriers per tile), and the ldmatrix reads of unswizzled rows (256 bytes apart for
 // d = 128) hit the same banks 8 times over. Step 2 (kernel.cu) fixes both.

@@ -3,7 +3,8 @@
 // 04 runs decoding on tensor cores: every mma multiplies 16 query rows where decoding has one, so
 // 15/16 of the tensor-core work, and of the shared-memory traffic feeding it, is padding. It still
 // keeps up with HBM at d = 128, but it pays for the detour: K and V go global -> shared ->
-// registers, and each block needs 100 KB of stages, so few blocks fit on an SM.
+// registers, and each block holds two shared-memory stages per warp (68 KB at d = 128), so only
+// three blocks fit on an SM.
 // This kernel does the exact work instead:
 //   - a group of D/8 threads owns one key at a time; each thread loads 16 bytes (8 elements) of
 //     the key's K row and of its V row straight into registers (ld.global.nc, no L1 allocation),

@@ -8,7 +8,8 @@ NAME is one of: summary, decode, chapter:<dir> (a chapter's rows over the prefil
 compare:03_flash_v2 (chapter 03 next to PyTorch's backends, same GPU, same session),
 decode:<dir> (the decode grid for a decoding chapter and its predecessor, with PyTorch's backends),
 paged (paged against contiguous KV), splits (the num_splits sweep against the heuristic's choice),
-kvquant (07_kv_quant's schemes: bytes, accuracy and speed, from kv_quant.csv).
+kvquant (07_kv_quant's schemes: bytes, accuracy and speed, from kv_quant.csv),
+steps (every step against its predecessor: lines of code and speedup; the list is docs/steps.py).
 NAME@h200 draws the same table from docs/results/h200/ instead of h100/.
 lab:<dir> is a chapter's LAB.md table: the solution on the shapes `bench/lab check` times, H100 and H200.
 """
@@ -20,14 +21,16 @@ import os
 import re
 import sys
 
+import steps
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results", "h100")  # the GPU the README numbers come from (see use())
 READMES = ["README.md", "01_naive/README.md", "02_flash_v1/README.md", "03_flash_v2/README.md",
            "04_flash_decoding/README.md", "05_decoding_cuda_core/README.md", "06_gqa_alibi/README.md",
-           "07_kv_quant/README.md"]
-ORDER = ["01_naive/cublas", "01_naive/naive", "02_flash_v1", "03_flash_v2/mma", "03_flash_v2/fa2",
-         "03_flash_v2/overlap", "04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi"]
-PREFILL_ORDER = ORDER[:6] + ["06_gqa_alibi"]  # 04 and 05 are decoding kernels (seqlen_q <= 64 and 1)
+           "07_kv_quant/README.md", "docs/NOTES-03.md", "docs/NOTES-04.md"]
+ORDER = ["01_naive/cublas", "01_naive/naive", "02_flash_v1", "03_flash_v2/loop_order", "03_flash_v2/mma",
+         "03_flash_v2/fa2", "03_flash_v2/overlap", "04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi"]
+PREFILL_ORDER = ORDER[:7] + ["06_gqa_alibi"]  # 04 and 05 are decoding kernels (seqlen_q <= 64 and 1)
 DECODE_SHAPES = [(1, 1024), (1, 8192), (1, 32768), (8, 4096), (32, 4096), (128, 1024), (128, 4096), (64, 16384)]
 # Each chapter's LAB.md (bench/lab's exercises) holds a table too: its numbers to beat.
 LABS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "[0-9][0-9]_*", "LAB.md")))
@@ -318,32 +321,40 @@ def chapter(lab, ceil, ch):
 
 
 def compare03(lab, torch, ceil):
+    """03's steps next to PyTorch's FlashAttention-2 and cuDNN, timed in one process (compare_torch.csv)."""
     seqs = [512, 1024, 2048, 4096, 8192, 16384]
-    lines = ["Chapter 03 (ladder.csv) next to PyTorch's backends (torch_sdpa.csv), fp16 TFLOPS, separate runs on "
-             "the same GPU model (which run made which file: `docs/results/h100/summary.txt`); **bold**: 03's best "
-             "step at or above FlashAttention-2. " + header(ceil), "",
+    rows = load("compare_torch.csv")
+    same = index(rows, lambda r: step(r) if r["chapter"] != "pytorch" else r["variant"])
+    r0 = rows[0] if rows else {}
+    mine = [n for n in ORDER if n.startswith("03_flash_v2/") and any(k[0] == n for k in same)]
+    lines = ["Chapter 03's steps and PyTorch's FlashAttention-2 and cuDNN backends on the same tensors in one process "
+             f"(`bench/compare_torch.py`; {r0.get('gpu')}, PyTorch {r0.get('torch')}, CUDA {r0.get('cuda')}, "
+             f"{r0.get('date')}), fp16 TFLOPS; **bold**: 03's best step at or above FlashAttention-2. Source: "
+             f"`docs/results/{os.path.basename(RESULTS)}/compare_torch.csv`.", "",
              "| d | mask | | " + " | ".join(f"s{s}" for s in seqs) + " |", "|---|---|---|" + "---|" * len(seqs)]
     for d in (64, 128):
         for causal in (False, True):
-            best, fa2, cud = [], [], []
-            for s in seqs:
-                k = prefill_key(d, s, causal)
-                rs = [lab.get((n,) + k) for n in ("03_flash_v2/fa2", "03_flash_v2/overlap")]
-                rs = [r for r in rs if r]
-                f = torch.get(("flash",) + k)
-                c = torch.get(("cudnn",) + k)
-                if rs:
-                    r = max(rs, key=lambda r: float(r["tflops"]))
-                    v = f"{float(r['tflops']):.0f} {r['variant']}"
-                    best.append(f"**{v}**" if f and float(r["tflops"]) >= float(f["tflops"]) else v)
-                else:
-                    best.append("-")
-                fa2.append(f"{float(f['tflops']):.0f}" if f else "-")
-                cud.append(f"{float(c['tflops']):.0f}" if c else "-")
             m = "causal" if causal else "full"
-            lines.append(f"| {d} | {m} | 03 best step | " + " | ".join(best) + " |")
-            lines.append(f"| {d} | {m} | FlashAttention-2 | " + " | ".join(fa2) + " |")
-            lines.append(f"| {d} | {m} | cuDNN | " + " | ".join(cud) + " |")
+            ks = [prefill_key(d, s, causal) for s in seqs]
+            best = [max([float(r["tflops"]) for r in (same.get((n,) + k) for n in mine) if r] or [0]) for k in ks]
+            fa2 = [same.get(("flash",) + k) for k in ks]
+            for n in mine:
+                cells = []
+                for k, b, f in zip(ks, best, fa2):
+                    r = same.get((n,) + k)
+                    v = float(r["tflops"]) if r else None
+                    c = "-" if v is None else f"{v:.0f}"
+                    cells.append(f"**{c}**" if v is not None and v == b and f and v >= float(f["tflops"]) else c)
+                lines.append(f"| {d} | {m} | {n.split('/')[1]} | " + " | ".join(cells) + " |")
+            for name, label in (("flash", "FlashAttention-2"), ("cudnn", "cuDNN")):
+                lines.append(f"| {d} | {m} | {label} | " + " | ".join(
+                    f"{float(r['tflops']):.0f}" if r else "-" for r in (same.get((name,) + k) for k in ks)) + " |")
+    return lines
+
+
+def bf16_03(lab, ceil):
+    """bf16 against fp16 for 03's tensor-core steps, seqlen 4096, same ladder run."""
+    lines = ["bf16 against fp16, seqlen 4096, same ladder run. " + header(ceil)]
     bf = []
     for d in (64, 128):
         for causal in (False, True):
@@ -353,9 +364,7 @@ def compare03(lab, torch, ceil):
                 if a and b:
                     bf.append(f"| {n} | {d} | {'causal' if causal else 'full'} | {float(a['tflops']):.1f} | "
                               f"{float(b['tflops']):.1f} | {100 * (float(b['tflops']) / float(a['tflops']) - 1):+.1f}% |")
-    if bf:
-        lines += ["", "bf16 against fp16, seqlen 4096, same run:", "",
-                  "| step | d | mask | fp16 TFLOPS | bf16 TFLOPS | bf16 vs fp16 |", "|---|---|---|---|---|---|"] + bf
+    lines += ["", "| step | d | mask | fp16 TFLOPS | bf16 TFLOPS | bf16 vs fp16 |", "|---|---|---|---|---|---|"] + bf
     return lines
 
 
@@ -460,6 +469,8 @@ def render(name, lab, torch, ceil):
         return chapter(lab, ceil, name.split(":", 1)[1])
     if name == "compare:03_flash_v2":
         return compare03(lab, torch, ceil)
+    if name == "bf16:03_flash_v2":
+        return bf16_03(lab, ceil)
     if name == "decode:04_flash_decoding":
         return decode_grid(lab, torch, ceil, ["03_flash_v2/fa2", "04_flash_decoding"])
     if name == "decode:05_decoding_cuda_core":
@@ -478,6 +489,9 @@ def render(name, lab, torch, ceil):
         return splits_sweep(lab, ceil)
     if name == "kvquant":
         return kvquant()
+    if name == "steps":
+        return steps.table([(g.upper(), f"docs/results/{g}/ladder.csv", use(g)[0]) for g in ("h100", "h200")],
+                           prefill_key, decode_key)
     raise SystemExit(f"unknown table {name}")
 
 

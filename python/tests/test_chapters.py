@@ -73,7 +73,7 @@ def test_lists_the_chapters_and_one_default_each():
     assert list(chapters)[:3] == ["01_naive", "02_flash_v1", "03_flash_v2"]
     assert chapters["01_naive"] == ["naive", "cublas"]
     assert chapters["02_flash_v1"] == [""]
-    assert chapters["03_flash_v2"] == ["mma", "fa2", "overlap"]
+    assert chapters["03_flash_v2"] == ["loop_order", "mma", "fa2", "overlap"]
     defaults = {e["chapter"]: e["variant"] for e in VARIANTS if e["default"]}
     assert set(defaults) == set(chapters), "every chapter needs exactly one default variant"
     assert sum(e["default"] for e in VARIANTS) == len(chapters)
