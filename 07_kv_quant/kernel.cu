@@ -47,57 +47,22 @@
 //                        m, l, O[16c .. 16c+15] of the group and head: online softmax, O += (p scale_v) v
 //   end: per head, 16 groups' (m, l, O) -> one (m, l, O) in shared memory -> O (x static V scale) or a partial
 // clang-format on
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
-
 #include <cmath>
-#include <mutex>
-#include <type_traits>
 
+#include "07_kv_quant/dequant.cuh"
 #include "07_kv_quant/kernel.h"
 #include "common/cuda_check.h"
+#include "common/device.h"
 
 namespace ch07 {
-
-const lab::Support kSupport = [] {
-  lab::Support s;
-  s.chapter = "07_kv_quant";
-  s.head_dims = {64, 128, 256};
-  s.causal = true;  // with one query row, bottom-right causal sees every key
-  s.gqa = true;
-  s.lse = true;
-  s.cache_seqlens = true;
-  s.paged_kv = true;
-  s.splits = true;
-  s.max_splits = ch04::kMaxSplits;
-  s.max_seqlen_q = 1;
-  s.vector_elems = 8;  // 16-byte loads: 8 fp16 elements of Q/O, 16 one-byte codes of K/V
-  s.kv_schemes = {KvScheme::int8_tensor, KvScheme::int8_token, KvScheme::int8_head,    KvScheme::int8_group,
-                  KvScheme::fp8_e4m3,    KvScheme::fp8_e5m2,   KvScheme::fp8_e4m3_head};
-  s.kv_group_sizes = {32, 64};
-  return s;
-}();
 
 namespace {
 
 // Keys per group in flight: 4 x (16 + 16) bytes per thread as in 05 (16 KB per 128 threads).
 constexpr int kU = 4;
 
-// What a scheme stores per element, and how its scales are applied.
-enum class Code { fp16, int8, e4m3, e5m2 };
+// How a scheme's scales are applied (what it stores per element: dequant.cuh).
 enum class ScaleAt { none, fixed, per_key };  // fixed: one per tensor, or per KV head
-
-template <KvScheme S>
-constexpr Code code_of() {
-  if constexpr (S == KvScheme::none)
-    return Code::fp16;
-  else if constexpr (S == KvScheme::fp8_e4m3 || S == KvScheme::fp8_e4m3_head)
-    return Code::e4m3;
-  else if constexpr (S == KvScheme::fp8_e5m2)
-    return Code::e5m2;
-  else
-    return Code::int8;
-}
 
 template <KvScheme S>
 constexpr ScaleAt scale_at() {
@@ -136,7 +101,7 @@ constexpr int heads_per_block() {
 }
 
 template <KvScheme S, int D, int HPB>
-struct Groups {
+struct ThreadGroups {
   static constexpr int BYTES = code_of<S>() == Code::fp16 ? 2 : 1;  // per stored element
   static constexpr int E = 16 / BYTES;                              // elements per thread: one 16-byte load
   static constexpr int TPK = D / E;                                 // threads per key and head
@@ -169,48 +134,6 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
-__device__ __forceinline__ void half2_to_floats(uint32_t bits, float* f) {
-  const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&bits));
-  f[0] = x.x, f[1] = x.y;
-}
-
-// One 16-byte load -> E floats (the codes' values, before any scale).
-template <Code C>
-__device__ __forceinline__ void decode(const uint4& raw, float* f) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-  if constexpr (C == Code::fp16) {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) half2_to_floats(w[k], f + 2 * k);
-  } else if constexpr (C == Code::int8) {
-    // b ^ 0x80 is u = b + 128 (0..255); as the low byte of 0x4B0000uu it reads as 2^23 + u
-    // exactly, and subtracting 2^23 + 128 leaves b: one permute and one add per element.
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t u = w[k] ^ 0x80808080u;
-      f[4 * k + 0] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440u)) - 8388736.f;
-      f[4 * k + 1] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7441u)) - 8388736.f;
-      f[4 * k + 2] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7442u)) - 8388736.f;
-      f[4 * k + 3] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7443u)) - 8388736.f;
-    }
-  } else if constexpr (C == Code::e5m2) {
-    // An E5M2 number is the high byte of the fp16 number with the same value.
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      half2_to_floats(__byte_perm(w[k], 0u, 0x1404u), f + 4 * k);      // bytes 0, 1 -> high bytes
-      half2_to_floats(__byte_perm(w[k], 0u, 0x3424u), f + 4 * k + 2);  // bytes 2, 3
-    }
-  } else {
-    // E4M3 -> half2 two at a time (a hardware conversion on sm_89+), then half2 -> float2.
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w[k] & 0xFFFFu), __NV_E4M3);
-      const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w[k] >> 16), __NV_E4M3);
-      half2_to_floats(uint32_t(lo.x) | uint32_t(lo.y) << 16, f + 4 * k);
-      half2_to_floats(uint32_t(hi.x) | uint32_t(hi.y) << 16, f + 4 * k + 2);
-    }
-  }
-}
-
 // Blocks per SM the compiler must allow (__launch_bounds__' second argument), so that registers
 // do not decide occupancy by accident. fp16: 7 (72 registers; 8, at 64 as 05, spills the stepped
 // pointers). 1-byte codes hold 16 elements of q and of O per thread: 2 blocks of 256 threads (up
@@ -222,22 +145,22 @@ constexpr int min_blocks_per_sm() {
   return code_of<S>() == Code::fp16 ? 7 : 2;
 }
 
-template <KvScheme S, int G, int D, int HPB>
+template <KvScheme S, int SCALE_GROUP, int D, int HPB>
 __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>())
     decode_split(const lab::AttnParams p, int splits, float* o_partial, float* lse_partial) {
-  using Gr = Groups<S, D, HPB>;
+  using Gr = ThreadGroups<S, D, HPB>;
   constexpr int E = Gr::E, TPK = Gr::TPK, GROUPS = Gr::COUNT, STEP = Gr::KEYS_PER_STEP, U = kU;
   constexpr Code C = code_of<S>();
   constexpr ScaleAt SA = scale_at<S>();
   __shared__ float red_m[GROUPS * HPB], red_l[GROUPS * HPB], row_ml[HPB][2];
   __shared__ __align__(16) float part_o[GROUPS][HPB * D];
 
-  // This block: query heads (kv0 + i) gq + r for i < HPB, reading KV heads kv0 .. kv0 + HPB - 1.
-  const int gq = p.heads_q / p.heads_kv, kv0 = blockIdx.y / gq * HPB, r = blockIdx.y % gq;
+  // This block: query heads (kv0 + i) gqa_ratio + r for i < HPB, reading KV heads kv0 .. kv0 + HPB - 1.
+  const int gqa_ratio = p.heads_q / p.heads_kv, kv0 = blockIdx.y / gqa_ratio * HPB, r = blockIdx.y % gqa_ratio;
   const int split = blockIdx.x, b = blockIdx.z;
   const int group = threadIdx.x / Gr::LANES, hb = threadIdx.x % Gr::LANES / TPK;
   const int c = threadIdx.x % TPK;  // this thread: elements E c .. E c + E-1 of the block's head hb
-  const int h_kv = kv0 + hb, h = h_kv * gq + r;
+  const int h_kv = kv0 + hb, h = h_kv * gqa_ratio + r;
   int sk = p.cache_seqlens ? p.cache_seqlens[b] : p.seqlen_kv;
   bool bad_table = sk < 0 || sk > p.seqlen_kv;
   sk = bad_table ? 0 : sk;
@@ -314,10 +237,10 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
   int64_t s_slot = 0, s_row = 0;
   if constexpr (SA == ScaleAt::per_key) {
     const int rows = paged ? p.page_size : p.seqlen_kv;
-    const int64_t at = scale_index(S, G, 0, 0, h_kv, E * c, rows, p.heads_kv, D);
+    const int64_t at = scale_index(S, SCALE_GROUP, 0, 0, h_kv, E * c, rows, p.heads_kv, D);
     KS += at, VS += at;
-    s_row = scale_index(S, G, 0, 1, 0, 0, rows, p.heads_kv, D);
-    s_slot = scale_index(S, G, 1, 0, 0, 0, rows, p.heads_kv, D);
+    s_row = scale_index(S, SCALE_GROUP, 0, 1, 0, 0, rows, p.heads_kv, D);
+    s_slot = scale_index(S, SCALE_GROUP, 1, 0, 0, 0, rows, p.heads_kv, D);
   }
   if (!paged) KS += b * s_slot, VS += b * s_slot;  // a contiguous cache's slot is the sequence
   const int first = k_begin + group;                // this thread's first key
@@ -429,7 +352,7 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
   bad_table = __syncthreads_or(bad_table);  // also the barrier before part_o is read
 
   for (int e = threadIdx.x; e < HPB * D; e += Gr::THREADS) {
-    const int hf = e / D, h_out = (kv0 + hf) * gq + r;
+    const int hf = e / D, h_out = (kv0 + hf) * gqa_ratio + r;
     const int64_t part_row = (int64_t(split) * p.batch + b) * p.heads_q + h_out;  // seqlen_q = 1
     float sum = 0.f;
 #pragma unroll
@@ -444,7 +367,7 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
   }
   if (threadIdx.x < HPB) {
     // Natural-log LSE from the exp2-domain max and sum: (m + log2 l) ln 2.
-    const int hf = threadIdx.x, h_out = (kv0 + hf) * gq + r;
+    const int hf = threadIdx.x, h_out = (kv0 + hf) * gqa_ratio + r;
     const float l_sum = row_ml[hf][1];
     const float lse =
         bad_table ? NAN : (l_sum > 0.f ? (row_ml[hf][0] + log2f(l_sum)) * float(M_LN2) : -INFINITY);
@@ -455,123 +378,76 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
   }
 }
 
-// A compile-time (scheme, group size, head_dim): one kernel instantiation.
-template <KvScheme S_, int G_, int D_>
-struct Config {
-  static constexpr KvScheme S = S_;
-  static constexpr int G = G_, D = D_;
-};
-
-// Calls f(std::integral_constant<int, HPB>{}) with p's heads per block: heads_per_block<S, D>()
-// when the KV heads split evenly into such runs, else 1.
-template <class Cfg, class F>
-decltype(auto) by_hpb(const lab::AttnParams& p, F&& f) {
-  constexpr int H = heads_per_block<Cfg::S, Cfg::D>();
-  if (p.heads_kv % H == 0) return f(std::integral_constant<int, H>{});
-  return f(std::integral_constant<int, 1>{});
-}
-
-// Blocks of decode_split an SM holds, asked once per device (not on every launch: launches are
-// timed).
-template <class Cfg, int HPB>
-int blocks_per_sm() {
-  int dev = 0;
-  LAB_CUDA_CHECK(cudaGetDevice(&dev));
-  static std::once_flag asked[64];
-  static int resident[64];
-  std::call_once(asked[dev % 64], [&] {
-    LAB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &resident[dev % 64], decode_split<Cfg::S, Cfg::G, Cfg::D, HPB>, threads_per_block<Cfg::S>(), 0));
-  });
-  return resident[dev % 64];
-}
-
-template <KvScheme S, int G, class F>
-decltype(auto) by_head_dim(const lab::AttnParams& p, F&& f) {
-  switch (p.head_dim) {
-    case 64:
-      return f(Config<S, G, 64>{});
-    case 128:
-      return f(Config<S, G, 128>{});
-    default:
-      return f(Config<S, G, 256>{});
-  }
-}
-
-// Calls f(Config<...>{}) for p's scheme and head_dim (both checked before: ch04::check_split_kv_launch).
-template <class F>
-decltype(auto) by_config(const lab::AttnParams& p, F&& f) {
-  switch (p.kv_quant.scheme) {
-    case KvScheme::int8_tensor:
-      return by_head_dim<KvScheme::int8_tensor, 0>(p, f);
-    case KvScheme::int8_token:
-      return by_head_dim<KvScheme::int8_token, 0>(p, f);
-    case KvScheme::int8_head:
-      return by_head_dim<KvScheme::int8_head, 0>(p, f);
-    case KvScheme::int8_group:
-      if (p.kv_quant.group_size == 32) return by_head_dim<KvScheme::int8_group, 32>(p, f);
-      return by_head_dim<KvScheme::int8_group, 64>(p, f);
-    case KvScheme::fp8_e4m3:
-      return by_head_dim<KvScheme::fp8_e4m3, 0>(p, f);
-    case KvScheme::fp8_e5m2:
-      return by_head_dim<KvScheme::fp8_e5m2, 0>(p, f);
-    case KvScheme::fp8_e4m3_head:
-      return by_head_dim<KvScheme::fp8_e4m3_head, 0>(p, f);
-    default:
-      return by_head_dim<KvScheme::none, 0>(p, f);
-  }
-}
-
-template <class Cfg>
-int splits_for(const lab::AttnParams& p) {
-  int dev = 0, sms = 0;
-  LAB_CUDA_CHECK(cudaGetDevice(&dev));
-  LAB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  // 05's rule over the blocks' (batch, head group) items: aim for 512 threads per SM (4 fp16
+// One instantiation per (scheme, scale group size, head_dim, heads per block): its split count
+// for p on this device, and, with run, its launch (and 04's combine).
+template <KvScheme S, int SCALE_GROUP, int D, int HPB>
+int launch(const lab::AttnParams& p, cudaStream_t stream, bool run) {
+  constexpr int threads = threads_per_block<S>();
+  const auto kernel = decode_split<S, SCALE_GROUP, D, HPB>;
+  const int sms = lab::device_limits().sm_count;
+  // Static shared memory only, under the 48 KB every GPU gives a block without opting in.
+  const int resident = lab::configure_kernel(reinterpret_cast<const void*>(kernel), threads, 0, kSupport.chapter);
+  // 05's rule over the blocks' (batch, head pair) items: aim for 512 threads per SM (4 fp16
   // blocks, 2 of 1-byte codes), chunks of at least 4 steps (at d = 128, 128 keys of one fp16
   // head, 256 keys of two 1-byte heads) ...
-  return by_hpb<Cfg>(p, [&](auto hpb) {
-    constexpr int HPB = decltype(hpb)::value;
-    const int64_t items = int64_t(p.batch) * p.heads_q / HPB;
-    int splits = ch04::choose_num_splits(p.num_splits, items, p.seqlen_kv,
-                                         4 * Groups<Cfg::S, Cfg::D, HPB>::KEYS_PER_STEP,
-                                         512 / threads_per_block<Cfg::S>() * sms);
-    // ... but no more blocks than fit on the GPU at once, when one wave can hold them all: the blocks
-    // of a second, partial wave would stream their chunks with few loads in flight beside them.
-    if (p.num_splits == 0) {
-      const int64_t resident = int64_t(blocks_per_sm<Cfg, HPB>()) * sms;
-      if (items * splits > resident && items <= resident) splits = int(std::max<int64_t>(1, resident / items));
-    }
-    return splits;
-  });
-}
-
-template <class Cfg>
-void launch(const lab::AttnParams& p, cudaStream_t stream) {
-  const int splits = splits_for<Cfg>(p);
+  const int64_t items = int64_t(p.batch) * p.heads_q / HPB;
+  int splits = ch04::choose_num_splits(p.num_splits, items, p.seqlen_kv,
+                                       4 * ThreadGroups<S, D, HPB>::KEYS_PER_STEP, 512 / threads * sms);
+  // ... but no more blocks than fit on the GPU at once, when one wave can hold them all: the blocks
+  // of a second, partial wave would stream their chunks with few loads in flight beside them.
+  if (p.num_splits == 0) {
+    const int64_t wave = int64_t(resident) * sms;
+    if (items * splits > wave && items <= wave) splits = int(std::max<int64_t>(1, wave / items));
+  }
+  if (!run) return splits;
   const ch04::Partials part = ch04::partials_in_workspace(p, splits, kSupport.chapter);
-  by_hpb<Cfg>(p, [&](auto hpb) {
-    constexpr int HPB = decltype(hpb)::value;
-    constexpr int threads = threads_per_block<Cfg::S>();
-    decode_split<Cfg::S, Cfg::G, Cfg::D, HPB>
-        <<<dim3(splits, p.heads_q / HPB, p.batch), threads, 0, stream>>>(p, splits, part.o, part.lse);
-  });
+  kernel<<<dim3(splits, p.heads_q / HPB, p.batch), threads, 0, stream>>>(p, splits, part.o, part.lse);
   LAB_LAUNCH_CHECK();
   if (splits > 1) ch04::combine_splits(p, splits, part.o, part.lse, stream);
+  return splits;
+}
+
+// Heads per block: heads_per_block<S, D>() when the KV heads split evenly into such runs, else 1.
+template <KvScheme S, int SCALE_GROUP>
+int launch_by_head_dim(const lab::AttnParams& p, cudaStream_t stream, bool run) {
+  constexpr int H64 = heads_per_block<S, 64>(), H128 = heads_per_block<S, 128>(), H256 = heads_per_block<S, 256>();
+  switch (p.head_dim) {
+    case 64:
+      return p.heads_kv % H64 == 0 ? launch<S, SCALE_GROUP, 64, H64>(p, stream, run)
+                                   : launch<S, SCALE_GROUP, 64, 1>(p, stream, run);
+    case 128:
+      return p.heads_kv % H128 == 0 ? launch<S, SCALE_GROUP, 128, H128>(p, stream, run)
+                                    : launch<S, SCALE_GROUP, 128, 1>(p, stream, run);
+    default:
+      return p.heads_kv % H256 == 0 ? launch<S, SCALE_GROUP, 256, H256>(p, stream, run)
+                                    : launch<S, SCALE_GROUP, 256, 1>(p, stream, run);
+  }
+}
+
+// The scheme dispatcher: p's scheme (and scale group size) picks the instantiation; run = false
+// only returns the split count.
+int dispatch(const lab::AttnParams& p, cudaStream_t stream, bool run) {
+  check_launch(p);
+  switch (p.kv_quant.scheme) {
+    case KvScheme::int8_tensor: return launch_by_head_dim<KvScheme::int8_tensor, 0>(p, stream, run);
+    case KvScheme::int8_token: return launch_by_head_dim<KvScheme::int8_token, 0>(p, stream, run);
+    case KvScheme::int8_head: return launch_by_head_dim<KvScheme::int8_head, 0>(p, stream, run);
+    case KvScheme::int8_group:
+      if (p.kv_quant.group_size == 32) return launch_by_head_dim<KvScheme::int8_group, 32>(p, stream, run);
+      return launch_by_head_dim<KvScheme::int8_group, 64>(p, stream, run);
+    case KvScheme::fp8_e4m3: return launch_by_head_dim<KvScheme::fp8_e4m3, 0>(p, stream, run);
+    case KvScheme::fp8_e5m2: return launch_by_head_dim<KvScheme::fp8_e5m2, 0>(p, stream, run);
+    case KvScheme::fp8_e4m3_head: return launch_by_head_dim<KvScheme::fp8_e4m3_head, 0>(p, stream, run);
+    default: return launch_by_head_dim<KvScheme::none, 0>(p, stream, run);
+  }
 }
 
 }  // namespace
 
-int num_splits_for(const lab::AttnParams& p) {
-  ch04::check_split_kv_launch(p, kSupport);
-  return by_config(p, [&](auto cfg) { return splits_for<decltype(cfg)>(p); });
-}
+int num_splits_for(const lab::AttnParams& p) { return dispatch(p, 0, false); }
 
 size_t workspace_bytes(const lab::AttnParams& p) { return ch04::partials_bytes(p, num_splits_for(p)); }
 
-void forward(const lab::AttnParams& p, cudaStream_t stream) {
-  ch04::check_split_kv_launch(p, kSupport);
-  by_config(p, [&](auto cfg) { launch<decltype(cfg)>(p, stream); });
-}
+void forward(const lab::AttnParams& p, cudaStream_t stream) { dispatch(p, stream, true); }
 
 }  // namespace ch07
