@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
     bool finite = true;
 #pragma unroll
     for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(q[e])), finite = finite && isfinite(q[e]);
-    q_step = finite ? amax / 8388607.f : NAN;  // non-finite q: NaN scores (README, Limits)
+    q_step = finite ? amax / 8388607.f : NAN;  // non-finite q: NaN scores, a NaN row (common/attn.h)
 #pragma unroll
     for (int w = 0; w < E / 4; ++w) {
       q_hi[w] = q_mid[w] = q_lo[w] = 0;
@@ -311,7 +311,16 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
     float m_new = m;
 #pragma unroll
     for (int u = 0; u < U; ++u) m_new = fmaxf(m_new, s[u]);
-    if (m_new == -INFINITY) continue;  // no key of this group in this step (the last one)
+    if (m_new == -INFINITY) {
+      // No key of this thread group in this step (the last one): skip it. fmaxf drops NaN, so
+      // scores that are all NaN land here too: they make the row NaN (common/attn.h), through
+      // p = 2^(NaN - m) below, with m finite from here on.
+      bool nan = false;
+#pragma unroll
+      for (int u = 0; u < U; ++u) nan = nan || isnan(s[u]);
+      if (!nan) continue;
+      m_new = 0.f;
+    }
     const float alpha = exp2_approx(m - m_new);
     m = m_new;
     l *= alpha;
@@ -358,7 +367,8 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
 #pragma unroll
     for (int gi = 0; gi < GROUPS; ++gi) sum += part_o[gi][e];
     const float l_sum = row_ml[hf][1];
-    const float inv_l = bad_table ? NAN : (l_sum > 0.f ? v_fixed_of(kv0 + hf) / l_sum : 0.f);
+    // l = 0: no visible key (O = 0, lse = -inf); l = NaN: a NaN score (O and lse NaN).
+    const float inv_l = bad_table ? NAN : (l_sum != 0.f ? v_fixed_of(kv0 + hf) / l_sum : 0.f);
     __half* O = static_cast<__half*>(p.o) + b * p.o_batch_stride + h_out * p.o_head_stride;
     if (splits == 1)
       O[e % D] = __float2half_rn(sum * inv_l);
@@ -370,7 +380,7 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
     const int hf = threadIdx.x, h_out = (kv0 + hf) * gqa_ratio + r;
     const float l_sum = row_ml[hf][1];
     const float lse =
-        bad_table ? NAN : (l_sum > 0.f ? (row_ml[hf][0] + log2f(l_sum)) * float(M_LN2) : -INFINITY);
+        bad_table ? NAN : (l_sum != 0.f ? (row_ml[hf][0] + log2f(l_sum)) * float(M_LN2) : -INFINITY);
     if (splits > 1)
       lse_partial[(int64_t(split) * p.batch + b) * p.heads_q + h_out] = lse;
     else if (p.lse)

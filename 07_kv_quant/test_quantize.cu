@@ -343,6 +343,24 @@ TEST_CASE("07: accounting counts 1-byte codes plus their fp16 scales", "[cpu]") 
         ((1 * 4 + 2) * 40 + 3) * 4 + 2);
 }
 
+TEST_CASE("07: the quantizer refuses more token rows than its grid holds, by name, before any GPU work", "[cpu]") {
+  // One block per token row on the grid's x dimension: 65536 sequences of 65536 rows is 2^32 rows.
+  lab::AttnParams p;
+  p.batch = 65536, p.heads_q = p.heads_kv = 1, p.seqlen_q = 1, p.seqlen_kv = 65536, p.head_dim = 64;
+  lab::set_contiguous_strides(p);
+  alignas(16) static char buf[64];  // never dereferenced: the refusal comes first
+  p.k = p.v = buf;
+  ch07::KvCache c = ch07::cache_layout(p, KvScheme::int8_head, 0);
+  c.k = c.v = reinterpret_cast<uint8_t*>(buf);
+  c.k_scale = c.v_scale = reinterpret_cast<uint16_t*>(buf);
+  try {
+    ch07::quantize_bulk(p, c, 0);
+    FAIL("2^32 token rows were accepted");
+  } catch (const lab::InvalidArgument& e) {
+    CHECK(std::string(e.what()).find("batch * seqlen_kv = 4294967296") != std::string::npos);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // GPU
 
