@@ -1,4 +1,4 @@
-// 07_kv_quant_table: the chapter's table. For every scheme (07_kv_quant's step 2, kernel.cu):
+// 07_kv_quant_table (bench/): chapter 07's table. For every scheme (07_kv_quant's step 2, kernel.cu):
 //   accuracy: the decoded output against the fp64 reference on the original fp16 K/V (the
 //             quantization error, as a model would see it), for normal K/V and for K/V with
 //             outlier channels; and against the reference on the dequantized K/V (the kernel's
