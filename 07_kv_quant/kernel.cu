@@ -1,51 +1,40 @@
-// 07_kv_quant: decoding (seqlen_q = 1) from an int8 or FP8 KV cache, dequantized in registers.
-//
-// Decoding reads every byte of K and V once per step and does about one FLOP per byte: halve the
-// bytes and, if nothing else becomes the limit, the step takes half the time. This is 05's kernel
-// reading 1-byte codes instead of fp16 values; what changes:
-//   - a 16-byte load now holds 16 elements, so a thread owns 16 of a key's d elements and a head's
-//     share of a key is d/16 threads (8 at d = 128, one shuffle step fewer). U = 4 keys per group
-//     in flight as in 05: each thread keeps the same 2 x 4 x 16 bytes of K/V in flight;
-//   - a key's row of one head is now 128 bytes (d = 128), and such short rows stream slower than
-//     256-byte ones, so a block takes two KV heads that sit side by side: a group of 16 lanes reads
-//     one key's 256 bytes, 8 lanes per head, and keeps one (m, l, O) per head (heads_per_block);
-//   - a block is then twice as fast per key as 05's, so it has 256 threads instead of 128: half as
-//     many blocks and splits, each paying its start and its merge once for twice the keys;
+// 07_kv_quant, step 2: the fast kernel. Step 1 (kernel_dequant.cu) is 05's kernel reading 1-byte
+// codes; on a GPU whose bandwidth outruns its instruction rate (the H200) it is bound by what it
+// does per byte, not by the bytes. This step changes how the work is laid out, not what is computed:
+//   - two KV heads per block (heads_per_block): a key's row of one head is D bytes, 128 at
+//     d = 128, and the next KV head's row of the same key follows it in the cache; a thread group
+//     of 16 lanes reads both, 256 contiguous bytes, 8 lanes per head, each lane keeping the
+//     (m, l, O) of its own head. The block's query heads are those at the same place in each KV
+//     head's GQA group;
+//   - 256 threads per block for 1-byte codes (threads_per_block): a 1-byte block streams its keys
+//     twice as fast, so what it pays once (first loads, merge, its share of 04's combine) weighs
+//     twice as much; twice the threads halve the blocks and the splits;
 //   - int8 K codes are never converted: q becomes 24-bit fixed point (a step of 2^-23 of its
 //     largest element, about fp32's) and q . k runs on the integer pipe, three dp4a (4-way byte
-//     dot products) per 4 codes, where converting the codes and 16 FMAs took 52 instructions;
-//   - the other codes become fp32 in registers right after the load: int8 V by a byte permute into
-//     a float's mantissa and one subtraction (no int-to-float conversion instruction, which runs at
-//     an eighth of the FMA rate), E4M3 by the hardware's 2-at-a-time conversion to half2, E5M2 by
-//     a byte permute (an E5M2 number is the top byte of an fp16 one);
-//   - scales: a per-tensor or per-KV-head scale is folded into q (for K) and into the final O
-//     (for V), costing nothing per key; per-token, per-head and per-group scales are loaded per
-//     key beside the codes and applied once per key and thread: to the thread's part of q . k_j
-//     before the shuffle reduction, and to p_j before O += p_j v_j;
-//   - addresses: a key is half the bytes, so per byte its address arithmetic weighs twice as much;
-//     contiguous caches step pointers (adds only), paged ones find the page with a shift and mask.
-// Cost: FP8 and int8 V take about one instruction per element more than fp16 (the conversion),
-// with twice the elements per byte. Measured on H200 (4.25 TB/s, 132 SMs at the H100's clock) that
-// was the limit: with K converted like V, int8 ran at 80-87% of the copy bandwidth at batch 8 while
-// fp16 ran at 102%; dp4a for K took 4-8% off every int8 scheme's time there (the README's table).
-// Per-key scales are fp16, 2 bytes each,
-// per token and head at d = 128: int8_head 2 bytes (1.6% more than the codes alone: 130 B, so at
-// best 1.97x faster than fp16's 256 B), int8_group64 4 (132 B, 1.94x), int8_group32 8 (6.25%:
-// 136 B, 1.88x). The fp16 variant is the same kernel with 8 elements per thread: the baseline of
-// the speedups.
+//     dot products) per 4 codes, in place of 16 conversions and 16 FMAs;
+//   - a per-tensor or per-KV-head scale is folded into q (K) and into the final O (V), nothing per
+//     key; per-key scales keep their fp16 bits in registers until they are used;
+//   - addresses: a 1-byte key is half the bytes, so its address arithmetic weighs twice as much per
+//     byte: contiguous caches step pointers (adds only), paged ones find the page with a shift and
+//     a mask.
+// Cost: the diff against step 1 is all five at once, not one idea. FP8 and int8 V still take about
+// one conversion instruction per element. Per-key fp16 scales add bytes (at d = 128: int8_head 2
+// per token and head over 128 of codes, int8_group64 4, int8_group32 8), so the best speedup over
+// fp16 is below 2x for them. What each change was measured to buy: docs/NOTES-07.md. The fp16
+// variant is this kernel with 8 elements per thread and 128 threads: the baseline of the speedups.
 //
 // clang-format off
-//   grid: (num_splits, heads_q / 2, batch)   block: 256 threads = 16 groups of 2 x 8 (1-byte codes, d = 128)
+//   grid: (num_splits, heads_q / 2, batch)   block: 256 threads = 16 thread groups of 2 x 8 (1-byte codes, d = 128)
 //
-//   keys of one split, U = 4 per group per step:   step 0: keys 0..63    step 1: keys 64..127 ...
+//   keys of one split, U = 4 per thread group per step:   step 0: keys 0..63    step 1: keys 64..127 ...
 //                     group:  0  1 ... 15  0  1 ... 15 ...       (key = step base + 16 u + group)
-//   one key, one group:  lane c of 8 per head loads codes k[16c .. 16c+15], v[16c .. 16c+15] of its
-//                        head (16 bytes each; the group's 16 lanes read 256 contiguous bytes)
-//                        (and, per-key scales, the scale of its token/head/group: 2 bytes each)
+//   one key, one thread group:  lane c of 8 per head loads codes k[16c .. 16c+15], v[16c .. 16c+15]
+//                        of its head (16 bytes each; the group's 16 lanes read 256 contiguous bytes)
+//                        (and, per-key scales, the scale of its token/head/scale group: 2 bytes each)
 //                        s = sum_c q[16c..] . k[16c..] (x scale): int8 12 dp4a, other codes 16 floats
 //                        and 16 FMAs; then 3 shuffles
-//                        m, l, O[16c .. 16c+15] of the group and head: online softmax, O += (p scale_v) v
-//   end: per head, 16 groups' (m, l, O) -> one (m, l, O) in shared memory -> O (x static V scale) or a partial
+//                        m, l, O[16c .. 16c+15] of the thread group and head: online softmax, O += (p scale_v) v
+//   end: per head, 16 thread groups' (m, l, O) -> one (m, l, O) in shared memory -> O (x static V scale) or a partial
 // clang-format on
 #include <cmath>
 
@@ -58,7 +47,7 @@ namespace ch07 {
 
 namespace {
 
-// Keys per group in flight: 4 x (16 + 16) bytes per thread as in 05 (16 KB per 128 threads).
+// Keys per thread group in flight: 4 x (16 + 16) bytes per thread as in 05.
 constexpr int kU = 4;
 
 // How a scheme's scales are applied (what it stores per element: dequant.cuh).
@@ -77,22 +66,18 @@ constexpr ScaleAt scale_at() {
 // Threads per block: 128 for fp16 (05's block), 256 for 1-byte codes. A 1-byte block streams half
 // the bytes per key of an fp16 block, so at the same split count it is over twice as fast: what a
 // block pays once (its first loads, its merge, its partial's share of 04's combine) weighs twice as
-// much. Twice the threads keep the bytes in flight per SM and halve the blocks and the splits.
-// Measured on H100 (b8 kv4k, ms): int8_group64 0.1007 -> 0.0994, int8_group32 0.1035 -> 0.1025,
-// int8_tensor 0.0966 -> 0.0963; b1 kv32k 2-3% faster; b32 kv4k within 0.4%. 512 threads: faster
-// still for the schemes without per-key scales at b8 (2%) but 1-2.5% slower at b32, and slower for
-// int8_group32.
+// much. Twice the threads keep the bytes in flight per SM and halve the blocks and the splits
+// (512 was measured too: docs/NOTES-07.md).
 template <KvScheme S>
 constexpr int threads_per_block() {
   return code_of<S>() == Code::fp16 ? 128 : 256;
 }
 
 // Heads per block. A key's row of one head is D x 1 byte: 128 bytes at d = 128, one L2 line, and
-// the same key's row of the next KV head sits right after it. Measured on H100 (b8, 4k keys, the
-// fp16 and int8_tensor variants): 128-byte rows stream at 2750-2830 GB/s, 256-byte rows at
-// 2950-3000. So a block takes the KV heads side by side until a key's rows make 256 bytes: 2 heads
-// at d = 128 and 4 at d = 64 for 1-byte codes; fp16 at d >= 128 stays at 1 (512 bytes was slower
-// at batch 8). Its query heads are those of each KV head at the same place in their GQA group.
+// the same key's row of the next KV head sits right after it. Short rows stream slower than 256-byte
+// ones (docs/NOTES-07.md), so a block takes the KV heads side by side until a key's rows make 256
+// bytes: 2 heads at d = 128 and 4 at d = 64 for 1-byte codes; fp16 at d >= 128 stays at 1. Its
+// query heads are those of each KV head at the same place in their GQA group.
 constexpr int kSegmentBytes = 256;
 template <KvScheme S, int D>
 constexpr int heads_per_block() {
@@ -108,7 +93,7 @@ struct ThreadGroups {
   static constexpr int LANES = HPB * TPK;                           // threads per key (its HPB heads)
   static_assert(LANES <= 32, "a key's heads must fit in a warp");
   static constexpr int THREADS = threads_per_block<S>();
-  static constexpr int COUNT = THREADS / LANES;  // groups per block
+  static constexpr int COUNT = THREADS / LANES;  // thread groups per block
   static constexpr int KEYS_PER_STEP = COUNT * kU;
 };
 
@@ -135,11 +120,9 @@ __device__ __forceinline__ float exp2_approx(float x) {
 }
 
 // Blocks per SM the compiler must allow (__launch_bounds__' second argument), so that registers
-// do not decide occupancy by accident. fp16: 7 (72 registers; 8, at 64 as 05, spills the stepped
+// do not decide occupancy by accident. fp16: 7 (8, at 64 registers as 05, spills the stepped
 // pointers). 1-byte codes hold 16 elements of q and of O per thread: 2 blocks of 256 threads (up
-// to 128 registers, 64 KB of K/V in flight per SM), no spill. (Measured on H100 with 128-thread
-// blocks: 5 per SM at 96 registers; U = 8 at 3 blocks per SM within 2% of that; U = 6 at 4 blocks
-// per SM 3-6% slower at batch 8.)
+// to 128 registers, 64 KB of K/V in flight per SM), no spill. Other choices: docs/NOTES-07.md.
 template <KvScheme S>
 constexpr int min_blocks_per_sm() {
   return code_of<S>() == Code::fp16 ? 7 : 2;
@@ -158,7 +141,7 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
   // This block: query heads (kv0 + i) gqa_ratio + r for i < HPB, reading KV heads kv0 .. kv0 + HPB - 1.
   const int gqa_ratio = p.heads_q / p.heads_kv, kv0 = blockIdx.y / gqa_ratio * HPB, r = blockIdx.y % gqa_ratio;
   const int split = blockIdx.x, b = blockIdx.z;
-  const int group = threadIdx.x / Gr::LANES, hb = threadIdx.x % Gr::LANES / TPK;
+  const int group = threadIdx.x / Gr::LANES, hb = threadIdx.x % Gr::LANES / TPK;  // thread group, head
   const int c = threadIdx.x % TPK;  // this thread: elements E c .. E c + E-1 of the block's head hb
   const int h_kv = kv0 + hb, h = h_kv * gqa_ratio + r;
   int sk = p.cache_seqlens ? p.cache_seqlens[b] : p.seqlen_kv;
@@ -270,10 +253,9 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
         kraw[u] = load_stream(k_at);
         vraw[u] = load_stream(v_at);
         if constexpr (SA == ScaleAt::per_key) {
-          // The group's lanes read the same 2 bytes (one request), neighbouring keys neighbouring
-          // scales: these go through L1, unlike the codes. Converting them to float here, inside
-          // the branch, would wait for each load before the next key's loads issue (measured on
-          // H100: int8_head 10% slower at batch 8).
+          // The thread group's lanes read the same 2 bytes (one request), neighbouring keys
+          // neighbouring scales: these go through L1, unlike the codes. Converting them to float
+          // here, inside the branch, would wait for each load before the next key's loads issue.
           k_sbits[u] = __ldg(ks_at);
           v_sbits[u] = __ldg(vs_at);
         }
@@ -341,7 +323,7 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");  // 04's combine may start launching
 #endif
-  // Merge the groups (04's warp merge): m = max_g m_g, l = sum_g l_g 2^(m_g - m), O likewise.
+  // Merge the thread groups (04's warp merge): m = max_g m_g, l = sum_g l_g 2^(m_g - m), O likewise.
   if (c == 0) red_m[group * HPB + hb] = m, red_l[group * HPB + hb] = l;
   __syncthreads();
   if (threadIdx.x < HPB) {
