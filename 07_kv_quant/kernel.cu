@@ -378,6 +378,9 @@ int launch(const lab::AttnParams& p, cudaStream_t stream, bool run) {
   const auto kernel = decode_split<S, SCALE_GROUP, D, HPB>;
   const int sms = lab::device_limits().sm_count;
   // Static shared memory only, under the 48 KB every GPU gives a block without opting in.
+  using Gr = ThreadGroups<S, D, HPB>;
+  static_assert((Gr::COUNT * HPB * (2 + D) + 2 * HPB) * sizeof(float) <= 48 * 1024,
+                "decode_split's static shared memory must fit every GPU's 48 KB");
   const int resident = lab::configure_kernel(reinterpret_cast<const void*>(kernel), threads, 0, kSupport.chapter);
   // 05's rule over the blocks' (batch, head pair) items: aim for 512 threads per SM (4 fp16
   // blocks, 2 of 1-byte codes), chunks of at least 4 steps (at d = 128, 128 keys of one fp16

@@ -23,8 +23,8 @@ namespace ch07 {
 
 // head_dim 64, 128, 256; fp16 (Q, O, and the KV cache before quantization); seqlen_q = 1 (causal
 // accepted: it masks nothing there); GQA/MQA (each query head reads its KV head, as in 05); lse;
-// cache_seqlens; paged KV; num_splits; kv_quant: none and every scheme of lab::KvScheme (group
-// sizes 32 and 64).
+// cache_seqlens; paged KV; num_splits; kv_quant: none and every scheme of lab::KvScheme (scale
+// group sizes 32 and 64).
 // Both steps support the same.
 extern const lab::Support kSupport;
 
