@@ -139,7 +139,8 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
   __shared__ __align__(16) float part_o[GROUPS][HPB * D];
 
   // This block: query heads (kv0 + i) gqa_ratio + r for i < HPB, reading KV heads kv0 .. kv0 + HPB - 1.
-  const int gqa_ratio = p.heads_q / p.heads_kv, kv0 = blockIdx.y / gqa_ratio * HPB, r = blockIdx.y % gqa_ratio;
+  const int gqa_ratio = p.heads_q / p.heads_kv, kv0 = blockIdx.y / gqa_ratio * HPB,
+            r = blockIdx.y % gqa_ratio;
   const int split = blockIdx.x, b = blockIdx.z;
   const int group = threadIdx.x / Gr::LANES, hb = threadIdx.x % Gr::LANES / TPK;  // thread group, head
   const int c = threadIdx.x % TPK;  // this thread: elements E c .. E c + E-1 of the block's head hb
@@ -381,7 +382,8 @@ int launch(const lab::AttnParams& p, cudaStream_t stream, bool run) {
   using Gr = ThreadGroups<S, D, HPB>;
   static_assert((Gr::COUNT * HPB * (2 + D) + 2 * HPB) * sizeof(float) <= 48 * 1024,
                 "decode_split's static shared memory must fit every GPU's 48 KB");
-  const int resident = lab::configure_kernel(reinterpret_cast<const void*>(kernel), threads, 0, kSupport.chapter);
+  const int resident =
+      lab::configure_kernel(reinterpret_cast<const void*>(kernel), threads, 0, kSupport.chapter);
   // 05's rule over the blocks' (batch, head pair) items: aim for 512 threads per SM (4 fp16
   // blocks, 2 of 1-byte codes), chunks of at least 4 steps (at d = 128, 128 keys of one fp16
   // head, 256 keys of two 1-byte heads) ...
@@ -405,7 +407,8 @@ int launch(const lab::AttnParams& p, cudaStream_t stream, bool run) {
 // Heads per block: heads_per_block<S, D>() when the KV heads split evenly into such runs, else 1.
 template <KvScheme S, int SCALE_GROUP>
 int launch_by_head_dim(const lab::AttnParams& p, cudaStream_t stream, bool run) {
-  constexpr int H64 = heads_per_block<S, 64>(), H128 = heads_per_block<S, 128>(), H256 = heads_per_block<S, 256>();
+  constexpr int H64 = heads_per_block<S, 64>(), H128 = heads_per_block<S, 128>(),
+                H256 = heads_per_block<S, 256>();
   switch (p.head_dim) {
     case 64:
       return p.heads_kv % H64 == 0 ? launch<S, SCALE_GROUP, 64, H64>(p, stream, run)
@@ -424,16 +427,23 @@ int launch_by_head_dim(const lab::AttnParams& p, cudaStream_t stream, bool run) 
 int dispatch(const lab::AttnParams& p, cudaStream_t stream, bool run) {
   check_launch(p);
   switch (p.kv_quant.scheme) {
-    case KvScheme::int8_tensor: return launch_by_head_dim<KvScheme::int8_tensor, 0>(p, stream, run);
-    case KvScheme::int8_token: return launch_by_head_dim<KvScheme::int8_token, 0>(p, stream, run);
-    case KvScheme::int8_head: return launch_by_head_dim<KvScheme::int8_head, 0>(p, stream, run);
+    case KvScheme::int8_tensor:
+      return launch_by_head_dim<KvScheme::int8_tensor, 0>(p, stream, run);
+    case KvScheme::int8_token:
+      return launch_by_head_dim<KvScheme::int8_token, 0>(p, stream, run);
+    case KvScheme::int8_head:
+      return launch_by_head_dim<KvScheme::int8_head, 0>(p, stream, run);
     case KvScheme::int8_group:
       if (p.kv_quant.group_size == 32) return launch_by_head_dim<KvScheme::int8_group, 32>(p, stream, run);
       return launch_by_head_dim<KvScheme::int8_group, 64>(p, stream, run);
-    case KvScheme::fp8_e4m3: return launch_by_head_dim<KvScheme::fp8_e4m3, 0>(p, stream, run);
-    case KvScheme::fp8_e5m2: return launch_by_head_dim<KvScheme::fp8_e5m2, 0>(p, stream, run);
-    case KvScheme::fp8_e4m3_head: return launch_by_head_dim<KvScheme::fp8_e4m3_head, 0>(p, stream, run);
-    default: return launch_by_head_dim<KvScheme::none, 0>(p, stream, run);
+    case KvScheme::fp8_e4m3:
+      return launch_by_head_dim<KvScheme::fp8_e4m3, 0>(p, stream, run);
+    case KvScheme::fp8_e5m2:
+      return launch_by_head_dim<KvScheme::fp8_e5m2, 0>(p, stream, run);
+    case KvScheme::fp8_e4m3_head:
+      return launch_by_head_dim<KvScheme::fp8_e4m3_head, 0>(p, stream, run);
+    default:
+      return launch_by_head_dim<KvScheme::none, 0>(p, stream, run);
   }
 }
 

@@ -77,8 +77,8 @@ inline lab::Chapter chapter() {
       continue;
     }
     const lab::KvPrepare* prepare = kv_prepare(s.scheme, s.group_size);
-    c.variants.push_back({std::string("dequant_") + s.name, forward_dequant, &kSupport, workspace_bytes_dequant,
-                          num_splits_for_dequant, prepare});
+    c.variants.push_back({std::string("dequant_") + s.name, forward_dequant, &kSupport,
+                          workspace_bytes_dequant, num_splits_for_dequant, prepare});
     c.variants.push_back({s.name, forward, &kSupport, workspace_bytes, num_splits_for, prepare});
   }
   return c;

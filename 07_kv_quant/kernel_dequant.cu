@@ -57,8 +57,9 @@ void check_launch(const lab::AttnParams& p) {
   ch04::check_split_kv_launch(p, kSupport);
   // Keys are counted in int: a split's range, rounded up to whole steps, stays below INT_MAX.
   if (p.seqlen_kv > kMaxSeqlenKv)
-    throw lab::InvalidArgument(std::string(kSupport.chapter) + ": seqlen_kv = " + std::to_string(p.seqlen_kv) +
-                               " is above the " + std::to_string(kMaxSeqlenKv) + " keys the kernels count in int");
+    throw lab::InvalidArgument(std::string(kSupport.chapter) +
+                               ": seqlen_kv = " + std::to_string(p.seqlen_kv) + " is above the " +
+                               std::to_string(kMaxSeqlenKv) + " keys the kernels count in int");
 }
 
 namespace {
@@ -113,7 +114,8 @@ __global__ void __launch_bounds__(kThreads) decode_split(const lab::AttnParams p
   {
     const __half* Q = static_cast<const __half*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
 #pragma unroll
-    for (int i = 0; i < E / 8; ++i) decode<Code::fp16>(*reinterpret_cast<const uint4*>(Q + E * c + 8 * i), q + 8 * i);
+    for (int i = 0; i < E / 8; ++i)
+      decode<Code::fp16>(*reinterpret_cast<const uint4*>(Q + E * c + 8 * i), q + 8 * i);
     const float scale_log2 = p.softmax_scale * float(M_LOG2E);
 #pragma unroll
     for (int e = 0; e < E; ++e) q[e] *= scale_log2;
@@ -252,7 +254,8 @@ int launch(const lab::AttnParams& p, cudaStream_t stream, bool run) {
   const int splits = splits_for<S, SCALE_GROUP, D, U>(p);
   if (!run) return splits;
   const ch04::Partials part = ch04::partials_in_workspace(p, splits, kSupport.chapter);
-  decode_split<S, SCALE_GROUP, D, U><<<dim3(splits, p.heads_q, p.batch), kThreads, 0, stream>>>(p, splits, part.o, part.lse);
+  decode_split<S, SCALE_GROUP, D, U>
+      <<<dim3(splits, p.heads_q, p.batch), kThreads, 0, stream>>>(p, splits, part.o, part.lse);
   LAB_LAUNCH_CHECK();
   if (splits > 1) ch04::combine_splits(p, splits, part.o, part.lse, stream);
   return splits;

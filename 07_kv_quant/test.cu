@@ -149,7 +149,8 @@ TEST_CASE("07 decodes as the reference on the K/V it reads: awkward decode shape
 }
 
 TEST_CASE("07: any split count gives the one-pass result", "[gpu]") {
-  for (const char* name : {"int8_head", "int8_group64", "fp8_e4m3_head", "dequant_int8_head", "dequant_fp8_e4m3"})
+  for (const char* name :
+       {"int8_head", "int8_group64", "fp8_e4m3_head", "dequant_int8_head", "dequant_fp8_e4m3"})
     for (int page : {0, 64}) {
       lab::ProblemSpec s;
       s.batch = 3, s.heads_q = 8, s.heads_kv = 2, s.seqlen_q = 1, s.seqlen_kv = 5000, s.head_dim = 128;
@@ -233,7 +234,8 @@ void poke(const void* base, int64_t element, int bytes, uint16_t bits) {
 
 }  // namespace
 
-TEST_CASE("07: a NaN in q, in a K code or in V reaches the rows that see it, with one split and many", "[gpu]") {
+TEST_CASE("07: a NaN in q, in a K code or in V reaches the rows that see it, with one split and many",
+          "[gpu]") {
   // common/attn.h's rule. Batch 2, 4 query heads on 2 KV heads, sequence 1 sees its first 100 keys.
   // q NaN: (b0, h0). K NaN: (b1, key 50, KV head 1), seen by (b1, h2) and (b1, h3); and (b1, key
   // 200, KV head 0), past sequence 1's length: seen by nobody. V NaN: (b0, key 299, KV head 1,
@@ -274,7 +276,8 @@ TEST_CASE("07: a NaN in q, in a K code or in V reaches the rows that see it, wit
           INFO("row b" << b << " h" << h);
           CHECK(std::isnan(lse[size_t(b) * s.heads_q + h]) == row_nan);
           for (int ch = 0; ch < s.head_dim; ++ch) {
-            const float x = lab::half_bits_to_float(o[(size_t(b) * s.heads_q + h) * s.head_dim + ch], lab::DType::fp16);
+            const float x =
+                lab::half_bits_to_float(o[(size_t(b) * s.heads_q + h) * s.head_dim + ch], lab::DType::fp16);
             const bool want_nan = row_nan || (channel_nan && ch == 9);
             if (want_nan != std::isnan(x) || (!want_nan && !std::isfinite(x))) {
               FAIL_CHECK("channel " << ch << " = " << x << (want_nan ? ", want NaN" : ", want finite"));

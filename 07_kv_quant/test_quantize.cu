@@ -343,7 +343,8 @@ TEST_CASE("07: accounting counts 1-byte codes plus their fp16 scales", "[cpu]") 
         ((1 * 4 + 2) * 40 + 3) * 4 + 2);
 }
 
-TEST_CASE("07: the quantizer refuses more token rows than its grid holds, by name, before any GPU work", "[cpu]") {
+TEST_CASE("07: the quantizer refuses more token rows than its grid holds, by name, before any GPU work",
+          "[cpu]") {
   // One block per token row on the grid's x dimension: 65536 sequences of 65536 rows is 2^32 rows.
   lab::AttnParams p;
   p.batch = 65536, p.heads_q = p.heads_kv = 1, p.seqlen_q = 1, p.seqlen_kv = 65536, p.head_dim = 64;
