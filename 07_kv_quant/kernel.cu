@@ -1,103 +1,57 @@
-// 07_kv_quant: decoding (seqlen_q = 1) from an int8 or FP8 KV cache, dequantized in registers.
-//
-// Decoding reads every byte of K and V once per step and does about one FLOP per byte: halve the
-// bytes and, if nothing else becomes the limit, the step takes half the time. This is 05's kernel
-// reading 1-byte codes instead of fp16 values; what changes:
-//   - a 16-byte load now holds 16 elements, so a thread owns 16 of a key's d elements and a head's
-//     share of a key is d/16 threads (8 at d = 128, one shuffle step fewer). U = 4 keys per group
-//     in flight as in 05: each thread keeps the same 2 x 4 x 16 bytes of K/V in flight;
-//   - a key's row of one head is now 128 bytes (d = 128), and such short rows stream slower than
-//     256-byte ones, so a block takes two KV heads that sit side by side: a group of 16 lanes reads
-//     one key's 256 bytes, 8 lanes per head, and keeps one (m, l, O) per head (heads_per_block);
-//   - a block is then twice as fast per key as 05's, so it has 256 threads instead of 128: half as
-//     many blocks and splits, each paying its start and its merge once for twice the keys;
+// 07_kv_quant, step 2: the fast kernel. Step 1 (kernel_dequant.cu) is 05's kernel reading 1-byte
+// codes; on a GPU whose bandwidth outruns its instruction rate (the H200) it is bound by what it
+// does per byte, not by the bytes. This step changes how the work is laid out, not what is computed:
+//   - two KV heads per block (heads_per_block): a key's row of one head is D bytes, 128 at
+//     d = 128, and the next KV head's row of the same key follows it in the cache; a thread group
+//     of 16 lanes reads both, 256 contiguous bytes, 8 lanes per head, each lane keeping the
+//     (m, l, O) of its own head. The block's query heads are those at the same place in each KV
+//     head's GQA group;
+//   - 256 threads per block for 1-byte codes (threads_per_block): a 1-byte block streams its keys
+//     twice as fast, so what it pays once (first loads, merge, its share of 04's combine) weighs
+//     twice as much; twice the threads halve the blocks and the splits;
 //   - int8 K codes are never converted: q becomes 24-bit fixed point (a step of 2^-23 of its
 //     largest element, about fp32's) and q . k runs on the integer pipe, three dp4a (4-way byte
-//     dot products) per 4 codes, where converting the codes and 16 FMAs took 52 instructions;
-//   - the other codes become fp32 in registers right after the load: int8 V by a byte permute into
-//     a float's mantissa and one subtraction (no int-to-float conversion instruction, which runs at
-//     an eighth of the FMA rate), E4M3 by the hardware's 2-at-a-time conversion to half2, E5M2 by
-//     a byte permute (an E5M2 number is the top byte of an fp16 one);
-//   - scales: a per-tensor or per-KV-head scale is folded into q (for K) and into the final O
-//     (for V), costing nothing per key; per-token, per-head and per-group scales are loaded per
-//     key beside the codes and applied once per key and thread: to the thread's part of q . k_j
-//     before the shuffle reduction, and to p_j before O += p_j v_j;
-//   - addresses: a key is half the bytes, so per byte its address arithmetic weighs twice as much;
-//     contiguous caches step pointers (adds only), paged ones find the page with a shift and mask.
-// Cost: FP8 and int8 V take about one instruction per element more than fp16 (the conversion),
-// with twice the elements per byte. Measured on H200 (4.25 TB/s, 132 SMs at the H100's clock) that
-// was the limit: with K converted like V, int8 ran at 80-87% of the copy bandwidth at batch 8 while
-// fp16 ran at 102%; dp4a for K took 4-8% off every int8 scheme's time there (the README's table).
-// Per-key scales are fp16, 2 bytes each,
-// per token and head at d = 128: int8_head 2 bytes (1.6% more than the codes alone: 130 B, so at
-// best 1.97x faster than fp16's 256 B), int8_group64 4 (132 B, 1.94x), int8_group32 8 (6.25%:
-// 136 B, 1.88x). The fp16 variant is the same kernel with 8 elements per thread: the baseline of
-// the speedups.
+//     dot products) per 4 codes, in place of 16 conversions and 16 FMAs;
+//   - a per-tensor or per-KV-head scale is folded into q (K) and into the final O (V), nothing per
+//     key; per-key scales keep their fp16 bits in registers until they are used;
+//   - addresses: a 1-byte key is half the bytes, so its address arithmetic weighs twice as much per
+//     byte: contiguous caches step pointers (adds only), paged ones find the page with a shift and
+//     a mask.
+// Cost: the diff against step 1 is all five at once, not one idea. FP8 and int8 V still take about
+// one conversion instruction per element. Per-key fp16 scales add bytes (at d = 128: int8_head 2
+// per token and head over 128 of codes, int8_group64 4, int8_group32 8), so the best speedup over
+// fp16 is below 2x for them. What each change was measured to buy: docs/NOTES-07.md. The fp16
+// variant is this kernel with 8 elements per thread and 128 threads: the baseline of the speedups.
 //
 // clang-format off
-//   grid: (num_splits, heads_q / 2, batch)   block: 256 threads = 16 groups of 2 x 8 (1-byte codes, d = 128)
+//   grid: (num_splits, heads_q / 2, batch)   block: 256 threads = 16 thread groups of 2 x 8 (1-byte codes, d = 128)
 //
-//   keys of one split, U = 4 per group per step:   step 0: keys 0..63    step 1: keys 64..127 ...
+//   keys of one split, U = 4 per thread group per step:   step 0: keys 0..63    step 1: keys 64..127 ...
 //                     group:  0  1 ... 15  0  1 ... 15 ...       (key = step base + 16 u + group)
-//   one key, one group:  lane c of 8 per head loads codes k[16c .. 16c+15], v[16c .. 16c+15] of its
-//                        head (16 bytes each; the group's 16 lanes read 256 contiguous bytes)
-//                        (and, per-key scales, the scale of its token/head/group: 2 bytes each)
+//   one key, one thread group:  lane c of 8 per head loads codes k[16c .. 16c+15], v[16c .. 16c+15]
+//                        of its head (16 bytes each; the group's 16 lanes read 256 contiguous bytes)
+//                        (and, per-key scales, the scale of its token/head/scale group: 2 bytes each)
 //                        s = sum_c q[16c..] . k[16c..] (x scale): int8 12 dp4a, other codes 16 floats
 //                        and 16 FMAs; then 3 shuffles
-//                        m, l, O[16c .. 16c+15] of the group and head: online softmax, O += (p scale_v) v
-//   end: per head, 16 groups' (m, l, O) -> one (m, l, O) in shared memory -> O (x static V scale) or a partial
+//                        m, l, O[16c .. 16c+15] of the thread group and head: online softmax, O += (p scale_v) v
+//   end: per head, 16 thread groups' (m, l, O) -> one (m, l, O) in shared memory -> O (x static V scale) or a partial
 // clang-format on
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
-
 #include <cmath>
-#include <mutex>
-#include <type_traits>
 
+#include "07_kv_quant/dequant.cuh"
 #include "07_kv_quant/kernel.h"
 #include "common/cuda_check.h"
+#include "common/device.h"
 
 namespace ch07 {
 
-const lab::Support kSupport = [] {
-  lab::Support s;
-  s.chapter = "07_kv_quant";
-  s.head_dims = {64, 128, 256};
-  s.causal = true;  // with one query row, bottom-right causal sees every key
-  s.gqa = true;
-  s.lse = true;
-  s.cache_seqlens = true;
-  s.paged_kv = true;
-  s.splits = true;
-  s.max_splits = ch04::kMaxSplits;
-  s.max_seqlen_q = 1;
-  s.vector_elems = 8;  // 16-byte loads: 8 fp16 elements of Q/O, 16 one-byte codes of K/V
-  s.kv_schemes = {KvScheme::int8_tensor, KvScheme::int8_token, KvScheme::int8_head,    KvScheme::int8_group,
-                  KvScheme::fp8_e4m3,    KvScheme::fp8_e5m2,   KvScheme::fp8_e4m3_head};
-  s.kv_group_sizes = {32, 64};
-  return s;
-}();
-
 namespace {
 
-// Keys per group in flight: 4 x (16 + 16) bytes per thread as in 05 (16 KB per 128 threads).
+// Keys per thread group in flight: 4 x (16 + 16) bytes per thread as in 05.
 constexpr int kU = 4;
 
-// What a scheme stores per element, and how its scales are applied.
-enum class Code { fp16, int8, e4m3, e5m2 };
+// How a scheme's scales are applied (what it stores per element: dequant.cuh).
 enum class ScaleAt { none, fixed, per_key };  // fixed: one per tensor, or per KV head
-
-template <KvScheme S>
-constexpr Code code_of() {
-  if constexpr (S == KvScheme::none)
-    return Code::fp16;
-  else if constexpr (S == KvScheme::fp8_e4m3 || S == KvScheme::fp8_e4m3_head)
-    return Code::e4m3;
-  else if constexpr (S == KvScheme::fp8_e5m2)
-    return Code::e5m2;
-  else
-    return Code::int8;
-}
 
 template <KvScheme S>
 constexpr ScaleAt scale_at() {
@@ -112,22 +66,18 @@ constexpr ScaleAt scale_at() {
 // Threads per block: 128 for fp16 (05's block), 256 for 1-byte codes. A 1-byte block streams half
 // the bytes per key of an fp16 block, so at the same split count it is over twice as fast: what a
 // block pays once (its first loads, its merge, its partial's share of 04's combine) weighs twice as
-// much. Twice the threads keep the bytes in flight per SM and halve the blocks and the splits.
-// Measured on H100 (b8 kv4k, ms): int8_group64 0.1007 -> 0.0994, int8_group32 0.1035 -> 0.1025,
-// int8_tensor 0.0966 -> 0.0963; b1 kv32k 2-3% faster; b32 kv4k within 0.4%. 512 threads: faster
-// still for the schemes without per-key scales at b8 (2%) but 1-2.5% slower at b32, and slower for
-// int8_group32.
+// much. Twice the threads keep the bytes in flight per SM and halve the blocks and the splits
+// (512 was measured too: docs/NOTES-07.md).
 template <KvScheme S>
 constexpr int threads_per_block() {
   return code_of<S>() == Code::fp16 ? 128 : 256;
 }
 
 // Heads per block. A key's row of one head is D x 1 byte: 128 bytes at d = 128, one L2 line, and
-// the same key's row of the next KV head sits right after it. Measured on H100 (b8, 4k keys, the
-// fp16 and int8_tensor variants): 128-byte rows stream at 2750-2830 GB/s, 256-byte rows at
-// 2950-3000. So a block takes the KV heads side by side until a key's rows make 256 bytes: 2 heads
-// at d = 128 and 4 at d = 64 for 1-byte codes; fp16 at d >= 128 stays at 1 (512 bytes was slower
-// at batch 8). Its query heads are those of each KV head at the same place in their GQA group.
+// the same key's row of the next KV head sits right after it. Short rows stream slower than 256-byte
+// ones (docs/NOTES-07.md), so a block takes the KV heads side by side until a key's rows make 256
+// bytes: 2 heads at d = 128 and 4 at d = 64 for 1-byte codes; fp16 at d >= 128 stays at 1. Its
+// query heads are those of each KV head at the same place in their GQA group.
 constexpr int kSegmentBytes = 256;
 template <KvScheme S, int D>
 constexpr int heads_per_block() {
@@ -136,14 +86,14 @@ constexpr int heads_per_block() {
 }
 
 template <KvScheme S, int D, int HPB>
-struct Groups {
+struct ThreadGroups {
   static constexpr int BYTES = code_of<S>() == Code::fp16 ? 2 : 1;  // per stored element
   static constexpr int E = 16 / BYTES;                              // elements per thread: one 16-byte load
   static constexpr int TPK = D / E;                                 // threads per key and head
   static constexpr int LANES = HPB * TPK;                           // threads per key (its HPB heads)
   static_assert(LANES <= 32, "a key's heads must fit in a warp");
   static constexpr int THREADS = threads_per_block<S>();
-  static constexpr int COUNT = THREADS / LANES;  // groups per block
+  static constexpr int COUNT = THREADS / LANES;  // thread groups per block
   static constexpr int KEYS_PER_STEP = COUNT * kU;
 };
 
@@ -169,75 +119,32 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
-__device__ __forceinline__ void half2_to_floats(uint32_t bits, float* f) {
-  const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&bits));
-  f[0] = x.x, f[1] = x.y;
-}
-
-// One 16-byte load -> E floats (the codes' values, before any scale).
-template <Code C>
-__device__ __forceinline__ void decode(const uint4& raw, float* f) {
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-  if constexpr (C == Code::fp16) {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) half2_to_floats(w[k], f + 2 * k);
-  } else if constexpr (C == Code::int8) {
-    // b ^ 0x80 is u = b + 128 (0..255); as the low byte of 0x4B0000uu it reads as 2^23 + u
-    // exactly, and subtracting 2^23 + 128 leaves b: one permute and one add per element.
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t u = w[k] ^ 0x80808080u;
-      f[4 * k + 0] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440u)) - 8388736.f;
-      f[4 * k + 1] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7441u)) - 8388736.f;
-      f[4 * k + 2] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7442u)) - 8388736.f;
-      f[4 * k + 3] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7443u)) - 8388736.f;
-    }
-  } else if constexpr (C == Code::e5m2) {
-    // An E5M2 number is the high byte of the fp16 number with the same value.
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      half2_to_floats(__byte_perm(w[k], 0u, 0x1404u), f + 4 * k);      // bytes 0, 1 -> high bytes
-      half2_to_floats(__byte_perm(w[k], 0u, 0x3424u), f + 4 * k + 2);  // bytes 2, 3
-    }
-  } else {
-    // E4M3 -> half2 two at a time (a hardware conversion on sm_89+), then half2 -> float2.
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w[k] & 0xFFFFu), __NV_E4M3);
-      const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(w[k] >> 16), __NV_E4M3);
-      half2_to_floats(uint32_t(lo.x) | uint32_t(lo.y) << 16, f + 4 * k);
-      half2_to_floats(uint32_t(hi.x) | uint32_t(hi.y) << 16, f + 4 * k + 2);
-    }
-  }
-}
-
 // Blocks per SM the compiler must allow (__launch_bounds__' second argument), so that registers
-// do not decide occupancy by accident. fp16: 7 (72 registers; 8, at 64 as 05, spills the stepped
+// do not decide occupancy by accident. fp16: 7 (8, at 64 registers as 05, spills the stepped
 // pointers). 1-byte codes hold 16 elements of q and of O per thread: 2 blocks of 256 threads (up
-// to 128 registers, 64 KB of K/V in flight per SM), no spill. (Measured on H100 with 128-thread
-// blocks: 5 per SM at 96 registers; U = 8 at 3 blocks per SM within 2% of that; U = 6 at 4 blocks
-// per SM 3-6% slower at batch 8.)
+// to 128 registers, 64 KB of K/V in flight per SM), no spill. Other choices: docs/NOTES-07.md.
 template <KvScheme S>
 constexpr int min_blocks_per_sm() {
   return code_of<S>() == Code::fp16 ? 7 : 2;
 }
 
-template <KvScheme S, int G, int D, int HPB>
+template <KvScheme S, int SCALE_GROUP, int D, int HPB>
 __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>())
     decode_split(const lab::AttnParams p, int splits, float* o_partial, float* lse_partial) {
-  using Gr = Groups<S, D, HPB>;
+  using Gr = ThreadGroups<S, D, HPB>;
   constexpr int E = Gr::E, TPK = Gr::TPK, GROUPS = Gr::COUNT, STEP = Gr::KEYS_PER_STEP, U = kU;
   constexpr Code C = code_of<S>();
   constexpr ScaleAt SA = scale_at<S>();
   __shared__ float red_m[GROUPS * HPB], red_l[GROUPS * HPB], row_ml[HPB][2];
   __shared__ __align__(16) float part_o[GROUPS][HPB * D];
 
-  // This block: query heads (kv0 + i) gq + r for i < HPB, reading KV heads kv0 .. kv0 + HPB - 1.
-  const int gq = p.heads_q / p.heads_kv, kv0 = blockIdx.y / gq * HPB, r = blockIdx.y % gq;
+  // This block: query heads (kv0 + i) gqa_ratio + r for i < HPB, reading KV heads kv0 .. kv0 + HPB - 1.
+  const int gqa_ratio = p.heads_q / p.heads_kv, kv0 = blockIdx.y / gqa_ratio * HPB,
+            r = blockIdx.y % gqa_ratio;
   const int split = blockIdx.x, b = blockIdx.z;
-  const int group = threadIdx.x / Gr::LANES, hb = threadIdx.x % Gr::LANES / TPK;
+  const int group = threadIdx.x / Gr::LANES, hb = threadIdx.x % Gr::LANES / TPK;  // thread group, head
   const int c = threadIdx.x % TPK;  // this thread: elements E c .. E c + E-1 of the block's head hb
-  const int h_kv = kv0 + hb, h = h_kv * gq + r;
+  const int h_kv = kv0 + hb, h = h_kv * gqa_ratio + r;
   int sk = p.cache_seqlens ? p.cache_seqlens[b] : p.seqlen_kv;
   bool bad_table = sk < 0 || sk > p.seqlen_kv;
   sk = bad_table ? 0 : sk;
@@ -282,7 +189,7 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
     bool finite = true;
 #pragma unroll
     for (int e = 0; e < E; ++e) amax = fmaxf(amax, fabsf(q[e])), finite = finite && isfinite(q[e]);
-    q_step = finite ? amax / 8388607.f : NAN;  // non-finite q: NaN scores (README, Limits)
+    q_step = finite ? amax / 8388607.f : NAN;  // non-finite q: NaN scores, a NaN row (common/attn.h)
 #pragma unroll
     for (int w = 0; w < E / 4; ++w) {
       q_hi[w] = q_mid[w] = q_lo[w] = 0;
@@ -314,10 +221,10 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
   int64_t s_slot = 0, s_row = 0;
   if constexpr (SA == ScaleAt::per_key) {
     const int rows = paged ? p.page_size : p.seqlen_kv;
-    const int64_t at = scale_index(S, G, 0, 0, h_kv, E * c, rows, p.heads_kv, D);
+    const int64_t at = scale_index(S, SCALE_GROUP, 0, 0, h_kv, E * c, rows, p.heads_kv, D);
     KS += at, VS += at;
-    s_row = scale_index(S, G, 0, 1, 0, 0, rows, p.heads_kv, D);
-    s_slot = scale_index(S, G, 1, 0, 0, 0, rows, p.heads_kv, D);
+    s_row = scale_index(S, SCALE_GROUP, 0, 1, 0, 0, rows, p.heads_kv, D);
+    s_slot = scale_index(S, SCALE_GROUP, 1, 0, 0, 0, rows, p.heads_kv, D);
   }
   if (!paged) KS += b * s_slot, VS += b * s_slot;  // a contiguous cache's slot is the sequence
   const int first = k_begin + group;                // this thread's first key
@@ -347,10 +254,9 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
         kraw[u] = load_stream(k_at);
         vraw[u] = load_stream(v_at);
         if constexpr (SA == ScaleAt::per_key) {
-          // The group's lanes read the same 2 bytes (one request), neighbouring keys neighbouring
-          // scales: these go through L1, unlike the codes. Converting them to float here, inside
-          // the branch, would wait for each load before the next key's loads issue (measured on
-          // H100: int8_head 10% slower at batch 8).
+          // The thread group's lanes read the same 2 bytes (one request), neighbouring keys
+          // neighbouring scales: these go through L1, unlike the codes. Converting them to float
+          // here, inside the branch, would wait for each load before the next key's loads issue.
           k_sbits[u] = __ldg(ks_at);
           v_sbits[u] = __ldg(vs_at);
         }
@@ -388,7 +294,16 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
     float m_new = m;
 #pragma unroll
     for (int u = 0; u < U; ++u) m_new = fmaxf(m_new, s[u]);
-    if (m_new == -INFINITY) continue;  // no key of this group in this step (the last one)
+    if (m_new == -INFINITY) {
+      // No key of this thread group in this step (the last one): skip it. fmaxf drops NaN, so
+      // scores that are all NaN land here too: they make the row NaN (common/attn.h), through
+      // p = 2^(NaN - m) below, with m finite from here on.
+      bool nan = false;
+#pragma unroll
+      for (int u = 0; u < U; ++u) nan = nan || isnan(s[u]);
+      if (!nan) continue;
+      m_new = 0.f;
+    }
     const float alpha = exp2_approx(m - m_new);
     m = m_new;
     l *= alpha;
@@ -409,7 +324,7 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;");  // 04's combine may start launching
 #endif
-  // Merge the groups (04's warp merge): m = max_g m_g, l = sum_g l_g 2^(m_g - m), O likewise.
+  // Merge the thread groups (04's warp merge): m = max_g m_g, l = sum_g l_g 2^(m_g - m), O likewise.
   if (c == 0) red_m[group * HPB + hb] = m, red_l[group * HPB + hb] = l;
   __syncthreads();
   if (threadIdx.x < HPB) {
@@ -429,13 +344,14 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
   bad_table = __syncthreads_or(bad_table);  // also the barrier before part_o is read
 
   for (int e = threadIdx.x; e < HPB * D; e += Gr::THREADS) {
-    const int hf = e / D, h_out = (kv0 + hf) * gq + r;
+    const int hf = e / D, h_out = (kv0 + hf) * gqa_ratio + r;
     const int64_t part_row = (int64_t(split) * p.batch + b) * p.heads_q + h_out;  // seqlen_q = 1
     float sum = 0.f;
 #pragma unroll
     for (int gi = 0; gi < GROUPS; ++gi) sum += part_o[gi][e];
     const float l_sum = row_ml[hf][1];
-    const float inv_l = bad_table ? NAN : (l_sum > 0.f ? v_fixed_of(kv0 + hf) / l_sum : 0.f);
+    // l = 0: no visible key (O = 0, lse = -inf); l = NaN: a NaN score (O and lse NaN).
+    const float inv_l = bad_table ? NAN : (l_sum != 0.f ? v_fixed_of(kv0 + hf) / l_sum : 0.f);
     __half* O = static_cast<__half*>(p.o) + b * p.o_batch_stride + h_out * p.o_head_stride;
     if (splits == 1)
       O[e % D] = __float2half_rn(sum * inv_l);
@@ -444,10 +360,10 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
   }
   if (threadIdx.x < HPB) {
     // Natural-log LSE from the exp2-domain max and sum: (m + log2 l) ln 2.
-    const int hf = threadIdx.x, h_out = (kv0 + hf) * gq + r;
+    const int hf = threadIdx.x, h_out = (kv0 + hf) * gqa_ratio + r;
     const float l_sum = row_ml[hf][1];
     const float lse =
-        bad_table ? NAN : (l_sum > 0.f ? (row_ml[hf][0] + log2f(l_sum)) * float(M_LN2) : -INFINITY);
+        bad_table ? NAN : (l_sum != 0.f ? (row_ml[hf][0] + log2f(l_sum)) * float(M_LN2) : -INFINITY);
     if (splits > 1)
       lse_partial[(int64_t(split) * p.batch + b) * p.heads_q + h_out] = lse;
     else if (p.lse)
@@ -455,123 +371,88 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
   }
 }
 
-// A compile-time (scheme, group size, head_dim): one kernel instantiation.
-template <KvScheme S_, int G_, int D_>
-struct Config {
-  static constexpr KvScheme S = S_;
-  static constexpr int G = G_, D = D_;
-};
-
-// Calls f(std::integral_constant<int, HPB>{}) with p's heads per block: heads_per_block<S, D>()
-// when the KV heads split evenly into such runs, else 1.
-template <class Cfg, class F>
-decltype(auto) by_hpb(const lab::AttnParams& p, F&& f) {
-  constexpr int H = heads_per_block<Cfg::S, Cfg::D>();
-  if (p.heads_kv % H == 0) return f(std::integral_constant<int, H>{});
-  return f(std::integral_constant<int, 1>{});
-}
-
-// Blocks of decode_split an SM holds, asked once per device (not on every launch: launches are
-// timed).
-template <class Cfg, int HPB>
-int blocks_per_sm() {
-  int dev = 0;
-  LAB_CUDA_CHECK(cudaGetDevice(&dev));
-  static std::once_flag asked[64];
-  static int resident[64];
-  std::call_once(asked[dev % 64], [&] {
-    LAB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &resident[dev % 64], decode_split<Cfg::S, Cfg::G, Cfg::D, HPB>, threads_per_block<Cfg::S>(), 0));
-  });
-  return resident[dev % 64];
-}
-
-template <KvScheme S, int G, class F>
-decltype(auto) by_head_dim(const lab::AttnParams& p, F&& f) {
-  switch (p.head_dim) {
-    case 64:
-      return f(Config<S, G, 64>{});
-    case 128:
-      return f(Config<S, G, 128>{});
-    default:
-      return f(Config<S, G, 256>{});
-  }
-}
-
-// Calls f(Config<...>{}) for p's scheme and head_dim (both checked before: ch04::check_split_kv_launch).
-template <class F>
-decltype(auto) by_config(const lab::AttnParams& p, F&& f) {
-  switch (p.kv_quant.scheme) {
-    case KvScheme::int8_tensor:
-      return by_head_dim<KvScheme::int8_tensor, 0>(p, f);
-    case KvScheme::int8_token:
-      return by_head_dim<KvScheme::int8_token, 0>(p, f);
-    case KvScheme::int8_head:
-      return by_head_dim<KvScheme::int8_head, 0>(p, f);
-    case KvScheme::int8_group:
-      if (p.kv_quant.group_size == 32) return by_head_dim<KvScheme::int8_group, 32>(p, f);
-      return by_head_dim<KvScheme::int8_group, 64>(p, f);
-    case KvScheme::fp8_e4m3:
-      return by_head_dim<KvScheme::fp8_e4m3, 0>(p, f);
-    case KvScheme::fp8_e5m2:
-      return by_head_dim<KvScheme::fp8_e5m2, 0>(p, f);
-    case KvScheme::fp8_e4m3_head:
-      return by_head_dim<KvScheme::fp8_e4m3_head, 0>(p, f);
-    default:
-      return by_head_dim<KvScheme::none, 0>(p, f);
-  }
-}
-
-template <class Cfg>
-int splits_for(const lab::AttnParams& p) {
-  int dev = 0, sms = 0;
-  LAB_CUDA_CHECK(cudaGetDevice(&dev));
-  LAB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  // 05's rule over the blocks' (batch, head group) items: aim for 512 threads per SM (4 fp16
+// One instantiation per (scheme, scale group size, head_dim, heads per block): its split count
+// for p on this device, and, with run, its launch (and 04's combine).
+template <KvScheme S, int SCALE_GROUP, int D, int HPB>
+int launch(const lab::AttnParams& p, cudaStream_t stream, bool run) {
+  constexpr int threads = threads_per_block<S>();
+  const auto kernel = decode_split<S, SCALE_GROUP, D, HPB>;
+  const int sms = lab::device_limits().sm_count;
+  // Static shared memory only, under the 48 KB every GPU gives a block without opting in.
+  using Gr = ThreadGroups<S, D, HPB>;
+  static_assert((Gr::COUNT * HPB * (2 + D) + 2 * HPB) * sizeof(float) <= 48 * 1024,
+                "decode_split's static shared memory must fit every GPU's 48 KB");
+  const int resident =
+      lab::configure_kernel(reinterpret_cast<const void*>(kernel), threads, 0, kSupport.chapter);
+  // 05's rule over the blocks' (batch, head pair) items: aim for 512 threads per SM (4 fp16
   // blocks, 2 of 1-byte codes), chunks of at least 4 steps (at d = 128, 128 keys of one fp16
   // head, 256 keys of two 1-byte heads) ...
-  return by_hpb<Cfg>(p, [&](auto hpb) {
-    constexpr int HPB = decltype(hpb)::value;
-    const int64_t items = int64_t(p.batch) * p.heads_q / HPB;
-    int splits = ch04::choose_num_splits(p.num_splits, items, p.seqlen_kv,
-                                         4 * Groups<Cfg::S, Cfg::D, HPB>::KEYS_PER_STEP,
-                                         512 / threads_per_block<Cfg::S>() * sms);
-    // ... but no more blocks than fit on the GPU at once, when one wave can hold them all: the blocks
-    // of a second, partial wave would stream their chunks with few loads in flight beside them.
-    if (p.num_splits == 0) {
-      const int64_t resident = int64_t(blocks_per_sm<Cfg, HPB>()) * sms;
-      if (items * splits > resident && items <= resident) splits = int(std::max<int64_t>(1, resident / items));
-    }
-    return splits;
-  });
-}
-
-template <class Cfg>
-void launch(const lab::AttnParams& p, cudaStream_t stream) {
-  const int splits = splits_for<Cfg>(p);
+  const int64_t items = int64_t(p.batch) * p.heads_q / HPB;
+  int splits = ch04::choose_num_splits(p.num_splits, items, p.seqlen_kv,
+                                       4 * ThreadGroups<S, D, HPB>::KEYS_PER_STEP, 512 / threads * sms);
+  // ... but no more blocks than fit on the GPU at once, when one wave can hold them all: the blocks
+  // of a second, partial wave would stream their chunks with few loads in flight beside them.
+  if (p.num_splits == 0) {
+    const int64_t wave = int64_t(resident) * sms;
+    if (items * splits > wave && items <= wave) splits = int(std::max<int64_t>(1, wave / items));
+  }
+  if (!run) return splits;
   const ch04::Partials part = ch04::partials_in_workspace(p, splits, kSupport.chapter);
-  by_hpb<Cfg>(p, [&](auto hpb) {
-    constexpr int HPB = decltype(hpb)::value;
-    constexpr int threads = threads_per_block<Cfg::S>();
-    decode_split<Cfg::S, Cfg::G, Cfg::D, HPB>
-        <<<dim3(splits, p.heads_q / HPB, p.batch), threads, 0, stream>>>(p, splits, part.o, part.lse);
-  });
+  kernel<<<dim3(splits, p.heads_q / HPB, p.batch), threads, 0, stream>>>(p, splits, part.o, part.lse);
   LAB_LAUNCH_CHECK();
   if (splits > 1) ch04::combine_splits(p, splits, part.o, part.lse, stream);
+  return splits;
+}
+
+// Heads per block: heads_per_block<S, D>() when the KV heads split evenly into such runs, else 1.
+template <KvScheme S, int SCALE_GROUP>
+int launch_by_head_dim(const lab::AttnParams& p, cudaStream_t stream, bool run) {
+  constexpr int H64 = heads_per_block<S, 64>(), H128 = heads_per_block<S, 128>(),
+                H256 = heads_per_block<S, 256>();
+  switch (p.head_dim) {
+    case 64:
+      return p.heads_kv % H64 == 0 ? launch<S, SCALE_GROUP, 64, H64>(p, stream, run)
+                                   : launch<S, SCALE_GROUP, 64, 1>(p, stream, run);
+    case 128:
+      return p.heads_kv % H128 == 0 ? launch<S, SCALE_GROUP, 128, H128>(p, stream, run)
+                                    : launch<S, SCALE_GROUP, 128, 1>(p, stream, run);
+    default:
+      return p.heads_kv % H256 == 0 ? launch<S, SCALE_GROUP, 256, H256>(p, stream, run)
+                                    : launch<S, SCALE_GROUP, 256, 1>(p, stream, run);
+  }
+}
+
+// The scheme dispatcher: p's scheme (and scale group size) picks the instantiation; run = false
+// only returns the split count.
+int dispatch(const lab::AttnParams& p, cudaStream_t stream, bool run) {
+  check_launch(p);
+  switch (p.kv_quant.scheme) {
+    case KvScheme::int8_tensor:
+      return launch_by_head_dim<KvScheme::int8_tensor, 0>(p, stream, run);
+    case KvScheme::int8_token:
+      return launch_by_head_dim<KvScheme::int8_token, 0>(p, stream, run);
+    case KvScheme::int8_head:
+      return launch_by_head_dim<KvScheme::int8_head, 0>(p, stream, run);
+    case KvScheme::int8_group:
+      if (p.kv_quant.group_size == 32) return launch_by_head_dim<KvScheme::int8_group, 32>(p, stream, run);
+      return launch_by_head_dim<KvScheme::int8_group, 64>(p, stream, run);
+    case KvScheme::fp8_e4m3:
+      return launch_by_head_dim<KvScheme::fp8_e4m3, 0>(p, stream, run);
+    case KvScheme::fp8_e5m2:
+      return launch_by_head_dim<KvScheme::fp8_e5m2, 0>(p, stream, run);
+    case KvScheme::fp8_e4m3_head:
+      return launch_by_head_dim<KvScheme::fp8_e4m3_head, 0>(p, stream, run);
+    default:
+      return launch_by_head_dim<KvScheme::none, 0>(p, stream, run);
+  }
 }
 
 }  // namespace
 
-int num_splits_for(const lab::AttnParams& p) {
-  ch04::check_split_kv_launch(p, kSupport);
-  return by_config(p, [&](auto cfg) { return splits_for<decltype(cfg)>(p); });
-}
+int num_splits_for(const lab::AttnParams& p) { return dispatch(p, 0, false); }
 
 size_t workspace_bytes(const lab::AttnParams& p) { return ch04::partials_bytes(p, num_splits_for(p)); }
 
-void forward(const lab::AttnParams& p, cudaStream_t stream) {
-  ch04::check_split_kv_launch(p, kSupport);
-  by_config(p, [&](auto cfg) { launch<decltype(cfg)>(p, stream); });
-}
+void forward(const lab::AttnParams& p, cudaStream_t stream) { dispatch(p, stream, true); }
 
 }  // namespace ch07

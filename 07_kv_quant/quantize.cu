@@ -11,6 +11,8 @@
 #include <cuda_fp8.h>
 
 #include <algorithm>
+#include <climits>
+#include <string>
 #include <type_traits>
 
 #include "07_kv_quant/quantize.h"
@@ -368,6 +370,11 @@ void quantize_bulk(const lab::AttnParams& src, const KvCache& dst, cudaStream_t 
   s.head_stride[0] = src.k_head_stride, s.head_stride[1] = src.v_head_stride;
   const int64_t rows = int64_t(dst.slots) * dst.rows;
   if (rows <= 0) return;
+  // One block per token row, on the grid's x dimension (at most 2^31 - 1 blocks).
+  if (rows > int64_t(INT_MAX))
+    throw lab::InvalidArgument("07_kv_quant: the quantizer takes at most " + std::to_string(INT_MAX) +
+                               " token rows; " + (src.block_table ? "num_pages * page_size" : "batch * seqlen_kv") +
+                               " = " + std::to_string(rows));
 
   const bool per_tensor = dst.scheme == KvScheme::int8_tensor,
              per_head = dst.scheme == KvScheme::fp8_e4m3_head;

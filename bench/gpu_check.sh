@@ -91,6 +91,7 @@ stage_ladder() {
   return $rc
 }
 
+# 07_kv_quant_table (bench/kv_quant_table.cu): every KV cache scheme's bytes, accuracy and speed.
 stage_kvquant() {
   local t0=$SECONDS
   "$build/bin/07_kv_quant_table" --out "$out" 2>&1 | tee "$out/kv_quant.log"

@@ -218,8 +218,9 @@ int main(int argc, char** argv) {
     std::vector<lab::Chapter> chapters;
     for (auto& ch : all_chapters())
       if (only.empty() || only.find("," + ch.name + ",") != std::string::npos) chapters.push_back(ch);
-    // 07's nine KV cache schemes are timed by its own table program (bench/gpu_check.sh kvquant,
-    // docs/results/<gpu>/kv_quant.csv); the ladder runs them only when asked (--only 07_kv_quant).
+    // 07's KV cache schemes (both steps on each: 17 variants) are timed by its own table program
+    // (bench/gpu_check.sh kvquant, docs/results/<gpu>/kv_quant.csv, step 2 only); the ladder runs
+    // them only when asked (--only 07_kv_quant).
     auto runs = [&](const Config& c, const lab::Chapter& ch) {
       if (ch.name == "07_kv_quant" && only.empty()) return false;
       return c.chapters.empty() || std::find(c.chapters.begin(), c.chapters.end(), ch.name) != c.chapters.end();

@@ -46,19 +46,16 @@ struct Registered {
 };
 
 // 07's variants differ only in how its own driver turns the fp16 problem into a cache of their
-// scheme (lab::KvPrepare); all run the same forward(), which reads the scheme from p.kv_quant. Here
-// the caller brings the cache (lab_kv_quantize makes one) and names its scheme in kv_scheme, so the
-// kernel is exported once, as the chapter's only variant, with every scheme in its Support.
+// scheme (lab::KvPrepare); each step runs one forward(), which reads the scheme from p.kv_quant.
+// Here the caller brings the cache (lab_kv_quantize makes one) and names its scheme in kv_scheme,
+// so each step is exported once, with every scheme in its Support: "" (kernel.cu, the default) and
+// "dequant" (kernel_dequant.cu, step 1).
 lab::Chapter kv_quant_chapter() {
   lab::Chapter c = ch07::chapter();
-  for (const lab::Variant& v : c.variants)
-    if (!v.kv_prepare) {
-      lab::Variant one = v;  // "fp16": reads the cache p describes, as it is
-      one.name = "";
-      c.variants = {one};
-      return c;
-    }
-  throw std::logic_error("07_kv_quant has no variant that reads the cache as it is");
+  c.variants = {{"", ch07::forward, &ch07::kSupport, ch07::workspace_bytes, ch07::num_splits_for, nullptr},
+                {"dequant", ch07::forward_dequant, &ch07::kSupport, ch07::workspace_bytes_dequant,
+                 ch07::num_splits_for_dequant, nullptr}};
+  return c;
 }
 
 // The registry: every chapter the library exports, in lab order, and its default variant.

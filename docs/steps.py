@@ -45,8 +45,12 @@ STEPS = [
      "decoding on CUDA cores: a thread group per key, 16-byte loads, shuffle reductions"),
     ("06_gqa_alibi", ["06_gqa_alibi/kernel.cu"], "03_flash_v2/fa2", "", "gqa",
      "GQA packing, ALiBi, varlen and a decoding tile with split-KV, in one file (to be split into steps)"),
-    ("07_kv_quant", ["07_kv_quant/kernel.cu"], "05_decoding_cuda_core", "", "decode",
-     "int8 and FP8 KV caches dequantized in registers, and its optimizations, in one file (to be split)"),
+    ("07_kv_quant/dequant_int8_head", ["07_kv_quant/kernel_dequant.cu"],
+     "05_decoding_cuda_core", "", "decode",
+     "05's kernel reading 1-byte codes (int8 here; FP8 alike), dequantized in registers, the scale per key"),
+    ("07_kv_quant/int8_head", ["07_kv_quant/kernel.cu"],
+     "07_kv_quant/dequant_int8_head", "rewrite", "decode",
+     "the fast kernel: two heads per block, 256-thread blocks, dp4a q.k, pointer stepping"),
 ]
 
 

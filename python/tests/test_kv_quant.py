@@ -33,7 +33,9 @@ SCHEME_IDS = [s + (str(g) if g else "") for s, g in SCHEMES]
 
 @needs_library
 def test_support_lists_07s_schemes_and_no_other_chapter_reads_a_quantized_cache():
-    assert lab.chapters()["07_kv_quant"] == [""]  # one kernel; the scheme is a field of the call
+    # Two steps (the fast kernel, the default, and step 1); the scheme is a field of the call.
+    assert lab.chapters()["07_kv_quant"] == ["", "dequant"]
+    assert lab.support("07", "dequant") == lab.support("07")
     s = lab.support("07")
     assert s["kv_schemes"] == list(lab.KV_SCHEMES)  # "none" (its fp16 baseline) and every scheme
     assert s["kv_group_sizes"] == [32, 64]
@@ -297,8 +299,9 @@ def report(scheme, errors):
         print(f"  {what:40s} {rel:.2e}")
 
 
+@pytest.mark.parametrize("variant", [None, "dequant"], ids=["kernel", "dequant"])
 @pytest.mark.parametrize("scheme,group_size", SCHEMES, ids=SCHEME_IDS)
-def test_decode_matches_sdpa_on_the_dequantized_cache(cuda, scheme, group_size):
+def test_decode_matches_sdpa_on_the_dequantized_cache(cuda, scheme, group_size, variant):
     """Decode (seqlen_q = 1): MHA, GQA 32/8 and MQA, head_dim 64/128/256, seqlen_kv 1 to 4097, with lse."""
     torch = cuda
     errors = []
@@ -306,9 +309,9 @@ def test_decode_matches_sdpa_on_the_dequantized_cache(cuda, scheme, group_size):
                               (4, 16, 4, 1, 64), (200, 4, 2, 65, 64)):
         q, k, v = decode_problem(torch, b, hq, hkv, sk, d, SEED + sk + d)
         kc, vc, ks, vs, kd, vd = quantized(torch, k, v, scheme, group_size)
-        o, o_lse = lab.forward(q, kc, vc, chapter="07", kv_scheme=scheme, kv_group_size=group_size, k_scale=ks,
-                               v_scale=vs, lse=True, out=poisoned_like(torch, q))
-        check_against_both(torch, f"{scheme}{group_size or ''} b{b} h{hq}/{hkv} sk{sk} d{d}", o, o_lse, q, kd, vd,
+        o, o_lse = lab.forward(q, kc, vc, chapter="07", variant=variant, kv_scheme=scheme, kv_group_size=group_size,
+                               k_scale=ks, v_scale=vs, lse=True, out=poisoned_like(torch, q))
+        check_against_both(torch, f"{variant or ''} {scheme}{group_size or ''} b{b} h{hq}/{hkv} sk{sk} d{d}", o, o_lse, q, kd, vd,
                            k, v, errors)
     report(scheme, errors)
 

@@ -1,4 +1,4 @@
-// 07_kv_quant_table: the chapter's table. For every scheme (every variant of 07_kv_quant):
+// 07_kv_quant_table (bench/): chapter 07's table. For every scheme (07_kv_quant's step 2, kernel.cu):
 //   accuracy: the decoded output against the fp64 reference on the original fp16 K/V (the
 //             quantization error, as a model would see it), for normal K/V and for K/V with
 //             outlier channels; and against the reference on the dequantized K/V (the kernel's
@@ -10,6 +10,7 @@
 // Prints a table and writes kv_quant.csv; exits 1 if any check fails.
 //
 //   07_kv_quant_table [--out DIR] [--seed N] [--max-seconds S]
+#include <algorithm>
 #include <cstdio>
 #include <map>
 #include <string>
@@ -75,7 +76,11 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "07_kv_quant_table: error: no CUDA device found\n");
       return 3;
     }
-    const lab::Chapter chapter = ch07::chapter();
+    // Step 2 (kernel.cu) on every scheme, in scheme_variants() order: the ladder times step 1.
+    lab::Chapter chapter = ch07::chapter();
+    chapter.variants.erase(std::remove_if(chapter.variants.begin(), chapter.variants.end(),
+                                          [](const lab::Variant& v) { return v.name.rfind("dequant_", 0) == 0; }),
+                           chapter.variants.end());
     const lab::GpuInfo gpu = lab::gpu_info();
     std::printf("07_kv_quant_table on %s (%d SMs, CUDA %s)\n", gpu.name.c_str(), gpu.sm_count,
                 gpu.cuda_runtime.c_str());
