@@ -370,10 +370,12 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
     }
   };
 
-  // 03's online softmax on biased scores. With ALiBi the score held is s + slope (8 nj + c) (one
+  // Online softmax in the exp2 domain: m_i is the running max of raw scores, P = 2^(s*c - m_i*c)
+  // with c = scale * log2(e); O_i and l_i are rescaled by 2^((m_old - m_new) * c). S becomes P.
+  // With ALiBi, on a tile left of every row's diagonal the score held is s + slope (8 nj + c) (one
   // FMA with a constant); the rest of the bias, slope (n0 + 2t - i - diag), is the same for the
   // thread's whole row of the tile, so it is added to the row max and folded into the exp2
-  // argument. (The 4 threads of a quad hold different 2t: each adds its own before the shuffles.)
+  // argument (each thread of a quad adds its own 2t). Other tiles add -slope |j - i - diag| per score.
   auto online_softmax = [&](float (&s)[M_FRAGS][N_S][4], int n0) {
     // alpha per row; O_i is rescaled after all rows, under one warp-wide branch (below).
     float alpha_of[M_FRAGS][2];
@@ -384,11 +386,20 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
       for (int r = 0; r < 2; ++r) {
         float row_bias = 0.f;
         if constexpr (ALIBI) {
-          row_bias = fmaf(slope_of[mi][r], float(n0), slope_shift[mi][r]);
+          if (n0 + W_C - 1 <= crossing) {  // every key at or left of every row's diagonal
+            row_bias = fmaf(slope_of[mi][r], float(n0), slope_shift[mi][r]);
 #pragma unroll
-          for (int nj = 0; nj < N_S; ++nj) {
-            s[mi][nj][2 * r] = fmaf(slope_of[mi][r], float(8 * nj), s[mi][nj][2 * r]);
-            s[mi][nj][2 * r + 1] = fmaf(slope_of[mi][r], float(8 * nj + 1), s[mi][nj][2 * r + 1]);
+            for (int nj = 0; nj < N_S; ++nj) {
+              s[mi][nj][2 * r] = fmaf(slope_of[mi][r], float(8 * nj), s[mi][nj][2 * r]);
+              s[mi][nj][2 * r + 1] = fmaf(slope_of[mi][r], float(8 * nj + 1), s[mi][nj][2 * r + 1]);
+            }
+          } else {  // keys right of a diagonal (not causal), or the diagonal tiles: -slope |distance|
+            const float d0 = float(n0 + 2 * t - token_of(mi, r) - diag);  // key n0 + 2t minus the diagonal
+#pragma unroll
+            for (int nj = 0; nj < N_S; ++nj) {
+              s[mi][nj][2 * r] = fmaf(-slope_of[mi][r], fabsf(d0 + float(8 * nj)), s[mi][nj][2 * r]);
+              s[mi][nj][2 * r + 1] = fmaf(-slope_of[mi][r], fabsf(d0 + float(8 * nj + 1)), s[mi][nj][2 * r + 1]);
+            }
           }
         }
         float pair[N_S];

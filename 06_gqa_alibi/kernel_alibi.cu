@@ -2,9 +2,11 @@
 //
 // Step 1 packed a KV group's query heads into the rows of the tile. This step adds two things a
 // serving stack asks of the same kernel:
-//   - ALiBi: s_ij += slope_h (j - (i + sk - sq)) / scale (in score units), added as one FMA per
-//     score: the column part comes from per-thread constants, the row part is folded into the
-//     exp2 argument, so the max sees the biased scores at no extra cost;
+//   - ALiBi as FlashAttention defines it: s_ij -= slope_h |i + sk - sq - j| / scale (in score
+//     units). Left of every row's diagonal (all tiles but the diagonal ones when causal) the bias
+//     is slope_h (j - i - sk + sq), added as one FMA per score: the column part comes from
+//     per-thread constants, the row part is folded into the exp2 argument, so the max sees the
+//     biased scores at no extra cost. Other tiles take the distance per score (an FMA and an abs);
 //   - varlen: sequence b's queries and keys are rows cu_seqlens_q[b].. and cu_seqlens_kv[b].. of
 //     packed tensors, so one launch serves prefill sequences (thousands of rows) and decode
 //     sequences (one row) together, as continuous batching does. Blocks past a short sequence's
@@ -277,9 +279,10 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward(const lab::AttnPara
 
   // Online softmax in the exp2 domain: m_i is the running max of raw scores, P = 2^(s*c - m_i*c)
   // with c = scale * log2(e); O_i and l_i are rescaled by 2^((m_old - m_new) * c). S becomes P.
-  // With ALiBi the score held is s + slope (8 nj + c) (one FMA with a constant); the rest of the
-  // bias, slope (n0 + 2t - i - diag), is the same for the thread's whole row of the tile, so it is
-  // added to the row max and folded into the exp2 argument (each thread of a quad adds its own 2t).
+  // With ALiBi, on a tile left of every row's diagonal the score held is s + slope (8 nj + c) (one
+  // FMA with a constant); the rest of the bias, slope (n0 + 2t - i - diag), is the same for the
+  // thread's whole row of the tile, so it is added to the row max and folded into the exp2
+  // argument (each thread of a quad adds its own 2t). Other tiles add -slope |j - i - diag| per score.
   auto online_softmax = [&](float (&s)[M_FRAGS][N_S][4], int n0) {
     // alpha per row; O_i is rescaled after all rows, under one warp-wide branch (below).
     float alpha_of[M_FRAGS][2];
@@ -290,11 +293,20 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward(const lab::AttnPara
       for (int r = 0; r < 2; ++r) {
         float row_bias = 0.f;
         if constexpr (ALIBI) {
-          row_bias = fmaf(slope_of[mi][r], float(n0), slope_shift[mi][r]);
+          if (n0 + B_c - 1 <= crossing) {  // every key at or left of every row's diagonal
+            row_bias = fmaf(slope_of[mi][r], float(n0), slope_shift[mi][r]);
 #pragma unroll
-          for (int nj = 0; nj < N_S; ++nj) {
-            s[mi][nj][2 * r] = fmaf(slope_of[mi][r], float(8 * nj), s[mi][nj][2 * r]);
-            s[mi][nj][2 * r + 1] = fmaf(slope_of[mi][r], float(8 * nj + 1), s[mi][nj][2 * r + 1]);
+            for (int nj = 0; nj < N_S; ++nj) {
+              s[mi][nj][2 * r] = fmaf(slope_of[mi][r], float(8 * nj), s[mi][nj][2 * r]);
+              s[mi][nj][2 * r + 1] = fmaf(slope_of[mi][r], float(8 * nj + 1), s[mi][nj][2 * r + 1]);
+            }
+          } else {  // keys right of a diagonal (not causal), or the diagonal tiles: -slope |distance|
+            const float d0 = float(n0 + 2 * t - token_of(mi, r) - diag);  // key n0 + 2t minus the diagonal
+#pragma unroll
+            for (int nj = 0; nj < N_S; ++nj) {
+              s[mi][nj][2 * r] = fmaf(-slope_of[mi][r], fabsf(d0 + float(8 * nj)), s[mi][nj][2 * r]);
+              s[mi][nj][2 * r + 1] = fmaf(-slope_of[mi][r], fabsf(d0 + float(8 * nj + 1)), s[mi][nj][2 * r + 1]);
+            }
           }
         }
         float pair[N_S];
