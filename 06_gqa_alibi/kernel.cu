@@ -131,8 +131,14 @@ __device__ __forceinline__ Sequence sequence(const lab::AttnParams& p, int b) {
   Sequence s;
   s.sq = p.seqlen_q, s.sk = p.seqlen_kv;
   if (p.cu_seqlens_q) {
-    s.q_row0 = p.cu_seqlens_q[b], s.sq = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
-    s.k_row0 = p.cu_seqlens_kv[b], s.sk = p.cu_seqlens_kv[b + 1] - p.cu_seqlens_kv[b];
+    const int q0 = p.cu_seqlens_q[b], q1 = p.cu_seqlens_q[b + 1];
+    const int k0 = p.cu_seqlens_kv[b], k1 = p.cu_seqlens_kv[b + 1];
+    // Offsets the host check refuses (past total_q / total_kv, decreasing, longer than the grid)
+    // are never followed, whatever the table holds by launch time: the sequence is skipped.
+    const bool inside = 0 <= q0 && q0 <= q1 && q1 <= p.total_q && q1 - q0 <= p.seqlen_q && 0 <= k0 &&
+                        k0 <= k1 && k1 <= p.total_kv && k1 - k0 <= p.seqlen_kv;
+    s.q_row0 = q0, s.sq = inside ? q1 - q0 : 0;
+    s.k_row0 = k0, s.sk = inside ? k1 - k0 : 0;
   }
   return s;
 }
@@ -401,7 +407,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
         for (int nd = 0; nd < N_O; ++nd) o[mi][nd][2 * r] *= inv_l, o[mi][nd][2 * r + 1] *= inv_l;
         const int row = m0 + warp_row0 + mi * 16 + g + 8 * r;
         if (t == 0 && row < rows) {
-          const float lse = l > 0.f ? m_i[mi][r] * p.softmax_scale + logf(l) : -INFINITY;
+          const float lse = l == 0.f ? -INFINITY : m_i[mi][r] * p.softmax_scale + logf(l);  // NaN stays NaN
           const int64_t at = (int64_t(b) * p.heads_q + h_kv * gqa_ratio + row % gqa_ratio) * p.seqlen_q + row / gqa_ratio;
           if (splits > 1) lse_partial[int64_t(split) * p.batch * p.heads_q * p.seqlen_q + at] = lse;
           else if (p.lse) p.lse[at] = lse;

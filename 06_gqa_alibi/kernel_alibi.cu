@@ -139,8 +139,14 @@ __device__ __forceinline__ Sequence sequence(const lab::AttnParams& p, int b) {
   Sequence s;
   s.sq = p.seqlen_q, s.sk = p.seqlen_kv;
   if (p.cu_seqlens_q) {
-    s.q_row0 = p.cu_seqlens_q[b], s.sq = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
-    s.k_row0 = p.cu_seqlens_kv[b], s.sk = p.cu_seqlens_kv[b + 1] - p.cu_seqlens_kv[b];
+    const int q0 = p.cu_seqlens_q[b], q1 = p.cu_seqlens_q[b + 1];
+    const int k0 = p.cu_seqlens_kv[b], k1 = p.cu_seqlens_kv[b + 1];
+    // Offsets the host check refuses (past total_q / total_kv, decreasing, longer than the grid)
+    // are never followed, whatever the table holds by launch time: the sequence is skipped.
+    const bool inside = 0 <= q0 && q0 <= q1 && q1 <= p.total_q && q1 - q0 <= p.seqlen_q && 0 <= k0 &&
+                        k0 <= k1 && k1 <= p.total_kv && k1 - k0 <= p.seqlen_kv;
+    s.q_row0 = q0, s.sq = inside ? q1 - q0 : 0;
+    s.k_row0 = k0, s.sk = inside ? k1 - k0 : 0;
   }
   return s;
 }
@@ -397,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward(const lab::AttnPara
       const int row = m0 + warp_row0 + mi * 16 + g + 8 * r;
       if (p.lse && t == 0 && row < rows)
         p.lse[(int64_t(b) * p.heads_q + h_kv * gqa_ratio + row % gqa_ratio) * p.seqlen_q + row / gqa_ratio] =
-            l > 0.f ? m_i[mi][r] * p.softmax_scale + logf(l) : -INFINITY;
+            l == 0.f ? -INFINITY : m_i[mi][r] * p.softmax_scale + logf(l);  // NaN stays NaN
     }
   // Stage this warp's rows of O in its own rows of the Q tile, then 16-byte stores scattered back
   // to (token, head) as Q_i was gathered.

@@ -329,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward(const lab::AttnPara
       const int row = m0 + warp_row0 + mi * 16 + g + 8 * r;
       if (p.lse && t == 0 && row < rows)
         p.lse[(int64_t(b) * p.heads_q + h_kv * gqa_ratio + row % gqa_ratio) * sq + row / gqa_ratio] =
-            l > 0.f ? m_i[mi][r] * p.softmax_scale + logf(l) : -INFINITY;
+            l == 0.f ? -INFINITY : m_i[mi][r] * p.softmax_scale + logf(l);  // NaN stays NaN
     }
   // Stage this warp's rows of O in its own rows of the Q tile, then 16-byte stores scattered back
   // to (token, head) as Q_i was gathered.

@@ -98,7 +98,7 @@ __device__ __forceinline__ void merge_key_warps(unsigned char* smem, float (&o)[
   if (threadIdx.x < B_r && m0 + int(threadIdx.x) < rows) {
     const int rr = threadIdx.x, row = m0 + rr;
     const float m = row_max(rr), l = row_sum(rr, m);
-    const float lse = l > 0.f ? m * p.softmax_scale + logf(l) : -INFINITY;
+    const float lse = l == 0.f ? -INFINITY : m * p.softmax_scale + logf(l);  // NaN stays NaN
     const int64_t at = (int64_t(b) * p.heads_q + h_kv * gqa_ratio + row % gqa_ratio) * p.seqlen_q + row / gqa_ratio;
     if (splits > 1)
       lse_partial[int64_t(split) * p.batch * p.heads_q * p.seqlen_q + at] = lse;

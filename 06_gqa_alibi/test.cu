@@ -22,7 +22,7 @@ const lab::Variant& final_step() { return ch().variants.back(); }
 // Whether step v computes this problem (its Support), so each case runs on every step that can.
 bool runs(const lab::Variant& v, const lab::ProblemSpec& s) {
   const lab::Support& sup = *v.support;
-  return (sup.alibi || !s.alibi) && (sup.varlen || s.varlen_q.empty()) && (sup.splits || s.num_splits <= 1);
+  return (sup.alibi || !s.alibi) && (sup.varlen || s.varlen_q.empty()) && (sup.splits || s.num_splits == 0);
 }
 }  // namespace
 
@@ -228,4 +228,80 @@ TEST_CASE("06_gqa_alibi: the tile fits the GPU's shared memory per block (LAB_SM
           "06_gqa_alibi: head_dim = 128 needs 98304 bytes of shared memory per block; this GPU allows 65536 "
           "(LAB_SMEM_CAP or the device's opt-in limit)");
   }
+}
+
+TEST_CASE("06_gqa_alibi: a NaN in q, k or v reaches every row that sees it, with one split or many",
+          "[gpu]") {
+  // GQA 8/2 (heads 0-3 read KV head 0), 1 query token (decoding tile) and 40 (prefill tile), keys
+  // 0..999; the NaN goes into q (token 0, head 1), K (key 500, KV head 0) or V (key 500, KV head
+  // 1, channel 5). The rule (common/attn.h): O and lse of the rows that see it become NaN (for V:
+  // channel 5 of O only), every other row stays finite.
+  for (const lab::Variant& v : ch().variants)
+    for (int sq : {1, 40})
+      for (int splits : {0, 1, 8})
+        for (int where : {0, 1, 2}) {
+          lab::ProblemSpec s;
+          s.batch = 1, s.heads_q = 8, s.heads_kv = 2, s.seqlen_q = sq, s.seqlen_kv = 1000, s.head_dim = 128;
+          s.lse = true, s.num_splits = splits, s.seed = lab::test_seed() + 31 * sq + where;
+          if (!runs(v, s)) continue;
+          INFO(v.name << ": sq " << sq << ", " << splits << " splits, NaN in "
+                      << "qkv"[where]);
+          lab::Problem prob(s);
+          const lab::AttnParams& p = prob.params;
+          const uint16_t nan = lab::float_to_half_bits(NAN, s.dtype);
+          const int j = 500, c = 5;
+          if (where == 0)
+            LAB_CUDA_CHECK(cudaMemcpy(static_cast<uint16_t*>(const_cast<void*>(p.q)) + 1 * p.q_head_stride,
+                                      &nan, 2, cudaMemcpyHostToDevice));
+          if (where == 1)
+            LAB_CUDA_CHECK(cudaMemcpy(static_cast<uint16_t*>(const_cast<void*>(p.k)) + j * p.k_row_stride,
+                                      &nan, 2, cudaMemcpyHostToDevice));
+          if (where == 2)
+            LAB_CUDA_CHECK(cudaMemcpy(
+                static_cast<uint16_t*>(const_cast<void*>(p.v)) + j * p.v_row_stride + p.v_head_stride + c,
+                &nan, 2, cudaMemcpyHostToDevice));
+          const lab::VariantInputs in = lab::prepare_variant(prob, v, 0);
+          prob.poison_outputs(0);
+          v.forward(in.params, 0);
+          LAB_CUDA_CHECK(cudaDeviceSynchronize());
+          const std::vector<uint16_t> o = lab::download_bits(p.o, prob.o_elems);
+          std::vector<float> lse(prob.lse_elems);
+          LAB_CUDA_CHECK(cudaMemcpy(lse.data(), p.lse, lse.size() * 4, cudaMemcpyDeviceToHost));
+          for (int i = 0; i < sq; ++i)
+            for (int h = 0; h < 8; ++h) {
+              // Not causal: every row sees key 500.
+              const bool row_nan = (where == 0 && i == 0 && h == 1) || (where == 1 && h < 4);
+              const float l = lse[size_t(h) * sq + i];
+              INFO("row " << i << ", head " << h << ": lse " << l);
+              CHECK(std::isnan(l) == row_nan);
+              for (int e = 0; e < 128; ++e) {
+                const float x = lab::half_bits_to_float(o[(size_t(i) * 8 + h) * 128 + e], s.dtype);
+                const bool want_nan = row_nan || (where == 2 && h >= 4 && e == c);
+                if (std::isnan(x) != want_nan) {
+                  INFO("channel " << e << ": " << x);
+                  CHECK(std::isnan(x) == want_nan);
+                }
+              }
+            }
+        }
+}
+
+TEST_CASE("06_gqa_alibi: key ranges stay in int: seqlen_kv near INT_MAX is refused by name", "[cpu]") {
+  lab::AttnParams p;
+  p.batch = 1, p.heads_q = 8, p.heads_kv = 2, p.seqlen_q = 1, p.seqlen_kv = 2147480000, p.head_dim = 128;
+  p.softmax_scale = 0.088f;
+  lab::set_contiguous_strides(p);
+  alignas(16) static char buf[16];
+  p.q = p.k = p.v = buf;
+  p.o = buf;
+  for (auto forward : {ch06::forward_gqa, ch06::forward_alibi, ch06::forward}) {
+    try {
+      forward(p, 0);
+      FAIL("seqlen_kv = 2147480000 was accepted");
+    } catch (const lab::InvalidArgument& e) {
+      CHECK(std::string(e.what()).find("06_gqa_alibi: seqlen_kv = 2147480000 is not supported (at most ") !=
+            std::string::npos);
+    }
+  }
+  CHECK_THROWS_AS(ch06::num_splits_for(p), lab::InvalidArgument);
 }
