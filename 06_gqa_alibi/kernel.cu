@@ -171,9 +171,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
   const int diag = sk - sq, warp_row0 = KEY_WARPS ? 0 : warp * 16 * M_FRAGS;
   const int key_off = KEY_WARPS ? warp * W_C : 0;  // this warp's keys within a tile
   // Warps whose rows are all padding (a short sequence's last row tile) skip the math. Not at
-  // d = 128: there the branch around the math costs the loop registers (16 bytes of spills
-  // instead of 8) and the prefill tile 6% of its speed, measured on H100 (at d = 64 dropping it
-  // cost 4.5%); such warps are rare once decoding has its own tile, and they compute on zero rows.
+  // d = 128: there the branch around the math costs the loop registers (spills).
   const bool warp_active = D == 128 || m0 + warp_row0 < rows;
 
   // Keys this tile sees (causal: up to its last token's diagonal), cut into split chunks.
@@ -224,6 +222,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
     }
   const int crossing = first_tok + diag;  // tiles with a key right of this cross the first row's diagonal
 
+  // Per thread: rows g and g + 8 of each of its M_FRAGS fragments.
   float o[M_FRAGS][N_O][4] = {};
   float m_i[M_FRAGS][2], l_i[M_FRAGS][2];
 #pragma unroll
@@ -231,12 +230,14 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
     for (int r = 0; r < 2; ++r) m_i[mi][r] = -INFINITY, l_i[mi][r] = 0.f;
   const float scale_log2 = p.softmax_scale * float(M_LOG2E);
 
-  const uint32_t y_a = (lane / 16) ^ (lane % 8);
-  const uint32_t y_b = ((lane / 8) & 1) ^ (lane % 8);
+  // ldmatrix addresses, as in step 2 (a warp's keys start key_off rows into the K/V tile).
+  const uint32_t y_a = (lane / 16) ^ (lane % 8);        // Q (A operand) and V (.trans) fragments
+  const uint32_t y_b = ((lane / 8) & 1) ^ (lane % 8);   // K (B operand) fragments
   const uint32_t q_frag = sQ + (warp_row0 + lane % 16) * ROW_BYTES;
-  const uint32_t k_frag = (lane % 8 + 8 * (lane / 16)) * ROW_BYTES;
-  const uint32_t v_frag = (lane % 8 + 8 * ((lane / 8) % 2)) * ROW_BYTES;
+  const uint32_t k_frag = (lane % 8 + 8 * (lane / 16)) * ROW_BYTES;       // + the K tile
+  const uint32_t v_frag = (lane % 8 + 8 * ((lane / 8) % 2)) * ROW_BYTES;  // + the V tile
 
+  // S = Q_i K_j^T on tensor cores.
   auto compute_scores = [&](float (&s)[M_FRAGS][N_S][4], uint32_t sK_j) {
 #pragma unroll
     for (int mi = 0; mi < M_FRAGS; ++mi)
@@ -252,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
         ldmatrix_x4(a[mi], q_frag + mi * 16 * ROW_BYTES + (((2 * kk) ^ y_a) << 4));
 #pragma unroll
       for (int nj = 0; nj < N_S; nj += 2) {
-        uint32_t bk[4];
+        uint32_t bk[4];  // B fragments of key tiles nj and nj + 1
         ldmatrix_x4(bk, sK_j + k_frag + nj * 8 * ROW_BYTES + (((2 * kk) ^ y_b) << 4));
 #pragma unroll
         for (int mi = 0; mi < M_FRAGS; ++mi) {
@@ -263,7 +264,8 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
     }
   };
 
-  // Keys past the sequence (or the split's causal range) and right of each row's diagonal.
+  // Mask keys past the end of the split's range and, with causal, right of the diagonal. Only the
+  // last tile and the tiles crossing the diagonal need it.
   auto mask_scores = [&](float (&s)[M_FRAGS][N_S][4], int n0) {
     if (n0 + W_C > k_end || (p.causal && n0 + W_C - 1 > crossing)) {
 #pragma unroll
