@@ -20,8 +20,10 @@ template <template <class, int> class Step, class... Args>
 auto dispatch(const lab::AttnParams& p, Args&&... args) {
   const bool half = p.dtype == lab::DType::fp16;
   switch (p.head_dim) {
-    case 64: return half ? Step<__half, 64>::run(p, args...) : Step<__nv_bfloat16, 64>::run(p, args...);
-    default: return half ? Step<__half, 128>::run(p, args...) : Step<__nv_bfloat16, 128>::run(p, args...);
+    case 64:
+      return half ? Step<__half, 64>::run(p, args...) : Step<__nv_bfloat16, 64>::run(p, args...);
+    default:
+      return half ? Step<__half, 128>::run(p, args...) : Step<__nv_bfloat16, 128>::run(p, args...);
   }
 }
 
@@ -34,7 +36,8 @@ constexpr int kMaxSeqlenKv = INT_MAX - 2 * 64 * (ch04::kMaxSplits + 2);
 inline void check_launch_limits(const lab::AttnParams& p, const lab::Support& s) {
   ch04::check_split_kv_launch(p, s, true);
   if (int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv) > (int64_t(1) << 30))
-    throw lab::InvalidArgument(std::string(s.chapter) + ": seqlen_q * heads_q / heads_kv above 2^30 is not supported");
+    throw lab::InvalidArgument(std::string(s.chapter) +
+                               ": seqlen_q * heads_q / heads_kv above 2^30 is not supported");
   if (p.seqlen_kv > kMaxSeqlenKv)
     throw lab::InvalidArgument(std::string(s.chapter) + ": seqlen_kv = " + std::to_string(p.seqlen_kv) +
                                " is not supported (at most " + std::to_string(kMaxSeqlenKv) + ")");

@@ -28,7 +28,7 @@ extern const lab::Support kSupportGqa, kSupportAlibi;
 void forward_gqa(const lab::AttnParams& p, cudaStream_t stream);    // step 1
 void forward_alibi(const lab::AttnParams& p, cudaStream_t stream);  // step 2
 int num_splits_for(const lab::AttnParams& p);                       // step 3
-size_t workspace_bytes(const lab::AttnParams& p);  // 04's partials when splits > 1
+size_t workspace_bytes(const lab::AttnParams& p);                   // 04's partials when splits > 1
 void forward(const lab::AttnParams& p, cudaStream_t stream);
 
 // Step 3's tile for a problem with `packed_rows` = seqlen_q * heads_q / heads_kv rows per (sequence,

@@ -15,7 +15,8 @@ TilePlan plan_tile(int64_t packed_rows, int head_dim, int elem_bytes, size_t sme
   std::vector<TilePlan> tries;  // in order of preference
   if (packed_rows <= 32) {
     const int m_frags = packed_rows <= 16 ? 1 : 2;
-    for (int stages : {3, 2}) tries.push_back({m_frags, true, stages, 16 * m_frags, bytes(16 * m_frags, stages)});
+    for (int stages : {3, 2})
+      tries.push_back({m_frags, true, stages, 16 * m_frags, bytes(16 * m_frags, stages)});
   }
   tries.push_back({2, false, 2, 128, bytes(128, 2)});
   size_t least = tries[0].smem_bytes;
@@ -23,8 +24,9 @@ TilePlan plan_tile(int64_t packed_rows, int head_dim, int elem_bytes, size_t sme
     if (t.smem_bytes <= smem_limit) return t;
     least = std::min(least, t.smem_bytes);
   }
-  throw lab::InvalidArgument(std::string("06_gqa_alibi") + ": head_dim = " + std::to_string(head_dim) + " needs " +
-                             std::to_string(least) + " bytes of shared memory per block; this GPU allows " +
+  throw lab::InvalidArgument(std::string("06_gqa_alibi") + ": head_dim = " + std::to_string(head_dim) +
+                             " needs " + std::to_string(least) +
+                             " bytes of shared memory per block; this GPU allows " +
                              std::to_string(smem_limit) + " (LAB_SMEM_CAP or the device's opt-in limit)");
 }
 
