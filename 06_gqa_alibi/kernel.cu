@@ -454,12 +454,9 @@ using KernelFn = void (*)(const lab::AttnParams, int, float*, float*);
 template <class T, int D, bool ALIBI>
 KernelFn kernel_for(const TilePlan& t) {
   if (!t.key_warps) return flash_forward_grouped<T, D, 2, false, 2, ALIBI>;
-  switch (t.m_frags * 10 + t.stages) {
-    case 13: return flash_forward_grouped<T, D, 1, true, 3, ALIBI>;
-    case 12: return flash_forward_grouped<T, D, 1, true, 2, ALIBI>;
-    case 23: return flash_forward_grouped<T, D, 2, true, 3, ALIBI>;
-    default: return flash_forward_grouped<T, D, 2, true, 2, ALIBI>;
-  }
+  if (t.m_frags == 1)
+    return t.stages == 3 ? flash_forward_grouped<T, D, 1, true, 3, ALIBI> : flash_forward_grouped<T, D, 1, true, 2, ALIBI>;
+  return t.stages == 3 ? flash_forward_grouped<T, D, 2, true, 3, ALIBI> : flash_forward_grouped<T, D, 2, true, 2, ALIBI>;
 }
 
 template <class T, int D>
