@@ -1,46 +1,38 @@
-// 06_gqa_alibi: one kernel for GQA/MQA, ALiBi and hybrid prefill + decode batches.
+// 06_gqa_alibi, step 3 (the chapter's default kernel): a decoding tile and split-KV.
 //
-// 03's fa2 kernel (and 04, 05) give every query head its own block, which reads its KV head from
-// HBM. With grouped-query attention G = heads_q / heads_kv query heads share one KV head, so those
-// blocks read the same K and V G times (the L2 catches some of it, by luck). This kernel changes
-// what a row of the tile is:
-//   - row r of a block is the pair (query token r / G, query head h_kv G + r % G): the G heads of
-//     a group are packed into the M dimension of the mma, the block belongs to a KV head, and each
-//     K_j, V_j tile is loaded once and used by the whole group. In decoding (1 token) the G heads
-//     fill G rows of a fragment that 04 filled with 1 row, and the bytes read drop by G;
-//   - ALiBi: s_ij += slope_h (j - (i + sk - sq)) / scale (in score units), added as one FMA per
-//     score: the column part comes from per-thread constants, the row part is folded into the
-//     exp2 argument, so the max sees the biased scores at no extra cost;
-//   - varlen: sequence b's queries and keys are rows cu_seqlens_q[b].. and cu_seqlens_kv[b].. of
-//     packed tensors, so one launch serves prefill sequences (thousands of rows) and decode
-//     sequences (one row) together, as continuous batching does. Blocks past a short sequence's
-//     rows exit at once;
-//   - split-KV as in 04 (partials + 04's combine, now varlen-aware) for decoding batches too small
-//     to fill the GPU;
-//   - a decoding tile: with at most 32 packed rows the 4 warps share the rows and split each
-//     tile's keys, as 04's warps do (in 03's tile only the first warp would hold real rows).
-// Everything else is 03's step 2: cp.async double buffering, swizzle, exp2 online softmax, P in
-// registers. Cost: a row's query head and token come from a division by G (in the prologue and
-// epilogue, and in the causal mask of diagonal tiles).
+// Step 2 serves prefill and decode sequences in one launch, but a decode sequence (one query
+// token: gqa_ratio packed rows) still gets 03's 128-row tile, in which only the first warp holds
+// real rows, and a small decoding batch has too few blocks (batch x heads_kv) to fill the GPU.
+// This step changes how the blocks and warps share the work, as 04 does for decoding:
+//   - a decoding tile: with at most 32 packed rows (one token of up to 32 heads of a group) the 4
+//     warps share the rows and split each K/V tile's keys; their (m, l, O) are merged at the end
+//     (merge_key_warps), and three K/V stages keep two tiles in flight while one is computed;
+//   - split-KV as in 04: blocks split each sequence's keys into num_splits chunks and write fp32
+//     partials with their lse, which 04's combine (varlen-aware) merges.
+// Cost: the merge through shared memory and, with splits, the partials' round trip through HBM
+// and a second kernel; neither is paid by prefill tiles with one split.
 //
 // clang-format off
 //   grid: (num_splits x row tiles, heads_kv, batch)      block: 4 warps, B_r = 16, 32 or 128 packed rows
 //
-//   rows of the Q tile (GQA 32/8, G = 4):      K_j, V_j of KV head h_kv: loaded once, used by all
-//     r = 0: token 0, head 4 h_kv + 0          +----------------+     +-----------+
-//     r = 1: token 0, head 4 h_kv + 1   Q_i    | S = Q_i K_j^T  | P   |  O += P V |
-//     r = 2: token 0, head 4 h_kv + 2  ------> | + ALiBi bias   | --> |           |
-//     r = 3: token 0, head 4 h_kv + 3          +----------------+     +-----------+
-//     r = 4: token 1, head 4 h_kv + 0  ...     (decode: rows 0..G-1 only; prefill: 128 rows)
+//   decoding tile (B_r = 16: one token of a group of up to 16 heads), one K/V tile of B_c = 64 keys:
+//          keys 0..15   keys 16..31  keys 32..47  keys 48..63
+//         +-----------+------------+------------+------------+
+//   Q_i   |  warp 0   |   warp 1   |   warp 2   |   warp 3   |   each warp: S, P and its own
+//  16 rows|  S, P, O  |  S, P, O   |  S, P, O   |  S, P, O   |   (m, l, O) for all 16 rows
+//         +-----------+------------+------------+------------+
+//   end: the 4 warps' (m, l, O) merged through shared memory (merge_key_warps), as 04's splits are.
+//   split-KV: blocks (split s, row tile) take keys [s chunk, (s + 1) chunk); 04's combine merges.
 // clang-format on
 #include <algorithm>
 #include <cmath>
-#include <mutex>
-#include <type_traits>
 
 #include "03_flash_v2/tensor_core.cuh"
+#include "06_gqa_alibi/dispatch.h"
 #include "06_gqa_alibi/kernel.h"
+#include "06_gqa_alibi/merge_key_warps.cuh"
 #include "common/cuda_check.h"
+#include "common/device.h"
 
 namespace ch06 {
 
@@ -74,34 +66,37 @@ using ch03::rescale_rows;
 using ch03::smem_addr;
 using ch03::softmax_alpha;
 
-// 03's K/V tiles: 64 keys.
+// B_c keys per K/V tile, and how far to unroll the k-loop of S = QK^T (a rolled loop keeps fewer
+// fragments in flight: fewer registers). B_r comes from the tile (below).
 template <int D> struct Tiles { static constexpr int B_c = 64, QK_UNROLL = D / 16; };
 template <> struct Tiles<128> { static constexpr int B_c = 64, QK_UNROLL = 2; };
 
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 
-// Two tiles, two jobs for the warps:
-//   - prefill (KEY_WARPS = false): 03's tile, B_r = 64 M_FRAGS rows, warp w owns rows 16 M_FRAGS w..;
-//     K/V double-buffered (the math hides the loads);
-//   - decoding (KEY_WARPS = true, at most 32 packed rows: one token of up to 32 heads of a group):
-//     B_r = 16 M_FRAGS rows shared by all 4 warps, and warp w multiplies keys 16w..16w+15 of every
-//     64-key tile, as 04 does: all 4 warps compute where only the first would hold real rows. The
-//     warps' (m, l, O) are merged at the end. Three stages keep two K/V tiles in flight while one is
-//     computed (100 KB at d = 128: two blocks per SM).
-template <bool KEY_WARPS> struct Stages { static constexpr int value = KEY_WARPS ? 3 : 2; };
+// Two tiles (plan_tile picks one, and NST, per problem): prefill (KEY_WARPS = false) is step 2's,
+// B_r = 64 M_FRAGS rows, warp w owning rows 16 M_FRAGS w.., NST = 2; decoding (KEY_WARPS = true)
+// has B_r = 16 M_FRAGS rows shared by the 4 warps, warp w multiplying keys 16w..16w+15 of each
+// 64-key tile, and NST = 3 K/V stages (2 where the GPU's shared memory per block is too small).
 
+// Shared-memory tiles are rows of ROW elements (d rounded up to 64, i.e. 8+ chunks of 16 bytes).
+// Chunk c of row r is stored at chunk c ^ (r % 8): the 8 row addresses of one ldmatrix then hit
+// 8 different 16-byte bank groups instead of the same one.
 template <int ROW>
 __device__ __forceinline__ uint32_t smem_offset(int r, int c) {
   return uint32_t((r * (ROW / 8) + (c ^ (r & 7))) * 16);
 }
 
-// 03's tile copy (rows `row_stride` apart, rows >= valid_rows zero-filled).
+// ROWS x D tile from global rows `row_stride` apart into swizzled shared memory, 16 bytes per
+// cp.async; rows at or past `valid_rows` are zero-filled (src-size 0), never read. Each thread
+// copies the same chunk c of rows r0, r0 + RPP, ...: one base address per thread. Unlike 03's
+// copy, a row past the end selects the tile's first row as its (unread) address: 06 has always
+// done so, and dropping the select (which bought 03 3%) is left to a measured change.
 template <class T, int D, int ROW, int ROWS>
 __device__ __forceinline__ void load_tile_async(uint32_t smem, const T* g, int64_t row_stride,
                                                 int valid_rows) {
   constexpr int CHUNKS = D / 8;
   static_assert((ROWS * CHUNKS) % kThreads == 0, "tile must split evenly over the threads");
-  constexpr int RPP = kThreads / CHUNKS;
+  constexpr int RPP = kThreads / CHUNKS;  // rows per pass; a multiple of 8 keeps the swizzle fixed
   static_assert(kThreads % CHUNKS == 0 && RPP % 8 == 0, "one chunk column per thread");
   const int r0 = threadIdx.x / CHUNKS, c = threadIdx.x % CHUNKS;
   const T* src = g + r0 * row_stride + c * 8;
@@ -114,6 +109,7 @@ __device__ __forceinline__ void load_tile_async(uint32_t smem, const T* g, int64
   }
 }
 
+// Pairwise (tree) reductions over the n8 tiles of one row: depth log2(N) instead of N.
 template <int N, class F>
 __device__ __forceinline__ float tree_reduce(const float (&v)[N], F op) {
   if constexpr (N == 1) {
@@ -126,98 +122,6 @@ __device__ __forceinline__ float tree_reduce(const float (&v)[N], F op) {
   }
 }
 
-// The decoding tile's epilogue: the 4 warps saw different keys of the same rows, so their
-// (m_w, l_w, O_w) merge as 04's warps (and splits) do, through shared memory:
-//   m = max_w m_w,  l = sum_w l_w 2^((m_w - m) c),  O = sum_w O_w 2^((m_w - m) c) / l.
-// Then O (or this split's fp32 partial and lse_s) goes to row (token r / G, head h_kv G + r % G).
-template <class T, int D, int B_r, int M_FRAGS = B_r / 16>
-__device__ __forceinline__ void merge_key_warps(unsigned char* smem, float (&o)[M_FRAGS][D / 8][4],
-                                                float (&m_i)[M_FRAGS][2], float (&l_i)[M_FRAGS][2],
-                                                float scale_log2, const lab::AttnParams& p, int r0, int rows,
-                                                int G, int h_kv, int b, int split, int splits, T* O,
-                                                float* o_partial, float* lse_partial) {
-  constexpr int O_STRIDE = D + 4;  // padding: the 8 rows g of a store hit different banks
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  float* red_m = reinterpret_cast<float*>(smem);  // [kWarps][B_r]
-  float* red_l = red_m + kWarps * B_r;            // [kWarps][B_r]
-  float* part_o = red_l + kWarps * B_r;           // [kWarps][B_r][O_STRIDE]: each warp's O, rescaled
-#pragma unroll
-  for (int mi = 0; mi < M_FRAGS; ++mi)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float l = l_i[mi][r];
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      if (t == 0)
-        red_m[warp * B_r + mi * 16 + g + 8 * r] = m_i[mi][r], red_l[warp * B_r + mi * 16 + g + 8 * r] = l;
-    }
-  __syncthreads();
-  auto row_max = [&](int row) {
-    float m = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, red_m[w * B_r + row]);
-    return m;
-  };
-  auto factor = [&](float m_w, float m) {
-    return m == -INFINITY ? 0.f : exp2_approx((m_w - m) * scale_log2);
-  };
-#pragma unroll
-  for (int mi = 0; mi < M_FRAGS; ++mi)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = mi * 16 + g + 8 * r;
-      const float f = factor(m_i[mi][r], row_max(row));
-      float* dst = part_o + (warp * B_r + row) * O_STRIDE + 2 * t;
-#pragma unroll
-      for (int nd = 0; nd < D / 8; ++nd)
-        *reinterpret_cast<float2*>(dst + nd * 8) =
-            make_float2(o[mi][nd][2 * r] * f, o[mi][nd][2 * r + 1] * f);
-    }
-  __syncthreads();
-  auto row_sum = [&](int row, float m) {
-    float l = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) l += red_l[w * B_r + row] * factor(red_m[w * B_r + row], m);
-    return l;
-  };
-  for (int e = threadIdx.x; e < B_r * (D / 8); e += kThreads) {
-    const int rr = e / (D / 8), c = (e % (D / 8)) * 8, row = r0 + rr;
-    if (row >= rows) continue;
-    const float l = row_sum(rr, row_max(rr)), inv_l = l > 0.f ? 1.f / l : 0.f;
-    float v[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      float acc = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) acc += part_o[(w * B_r + rr) * O_STRIDE + c + k];
-      v[k] = acc * inv_l;
-    }
-    const int tok = row / G, h = h_kv * G + row % G;
-    if (splits == 1) {
-      uint4 packed;
-      uint32_t* w32 = reinterpret_cast<uint32_t*>(&packed);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) w32[k] = pack2<T>(v[2 * k], v[2 * k + 1]);
-      *reinterpret_cast<uint4*>(O + tok * p.o_row_stride + h * p.o_head_stride + c) = packed;
-    } else {
-      const int64_t at = ((int64_t(split) * p.batch + b) * p.heads_q + h) * p.seqlen_q + tok;
-      float4* dst = reinterpret_cast<float4*>(o_partial + at * D + c);
-      dst[0] = make_float4(v[0], v[1], v[2], v[3]);
-      dst[1] = make_float4(v[4], v[5], v[6], v[7]);
-    }
-  }
-  if (threadIdx.x < B_r && r0 + int(threadIdx.x) < rows) {
-    const int rr = threadIdx.x, row = r0 + rr;
-    const float m = row_max(rr), l = row_sum(rr, m);
-    const float lse = l > 0.f ? m * p.softmax_scale + logf(l) : -INFINITY;
-    const int64_t at = (int64_t(b) * p.heads_q + h_kv * G + row % G) * p.seqlen_q + row / G;
-    if (splits > 1)
-      lse_partial[int64_t(split) * p.batch * p.heads_q * p.seqlen_q + at] = lse;
-    else if (p.lse)
-      p.lse[at] = lse;
-  }
-}
-
 // Sequence b of a varlen batch: its first rows in the packed Q/O and K/V tensors, and its lengths.
 struct Sequence {
   int64_t q_row0 = 0, k_row0 = 0;
@@ -227,13 +131,19 @@ __device__ __forceinline__ Sequence sequence(const lab::AttnParams& p, int b) {
   Sequence s;
   s.sq = p.seqlen_q, s.sk = p.seqlen_kv;
   if (p.cu_seqlens_q) {
-    s.q_row0 = p.cu_seqlens_q[b], s.sq = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
-    s.k_row0 = p.cu_seqlens_kv[b], s.sk = p.cu_seqlens_kv[b + 1] - p.cu_seqlens_kv[b];
+    const int q0 = p.cu_seqlens_q[b], q1 = p.cu_seqlens_q[b + 1];
+    const int k0 = p.cu_seqlens_kv[b], k1 = p.cu_seqlens_kv[b + 1];
+    // Offsets the host check refuses (past total_q / total_kv, decreasing, longer than the grid)
+    // are never followed, whatever the table holds by launch time: the sequence is skipped.
+    const bool inside = 0 <= q0 && q0 <= q1 && q1 <= p.total_q && q1 - q0 <= p.seqlen_q && 0 <= k0 &&
+                        k0 <= k1 && k1 <= p.total_kv && k1 - k0 <= p.seqlen_kv;
+    s.q_row0 = q0, s.sq = inside ? q1 - q0 : 0;
+    s.k_row0 = k0, s.sk = inside ? k1 - k0 : 0;
   }
   return s;
 }
 
-template <class T, int D, int M_FRAGS, bool KEY_WARPS, bool ALIBI>
+template <class T, int D, int M_FRAGS, bool KEY_WARPS, int NST, bool ALIBI>
 __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::AttnParams p, int splits,
                                                                      float* o_partial, float* lse_partial) {
   constexpr int B_r = 16 * M_FRAGS * (KEY_WARPS ? 1 : kWarps), B_c = Tiles<D>::B_c;
@@ -242,7 +152,8 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
   constexpr int ROW = (D + 63) / 64 * 64;
   constexpr int N_S = W_C / 8, N_O = D / 8, CHUNKS = D / 8;
   constexpr uint32_t ROW_BYTES = ROW * sizeof(T), KV_TILE = B_c * ROW * sizeof(T);
-  constexpr int NST = Stages<KEY_WARPS>::value;
+  static_assert(!KEY_WARPS || (B_r + 2 * NST * B_c) * ROW_BYTES >= 2 * kWarps * B_r * 4 + kWarps * B_r * (D + 4) * 4,
+                "the decoding tile's merge reuses its K/V stages");
 
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sQ = smem_addr(smem);
@@ -250,23 +161,21 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
   const uint32_t sV = sK + NST * KV_TILE;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int G = p.heads_q / p.heads_kv;
+  const int gqa_ratio = p.heads_q / p.heads_kv;
   const int split = blockIdx.x % splits, m_block = blockIdx.x / splits;
   const int h_kv = blockIdx.y, b = blockIdx.z;
   const Sequence seq = sequence(p, b);
   const int sq = seq.sq, sk = seq.sk;
-  const int rows = sq * G, r0 = m_block * B_r;
-  if (r0 >= rows) return;  // a short sequence in a long batch: nothing here (before any barrier)
+  const int rows = sq * gqa_ratio, m0 = m_block * B_r;
+  if (m0 >= rows) return;  // a short sequence in a long batch: nothing here (before any barrier)
   const int diag = sk - sq, warp_row0 = KEY_WARPS ? 0 : warp * 16 * M_FRAGS;
   const int key_off = KEY_WARPS ? warp * W_C : 0;  // this warp's keys within a tile
   // Warps whose rows are all padding (a short sequence's last row tile) skip the math. Not at
-  // d = 128: there the branch around the math costs the loop registers (16 bytes of spills
-  // instead of 8) and the prefill tile 6% of its speed, measured on H100 (at d = 64 dropping it
-  // cost 4.5%); such warps are rare once decoding has its own tile, and they compute on zero rows.
-  const bool warp_active = D == 128 || r0 + warp_row0 < rows;
+  // d = 128: there the branch around the math costs the loop registers (spills).
+  const bool warp_active = D == 128 || m0 + warp_row0 < rows;
 
   // Keys this tile sees (causal: up to its last token's diagonal), cut into split chunks.
-  const int first_tok = r0 / G, last_tok = (min(r0 + B_r, rows) - 1) / G;
+  const int first_tok = m0 / gqa_ratio, last_tok = (min(m0 + B_r, rows) - 1) / gqa_ratio;
   int n_keys = sk;
   if (p.causal) n_keys = min(sk, max(0, last_tok + 1 + diag));
   const int chunk = ((n_keys + splits - 1) / splits + B_c - 1) / B_c * B_c;
@@ -277,13 +186,13 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
   const T* K = static_cast<const T*>(p.k) + b * p.k_batch_stride + (seq.k_row0 + k_begin) * p.k_row_stride + h_kv * p.k_head_stride;
   const T* V = static_cast<const T*>(p.v) + b * p.v_batch_stride + (seq.k_row0 + k_begin) * p.v_row_stride + h_kv * p.v_head_stride;
 
-  // Q_i: packed row r is token r / G of query head h_kv G + r % G, so rows are gathered one by
-  // one (once per block; the K/V tiles below are plain 03 tiles).
+  // Q_i: packed row r is token r / gqa_ratio of query head h_kv gqa_ratio + r % gqa_ratio, so rows
+  // are gathered one by one (once per block; the K/V tiles below are plain 03 tiles).
 #pragma unroll
   for (int k = 0; k < B_r * CHUNKS / kThreads; ++k) {
     const int e = threadIdx.x + k * kThreads, r = e / CHUNKS, c = e % CHUNKS;
-    const bool valid = r0 + r < rows;
-    const int tok = (r0 + r) / G, h = h_kv * G + (r0 + r) % G;
+    const bool valid = m0 + r < rows;
+    const int tok = (m0 + r) / gqa_ratio, h = h_kv * gqa_ratio + (m0 + r) % gqa_ratio;
     const T* src = valid ? Q + tok * p.q_row_stride + h * p.q_head_stride + c * 8 : Q;
     cp_async_16(sQ + smem_offset<ROW>(r, c), src, valid ? 16 : 0);
   }
@@ -297,23 +206,23 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
     cp_async_commit();
   }
 
-  // This thread's rows are g and g + 8 of each fragment; their tokens are computed where needed
-  // (the mask of diagonal tiles), not kept in registers. With ALiBi each row keeps its slope in
+  // This thread's rows are g and g + 8 of each fragment. With ALiBi each row keeps its slope in
   // score units (slope / scale) and slope (2t - i - diag): the bias of key n0 + 8 nj + 2t + c is
   // then slope (8 nj + c) (an FMA with a constant) plus a per-row term for the whole tile.
-  const int row_base = r0 + warp_row0 + g;
-  auto token_of = [&](int mi, int r) { return (row_base + mi * 16 + 8 * r) / G; };
+  const int row_base = m0 + warp_row0 + g;
+  auto token_of = [&](int mi, int r) { return (row_base + mi * 16 + 8 * r) / gqa_ratio; };
   float slope_of[M_FRAGS][2], slope_shift[M_FRAGS][2];
 #pragma unroll
   for (int mi = 0; mi < M_FRAGS; ++mi)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = row_base + mi * 16 + 8 * r;
-      slope_of[mi][r] = ALIBI && row < rows ? p.alibi_slopes[h_kv * G + row % G] / p.softmax_scale : 0.f;
+      slope_of[mi][r] = ALIBI && row < rows ? p.alibi_slopes[h_kv * gqa_ratio + row % gqa_ratio] / p.softmax_scale : 0.f;
       slope_shift[mi][r] = slope_of[mi][r] * float(2 * t - token_of(mi, r) - diag);
     }
-  const int crossing = first_tok + diag;  // tiles with a key right of this is the first row's diagonal
+  const int crossing = first_tok + diag;  // tiles with a key right of this cross the first row's diagonal
 
+  // Per thread: rows g and g + 8 of each of its M_FRAGS fragments.
   float o[M_FRAGS][N_O][4] = {};
   float m_i[M_FRAGS][2], l_i[M_FRAGS][2];
 #pragma unroll
@@ -321,12 +230,14 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
     for (int r = 0; r < 2; ++r) m_i[mi][r] = -INFINITY, l_i[mi][r] = 0.f;
   const float scale_log2 = p.softmax_scale * float(M_LOG2E);
 
-  const uint32_t y_a = (lane / 16) ^ (lane % 8);
-  const uint32_t y_b = ((lane / 8) & 1) ^ (lane % 8);
+  // ldmatrix addresses, as in step 2 (a warp's keys start key_off rows into the K/V tile).
+  const uint32_t y_a = (lane / 16) ^ (lane % 8);        // Q (A operand) and V (.trans) fragments
+  const uint32_t y_b = ((lane / 8) & 1) ^ (lane % 8);   // K (B operand) fragments
   const uint32_t q_frag = sQ + (warp_row0 + lane % 16) * ROW_BYTES;
-  const uint32_t k_frag = (lane % 8 + 8 * (lane / 16)) * ROW_BYTES;
-  const uint32_t v_frag = (lane % 8 + 8 * ((lane / 8) % 2)) * ROW_BYTES;
+  const uint32_t k_frag = (lane % 8 + 8 * (lane / 16)) * ROW_BYTES;       // + the K tile
+  const uint32_t v_frag = (lane % 8 + 8 * ((lane / 8) % 2)) * ROW_BYTES;  // + the V tile
 
+  // S = Q_i K_j^T on tensor cores.
   auto compute_scores = [&](float (&s)[M_FRAGS][N_S][4], uint32_t sK_j) {
 #pragma unroll
     for (int mi = 0; mi < M_FRAGS; ++mi)
@@ -342,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
         ldmatrix_x4(a[mi], q_frag + mi * 16 * ROW_BYTES + (((2 * kk) ^ y_a) << 4));
 #pragma unroll
       for (int nj = 0; nj < N_S; nj += 2) {
-        uint32_t bk[4];
+        uint32_t bk[4];  // B fragments of key tiles nj and nj + 1
         ldmatrix_x4(bk, sK_j + k_frag + nj * 8 * ROW_BYTES + (((2 * kk) ^ y_b) << 4));
 #pragma unroll
         for (int mi = 0; mi < M_FRAGS; ++mi) {
@@ -353,7 +264,8 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
     }
   };
 
-  // Keys past the sequence (or the split's causal range) and right of each row's diagonal.
+  // Mask keys past the end of the split's range and, with causal, right of the diagonal. Only the
+  // last tile and the tiles crossing the diagonal need it.
   auto mask_scores = [&](float (&s)[M_FRAGS][N_S][4], int n0) {
     if (n0 + W_C > k_end || (p.causal && n0 + W_C - 1 > crossing)) {
 #pragma unroll
@@ -370,10 +282,12 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
     }
   };
 
-  // 03's online softmax on biased scores. With ALiBi the score held is s + slope (8 nj + c) (one
+  // Online softmax in the exp2 domain: m_i is the running max of raw scores, P = 2^(s*c - m_i*c)
+  // with c = scale * log2(e); O_i and l_i are rescaled by 2^((m_old - m_new) * c). S becomes P.
+  // With ALiBi, on a tile left of every row's diagonal the score held is s + slope (8 nj + c) (one
   // FMA with a constant); the rest of the bias, slope (n0 + 2t - i - diag), is the same for the
   // thread's whole row of the tile, so it is added to the row max and folded into the exp2
-  // argument. (The 4 threads of a quad hold different 2t: each adds its own before the shuffles.)
+  // argument (each thread of a quad adds its own 2t). Other tiles add -slope |j - i - diag| per score.
   auto online_softmax = [&](float (&s)[M_FRAGS][N_S][4], int n0) {
     // alpha per row; O_i is rescaled after all rows, under one warp-wide branch (below).
     float alpha_of[M_FRAGS][2];
@@ -384,11 +298,20 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
       for (int r = 0; r < 2; ++r) {
         float row_bias = 0.f;
         if constexpr (ALIBI) {
-          row_bias = fmaf(slope_of[mi][r], float(n0), slope_shift[mi][r]);
+          if (n0 + W_C - 1 <= crossing) {  // every key at or left of every row's diagonal
+            row_bias = fmaf(slope_of[mi][r], float(n0), slope_shift[mi][r]);
 #pragma unroll
-          for (int nj = 0; nj < N_S; ++nj) {
-            s[mi][nj][2 * r] = fmaf(slope_of[mi][r], float(8 * nj), s[mi][nj][2 * r]);
-            s[mi][nj][2 * r + 1] = fmaf(slope_of[mi][r], float(8 * nj + 1), s[mi][nj][2 * r + 1]);
+            for (int nj = 0; nj < N_S; ++nj) {
+              s[mi][nj][2 * r] = fmaf(slope_of[mi][r], float(8 * nj), s[mi][nj][2 * r]);
+              s[mi][nj][2 * r + 1] = fmaf(slope_of[mi][r], float(8 * nj + 1), s[mi][nj][2 * r + 1]);
+            }
+          } else {  // keys right of a diagonal (not causal), or the diagonal tiles: -slope |distance|
+            const float d0 = float(n0 + 2 * t - token_of(mi, r) - diag);  // key n0 + 2t minus the diagonal
+#pragma unroll
+            for (int nj = 0; nj < N_S; ++nj) {
+              s[mi][nj][2 * r] = fmaf(-slope_of[mi][r], fabsf(d0 + float(8 * nj)), s[mi][nj][2 * r]);
+              s[mi][nj][2 * r + 1] = fmaf(-slope_of[mi][r], fabsf(d0 + float(8 * nj + 1)), s[mi][nj][2 * r + 1]);
+            }
           }
         }
         float pair[N_S];
@@ -470,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
   const Sequence out = sequence(p, b);
   T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + out.q_row0 * p.o_row_stride;
   if constexpr (KEY_WARPS) {
-    merge_key_warps<T, D, B_r>(smem, o, m_i, l_i, scale_log2, p, r0, rows, G, h_kv, b, split, splits, O,
+    merge_key_warps<T, D, B_r, kWarps>(smem, o, m_i, l_i, scale_log2, p, m0, rows, gqa_ratio, h_kv, b, split, splits, O,
                                o_partial, lse_partial);
   } else {
     // 03's epilogue: O_i / l_i; lse (or this split's lse_s); O staged in shared memory, 16-byte stores.
@@ -484,10 +407,10 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
         const float inv_l = l > 0.f ? 1.f / l : 0.f;
 #pragma unroll
         for (int nd = 0; nd < N_O; ++nd) o[mi][nd][2 * r] *= inv_l, o[mi][nd][2 * r + 1] *= inv_l;
-        const int row = r0 + warp_row0 + mi * 16 + g + 8 * r;
+        const int row = m0 + warp_row0 + mi * 16 + g + 8 * r;
         if (t == 0 && row < rows) {
-          const float lse = l > 0.f ? m_i[mi][r] * p.softmax_scale + logf(l) : -INFINITY;
-          const int64_t at = (int64_t(b) * p.heads_q + h_kv * G + row % G) * p.seqlen_q + row / G;
+          const float lse = l == 0.f ? -INFINITY : m_i[mi][r] * p.softmax_scale + logf(l);  // NaN stays NaN
+          const int64_t at = (int64_t(b) * p.heads_q + h_kv * gqa_ratio + row % gqa_ratio) * p.seqlen_q + row / gqa_ratio;
           if (splits > 1) lse_partial[int64_t(split) * p.batch * p.heads_q * p.seqlen_q + at] = lse;
           else if (p.lse) p.lse[at] = lse;
         }
@@ -497,9 +420,9 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
       for (int mi = 0; mi < M_FRAGS; ++mi)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int row = r0 + warp_row0 + mi * 16 + g + 8 * r;
+          const int row = m0 + warp_row0 + mi * 16 + g + 8 * r;
           if (row >= rows) continue;
-          const int64_t at = ((int64_t(split) * p.batch + b) * p.heads_q + h_kv * G + row % G) * p.seqlen_q + row / G;
+          const int64_t at = ((int64_t(split) * p.batch + b) * p.heads_q + h_kv * gqa_ratio + row % gqa_ratio) * p.seqlen_q + row / gqa_ratio;
 #pragma unroll
           for (int nd = 0; nd < N_O; ++nd)
             *reinterpret_cast<float2*>(o_partial + at * D + nd * 8 + 2 * t) = make_float2(o[mi][nd][2 * r], o[mi][nd][2 * r + 1]);
@@ -517,120 +440,79 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
     __syncwarp();
 #pragma unroll
     for (int e = lane; e < 16 * M_FRAGS * CHUNKS; e += 32) {
-      const int rr = warp_row0 + e / CHUNKS, c = e % CHUNKS, row = r0 + rr;
+      const int rr = warp_row0 + e / CHUNKS, c = e % CHUNKS, row = m0 + rr;
       if (row < rows)
-        *reinterpret_cast<uint4*>(O + (row / G) * p.o_row_stride + (h_kv * G + row % G) * p.o_head_stride + c * 8) =
+        *reinterpret_cast<uint4*>(O + (row / gqa_ratio) * p.o_row_stride + (h_kv * gqa_ratio + row % gqa_ratio) * p.o_head_stride + c * 8) =
             *reinterpret_cast<const uint4*>(smem + smem_offset<ROW>(rr, c));
     }
   }
 }
 
-template <int M, bool KW, bool A>
-struct TileConfig {
-  static constexpr int m_frags = M;
-  static constexpr bool key_warps = KW, alibi = A;
-};
+using KernelFn = void (*)(const lab::AttnParams, int, float*, float*);
 
-// The decoding tile (warps split the keys) when no sequence has more than 32 packed rows
-// (seqlen_q x G: one token of a group of up to 32 heads), 03's 128-row tile otherwise.
-template <class F>
-void with_tile(const lab::AttnParams& p, F&& f) {
-  const int64_t rows = int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv);
-  const bool alibi = p.alibi_slopes != nullptr;
-  if (rows <= 16)
-    alibi ? f(TileConfig<1, true, true>{}) : f(TileConfig<1, true, false>{});
-  else if (rows <= 32)
-    alibi ? f(TileConfig<2, true, true>{}) : f(TileConfig<2, true, false>{});
-  else
-    alibi ? f(TileConfig<2, false, true>{}) : f(TileConfig<2, false, false>{});
-}
-
-template <class T, int D, class C>
-struct Tile {
-  static constexpr int B_r = 16 * C::m_frags * (C::key_warps ? 1 : kWarps);
-  static constexpr int smem =
-      (B_r + 2 * Stages<C::key_warps>::value * Tiles<D>::B_c) * ((D + 63) / 64 * 64) * int(sizeof(T));
-  static_assert(!C::key_warps || smem >= 2 * kWarps * B_r * 4 + kWarps * B_r * (D + 4) * 4,
-                "the decoding tile's merge reuses its K/V stages");
-  static constexpr auto kernel = flash_forward_grouped<T, D, C::m_frags, C::key_warps, C::alibi>;
-
-  // Sets the shared-memory limit once per device; returns how many blocks an SM holds.
-  static int blocks_per_sm() {
-    int dev = 0;
-    LAB_CUDA_CHECK(cudaGetDevice(&dev));
-    static std::once_flag configured[64];
-    static int resident[64];
-    std::call_once(configured[dev % 64], [&] {
-      LAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      LAB_CUDA_CHECK(
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident[dev % 64], kernel, kThreads, smem));
-    });
-    return resident[dev % 64];
-  }
-  static int64_t row_tiles(const lab::AttnParams& p) {
-    return (int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv) + B_r - 1) / B_r;
-  }
-};
-
-// Split-KV: a GQA decoding batch has few blocks (batch x heads_kv: 64 at batch 8, GQA 32/8) over
-// few bytes. Aim for one full wave of resident blocks (2 per SM at d = 128), so every block starts
-// at once and none waits for a second wave; chunks keep at least 4 tiles.
-template <class T, int D>
-int splits_for(const lab::AttnParams& p) {
-  int dev = 0, sms = 0, splits = 1;
-  LAB_CUDA_CHECK(cudaGetDevice(&dev));
-  LAB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  with_tile(p, [&](auto config) {
-    using Tl = Tile<T, D, decltype(config)>;
-    const int64_t work = Tl::row_tiles(p) * p.heads_kv * p.batch;
-    splits = ch04::choose_num_splits(p.num_splits, work, p.seqlen_kv, 4 * 64,
-                                     std::max(1, Tl::blocks_per_sm()) * sms);
-  });
-  return splits;
+// The kernel for a plan: one instantiation per tile shape, stage count and ALiBi on or off.
+template <class T, int D, bool ALIBI>
+KernelFn kernel_for(const TilePlan& t) {
+  if (!t.key_warps) return flash_forward_grouped<T, D, 2, false, 2, ALIBI>;
+  if (t.m_frags == 1)
+    return t.stages == 3 ? flash_forward_grouped<T, D, 1, true, 3, ALIBI> : flash_forward_grouped<T, D, 1, true, 2, ALIBI>;
+  return t.stages == 3 ? flash_forward_grouped<T, D, 2, true, 3, ALIBI> : flash_forward_grouped<T, D, 2, true, 2, ALIBI>;
 }
 
 template <class T, int D>
-void launch(const lab::AttnParams& p, cudaStream_t stream) {
-  const int splits = splits_for<T, D>(p);
-  const ch04::Partials part = ch04::partials_in_workspace(p, splits, kSupport.chapter);
-  with_tile(p, [&](auto config) {
-    using Tl = Tile<T, D, decltype(config)>;
-    Tl::blocks_per_sm();  // configures the kernel
-    const dim3 grid(unsigned(Tl::row_tiles(p) * splits), p.heads_kv, p.batch);
-    Tl::kernel<<<grid, kThreads, Tl::smem, stream>>>(p, splits, part.o, part.lse);
+struct Forward {
+  static TilePlan plan(const lab::AttnParams& p) {
+    return plan_tile(int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv), D, int(sizeof(T)),
+                     lab::device_limits().smem_per_block);
+  }
+  // Sets the kernel's shared-memory limit (once per device); returns how many blocks an SM holds.
+  static int configure(const TilePlan& t, KernelFn kernel) {
+    return lab::configure_kernel((const void*)kernel, kThreads, t.smem_bytes, kSupport.chapter);
+  }
+  static KernelFn kernel(const lab::AttnParams& p, const TilePlan& t) {
+    return p.alibi_slopes ? kernel_for<T, D, true>(t) : kernel_for<T, D, false>(t);
+  }
+
+  // Split-KV: a GQA decoding batch has few blocks (batch x heads_kv: 64 at batch 8, GQA 32/8) over
+  // few bytes. Aim for one full wave of resident blocks (2 per SM at d = 128), so every block
+  // starts at once and none waits for a second wave; chunks keep at least 4 tiles.
+  static int splits(const lab::AttnParams& p) {
+    const TilePlan t = plan(p);
+    const int64_t work = (int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv) + t.B_r - 1) / t.B_r * p.heads_kv * p.batch;
+    const int resident = std::max(1, configure(t, kernel(p, t)));
+    return ch04::choose_num_splits(p.num_splits, work, p.seqlen_kv, 4 * 64, resident * lab::device_limits().sm_count);
+  }
+
+  static void run(const lab::AttnParams& p, cudaStream_t stream) {
+    const int splits = Forward::splits(p);
+    const ch04::Partials part = ch04::partials_in_workspace(p, splits, kSupport.chapter);
+    const TilePlan t = plan(p);
+    const KernelFn k = kernel(p, t);
+    configure(t, k);
+    const int64_t row_tiles = (int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv) + t.B_r - 1) / t.B_r;
+    k<<<dim3(unsigned(row_tiles * splits), p.heads_kv, p.batch), kThreads, t.smem_bytes, stream>>>(p, splits, part.o, part.lse);
     LAB_LAUNCH_CHECK();
-  });
-  if (splits > 1) ch04::combine_splits(p, splits, part.o, part.lse, stream);
-}
+    if (splits > 1) ch04::combine_splits(p, splits, part.o, part.lse, stream);
+  }
+};
 
-template <class F>
-auto with_types(const lab::AttnParams& p, F&& f) {
-  const bool half = p.dtype == lab::DType::fp16;
-  if (p.head_dim == 64)
-    return half ? f(__half{}, std::integral_constant<int, 64>{})
-                : f(__nv_bfloat16{}, std::integral_constant<int, 64>{});
-  return half ? f(__half{}, std::integral_constant<int, 128>{})
-              : f(__nv_bfloat16{}, std::integral_constant<int, 128>{});
-}
-
-void check_launch_limits(const lab::AttnParams& p) {
-  ch04::check_split_kv_launch(p, kSupport, true);  // heads_kv on grid.y
-  if (int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv) > (int64_t(1) << 30))
-    throw lab::InvalidArgument("06_gqa_alibi: seqlen_q * heads_q / heads_kv above 2^30 is not supported");
-}
+template <class T, int D>
+struct Splits {
+  static int run(const lab::AttnParams& p) { return Forward<T, D>::splits(p); }
+};
 
 }  // namespace
 
 int num_splits_for(const lab::AttnParams& p) {
-  check_launch_limits(p);
-  return with_types(p, [&](auto t, auto d) { return splits_for<decltype(t), decltype(d)::value>(p); });
+  check_launch_limits(p, kSupport);
+  return dispatch<Splits>(p);
 }
 
 size_t workspace_bytes(const lab::AttnParams& p) { return ch04::partials_bytes(p, num_splits_for(p)); }
 
 void forward(const lab::AttnParams& p, cudaStream_t stream) {
-  check_launch_limits(p);
-  with_types(p, [&](auto t, auto d) { launch<decltype(t), decltype(d)::value>(p, stream); });
+  check_launch_limits(p, kSupport);
+  dispatch<Forward>(p, stream);
 }
 
 }  // namespace ch06

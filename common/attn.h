@@ -56,7 +56,8 @@ struct AttnParams {
   // and sk keys sees keys j <= i + sk - sq (rows with no visible key output 0 and lse = -inf).
   bool causal = false;
 
-  // ALiBi: s_ij += alibi_slopes[h] * (j - (i + sk - sq)); device, [heads_q] (06_gqa_alibi).
+  // ALiBi, as FlashAttention defines it: s_ij -= alibi_slopes[h] * |i + sk - sq - j| (the
+  // distance from the bottom-right diagonal, on both sides when not causal); device, [heads_q].
   const float* alibi_slopes = nullptr;
 
   // Varlen (packed) batches: sequence b's query rows are cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1

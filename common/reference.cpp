@@ -94,7 +94,8 @@ double reference_probs(const HostProblem& hp, int b, int h, int i, std::vector<d
     const float* k = hp.k.data() + kv_offset(hp, false, b, j, h_kv);
     double dot = 0;
     for (int c = 0; c < p.head_dim; ++c) dot += double(q[c]) * double(k[c]);
-    double s = double(p.softmax_scale) * dot + slope * double(j - (i + sk - sq));
+    // ALiBi as FlashAttention defines it: minus slope times the distance from the diagonal.
+    double s = double(p.softmax_scale) * dot - slope * std::abs(double(i + sk - sq - j));
     prob[j] = s;
     m = std::max(m, s);
   }

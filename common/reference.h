@@ -1,5 +1,5 @@
 // The fp64 CPU reference: the definition every chapter is checked against.
-//   s_ij = scale * q_i . k_j + alibi_slope_h * (j - (i + sk - sq))      (ALiBi only if given)
+//   s_ij = scale * q_i . k_j - alibi_slope_h * |i + sk - sq - j|        (ALiBi only if given)
 //   key j is visible to query i unless causal and j > i + sk - sq      (bottom-right aligned)
 //   p_ij = exp(s_ij - lse_i) over visible keys,   lse_i = log sum_j exp(s_ij)
 //   o_i  = sum_j p_ij v_j                        (0, with lse = -inf, when no key is visible)

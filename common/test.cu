@@ -44,7 +44,8 @@ std::vector<long double> direct_attention(const HostProblem& hp, int b, int h, i
     for (int c = 0; c < d; ++c)
       dot += (long double)hp.q[((size_t(b) * p.seqlen_q + i) * p.heads_q + h) * d + c] *
              hp.k[((size_t(b) * p.seqlen_kv + j) * p.heads_kv + hk) * d + c];
-    long double bias = hp.alibi_slopes.empty() ? 0 : hp.alibi_slopes[h] * (long double)(j - i - (p.seqlen_kv - p.seqlen_q));
+    long double bias =
+        hp.alibi_slopes.empty() ? 0 : -hp.alibi_slopes[h] * std::fabs((long double)(i + p.seqlen_kv - p.seqlen_q - j));
     w[j] = std::exp((long double)p.softmax_scale * dot + bias);
     total += w[j];
   }
@@ -140,6 +141,23 @@ TEST_CASE("ALiBi standard slopes", "[cpu]") {
   REQUIRE(s12.size() == 12);
   for (int i = 0; i < 8; ++i) REQUIRE(s12[i] == s8[i]);
   for (int i = 0; i < 4; ++i) REQUIRE(s12[8 + i] == Approx(std::pow(2.0, -0.5 - 1.0 * i)));
+}
+
+TEST_CASE("ALiBi is FlashAttention's: -slope * |i + sk - sq - j| on both sides of the diagonal", "[cpu]") {
+  // One head, head_dim 1, q = 0: every score is the bias alone. sq = 2, sk = 5, not causal: query i
+  // sits on key i + 3, so row 0's biases are -0.5 * (3, 2, 1, 0, 1) and row 1's -0.5 * (4, 3, 2, 1, 0).
+  HostProblem hp = random_host(1, 1, 1, 2, 5, 1, false, 3);
+  hp.q.assign(hp.q.size(), 0.f);
+  hp.alibi_slopes = {0.5f};
+  const double bias[2][5] = {{-1.5, -1.0, -0.5, 0.0, -0.5}, {-2.0, -1.5, -1.0, -0.5, 0.0}};
+  for (int i = 0; i < 2; ++i) {
+    std::vector<double> prob;
+    const double lse = reference_probs(hp, 0, 0, i, prob);
+    double sum = 0;
+    for (double x : bias[i]) sum += std::exp(x);
+    REQUIRE(lse == Approx(std::log(sum)).epsilon(1e-12));
+    for (int j = 0; j < 5; ++j) REQUIRE(prob[j] == Approx(std::exp(bias[i][j]) / sum).epsilon(1e-12));
+  }
 }
 
 TEST_CASE("accounting: FLOPs count visible keys, bytes count each tensor once", "[cpu]") {

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results", "h100")  # the GPU the README numbers come from (see use())
 READMES = ["README.md", "01_naive/README.md", "02_flash_v1/README.md", "03_flash_v2/README.md",
            "04_flash_decoding/README.md", "05_decoding_cuda_core/README.md", "06_gqa_alibi/README.md",
-           "07_kv_quant/README.md", "docs/NOTES-03.md", "docs/NOTES-04.md"]
+           "07_kv_quant/README.md", "docs/NOTES-03.md", "docs/NOTES-04.md", "docs/NOTES-06.md"]
 ORDER = ["01_naive/cublas", "01_naive/naive", "02_flash_v1", "03_flash_v2/loop_order", "03_flash_v2/mma",
          "03_flash_v2/fa2", "03_flash_v2/overlap", "04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi"]
 PREFILL_ORDER = ORDER[:7] + ["06_gqa_alibi"]  # 04 and 05 are decoding kernels (seqlen_q <= 64 and 1)
@@ -162,7 +162,7 @@ def prefill_gqa(ceil):
              "chapter's MHA without ALiBi). " + header(ceil), "",
              "| step | mask | MHA 32/32 | GQA 32/8 | MQA 32/1 | MHA + ALiBi | GQA 32/8 + ALiBi | MQA + ALiBi |",
              "|---|---|---|---|---|---|---|---|"]
-    for name in ("03_flash_v2/fa2", "03_flash_v2/overlap", "06_gqa_alibi"):
+    for name in ("03_flash_v2/fa2", "03_flash_v2/overlap", "06_gqa_alibi/gqa", "06_gqa_alibi/alibi", "06_gqa_alibi"):
         for causal in (False, True):
             base = t.get((name, 32, causal, False))
             cells = []
@@ -476,7 +476,8 @@ def render(name, lab, torch, ceil):
     if name == "decode:05_decoding_cuda_core":
         return decode_grid(lab, torch, ceil, ["04_flash_decoding", "05_decoding_cuda_core"])
     if name == "decode:06_gqa_alibi":
-        return decode_grid(lab, torch, ceil, ["04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi"])
+        return decode_grid(lab, torch, ceil, ["04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi/gqa",
+                                              "06_gqa_alibi/alibi", "06_gqa_alibi"])
     if name == "prefill_gqa":
         return prefill_gqa(ceil)
     if name == "hybrid":

@@ -273,8 +273,9 @@ def forward(q, k, v, chapter="03", causal=False, **kwargs):
     chapter: "03" or "03_flash_v2"; variant: the chapter's step ("mma", "fa2", ...), default its
     main one. causal is aligned bottom-right (FlashAttention's convention). lse is float32
     [batch, heads_q, seqlen_q] (varlen: seqlen_q = max_seqlen_q). Optional, as the chapters
-    support them: alibi_slopes (float32 [heads_q]), varlen (cu_seqlens_q/cu_seqlens_kv int32
-    [batch + 1], with q, k, v packed as [total, heads, head_dim]; max_seqlen_q/kv default to the
+    support them: alibi_slopes (float32 [heads_q]; FlashAttention's bias -slope * |i + seqlen_k
+    - seqlen_q - j|, on both sides of the diagonal when not causal), varlen (cu_seqlens_q/
+    cu_seqlens_kv int32 [batch + 1], with q, k, v packed as [total, heads, head_dim]; max_seqlen_q/kv default to the
     longest), cache_seqlens (int32 [batch]: keys per sequence), paged KV (block_table int32
     [batch, max_pages_per_seq], k, v [num_pages, page_size, heads_kv, head_dim]), num_splits.
     A quantized KV cache (07_kv_quant): kv_scheme ("int8_head", ...; see KV_SCHEMES), kv_group_size

@@ -255,7 +255,7 @@ def reference(torch, q, k, v, *, causal, scale, seqlen_kv=None, alibi_slopes=Non
         if alibi_slopes is not None:
             i = torch.arange(sq, device=q.device).view(sq, 1)
             j = torch.arange(sk, device=q.device).view(1, sk)
-            bias = alibi_slopes.float().view(heads_q, 1, 1) * (j - (i + sk - sq)).float()
+            bias = -alibi_slopes.float().view(heads_q, 1, 1) * (i + sk - sq - j).abs().float()  # FlashAttention's
         bias = bias.masked_fill(~visible, float("-inf"))
         has_key = visible.any(dim=1)  # [sq]
         if sk > 0:
@@ -668,7 +668,7 @@ def test_reference_against_a_loop(torch):
                     assert (out[row, h] == 0).all() and lse[b, h, i] == float("-inf")
                     continue
                 s = torch.tensor([scale * float(q[row, h] @ k[sum(lens_kv[:b]) + j, h // 2]) +
-                                  float(slopes[h]) * (j - (i + sk - sq)) for j in keys])
+                                  -float(slopes[h]) * abs(i + sk - sq - j) for j in keys])
                 p = torch.softmax(s, 0)
                 want = sum(p[n] * v[sum(lens_kv[:b]) + j, h // 2] for n, j in enumerate(keys))
                 assert torch.allclose(out[row, h], want, atol=1e-5), (b, i, h)
