@@ -62,3 +62,17 @@ TEST_CASE("02_flash_v1 refuses what it does not support", "[cpu]") {
     CHECK(std::string(e.what()).find("workspace") != std::string::npos);
   }
 }
+
+TEST_CASE("02_flash_v1: the NaN rule, a NaN in q, k or v", "[gpu]") {
+  // 130 rows: three query tiles; the NaN key sits in the second key tile.
+  for (bool causal : {true, false})
+    for (lab::NanIn where : {lab::NanIn::q, lab::NanIn::k, lab::NanIn::v}) {
+      lab::ProblemSpec s;
+      s.batch = 2, s.heads_q = 2, s.heads_kv = 2, s.seqlen_q = 130, s.seqlen_kv = causal ? 130 : 200;
+      s.head_dim = 64, s.causal = causal, s.seed = lab::test_seed();
+      INFO(lab::describe(s));
+      lab::check_nan_rule(flash_v1(), s, where);
+      // A NaN in the first key: a tile whose scores are all NaN for the rows that see only it.
+      lab::check_nan_rule(flash_v1(), s, where, 0);
+    }
+}

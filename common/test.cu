@@ -1,9 +1,11 @@
 // Tests of common/: the reference (against an independent direct formula and its properties),
 // the accounting, validation, the command line, and (on a GPU) fills, timing and ceilings.
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <numeric>
 #include <random>
+#include <thread>
 
 #include "common/device.h"
 #include "common/testing.h"
@@ -652,4 +654,41 @@ TEST_CASE("kv_cache_tables_reason: host copies of bad tables are named", "[cpu]"
   CHECK(kv_cache_tables_reason(p, {64, 17}, bad, "chX").find("block_table[1][1] = 8 is outside 0..num_pages-1 = 7") !=
         std::string::npos);
   CHECK_THROWS_AS(kv_cache_tables_reason(p, {64}, table, "chX"), InvalidArgument);
+}
+
+TEST_CASE("table checks read the tables in the order of the caller's stream", "[gpu][sanitize]") {
+  // A table written on a non-blocking stream behind 200 ms of other work: a check that copied on the
+  // legacy stream would read it before the write and pass a bad table.
+  cudaStream_t stream;
+  LAB_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  int* pinned = nullptr;
+  LAB_CUDA_CHECK(cudaMallocHost(&pinned, 2 * sizeof(int)));
+  pinned[0] = 20;   // cu_seqlens_q[2] past total_q = 10
+  pinned[1] = 999;  // cache_seqlens[1] past the capacity
+  auto busy = [](void*) { std::this_thread::sleep_for(std::chrono::milliseconds(200)); };
+  {
+    ProblemSpec s;
+    s.varlen_q = {5, 5}, s.varlen_kv = {5, 5}, s.head_dim = 64, s.seed = test_seed();
+    Problem prob(s);
+    REQUIRE(prob.params.total_q == 10);
+    REQUIRE(varlen_offsets_reason(prob.params, "test", stream).empty());
+    LAB_CUDA_CHECK(cudaLaunchHostFunc(stream, busy, nullptr));
+    LAB_CUDA_CHECK(cudaMemcpyAsync(const_cast<int*>(prob.params.cu_seqlens_q) + 2, pinned, sizeof(int),
+                                   cudaMemcpyHostToDevice, stream));
+    CHECK(varlen_offsets_reason(prob.params, "test", stream) ==
+          "test: cu_seqlens_q[2] = 20 exceeds total_q = 10 (the rows of the packed q and o)");
+  }
+  {
+    ProblemSpec s;
+    s.batch = 2, s.seqlen_kv = 64, s.cache_seqlens = {64, 10}, s.page_size = 16, s.head_dim = 64, s.seed = test_seed();
+    Problem prob(s);
+    REQUIRE(kv_cache_tables_reason(prob.params, "test", stream).empty());
+    LAB_CUDA_CHECK(cudaLaunchHostFunc(stream, busy, nullptr));
+    LAB_CUDA_CHECK(cudaMemcpyAsync(const_cast<int*>(prob.params.cache_seqlens) + 1, pinned + 1, sizeof(int),
+                                   cudaMemcpyHostToDevice, stream));
+    CHECK(kv_cache_tables_reason(prob.params, "test", stream).find("cache_seqlens[1] = 999") != std::string::npos);
+  }
+  LAB_CUDA_CHECK(cudaStreamSynchronize(stream));
+  LAB_CUDA_CHECK(cudaFreeHost(pinned));
+  LAB_CUDA_CHECK(cudaStreamDestroy(stream));
 }
