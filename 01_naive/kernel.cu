@@ -193,15 +193,16 @@ void check_grids(const lab::AttnParams& p) {
     throw lab::InvalidArgument(who + "batch * heads_q = " + std::to_string(bh) +
                                " is not supported (supported: up to 65535, the grid.z limit)");
   if ((int64_t(p.seqlen_q) + TILE - 1) / TILE > 65535)
-    throw lab::InvalidArgument(who + "seqlen_q = " + std::to_string(p.seqlen_q) + " is not supported (supported: 1.." +
-                               std::to_string(65535 * TILE) + ": 65535 tiles of " + std::to_string(TILE) +
-                               " query rows, the grid.y limit)");
+    throw lab::InvalidArgument(who + "seqlen_q = " + std::to_string(p.seqlen_q) +
+                               " is not supported (supported: 1.." + std::to_string(65535 * TILE) +
+                               ": 65535 tiles of " + std::to_string(TILE) + " query rows, the grid.y limit)");
   if (p.seqlen_kv > 0x7fffffff - TILE)  // seqlen_kv + TILE - 1 must not wrap
-    throw lab::InvalidArgument(who + "seqlen_kv = " + std::to_string(p.seqlen_kv) + " is not supported (supported: 1.." +
-                               std::to_string(0x7fffffff - TILE) + ")");
+    throw lab::InvalidArgument(who + "seqlen_kv = " + std::to_string(p.seqlen_kv) +
+                               " is not supported (supported: 1.." + std::to_string(0x7fffffff - TILE) + ")");
   if (rows > 0x7fffffff)
-    throw lab::InvalidArgument(who + "batch * heads_q * seqlen_q = " + std::to_string(rows) +
-                               " rows of S are not supported (supported: up to 2147483647, the softmax's grid.x limit)");
+    throw lab::InvalidArgument(
+        who + "batch * heads_q * seqlen_q = " + std::to_string(rows) +
+        " rows of S are not supported (supported: up to 2147483647, the softmax's grid.x limit)");
 }
 
 }  // namespace

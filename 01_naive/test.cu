@@ -161,20 +161,23 @@ TEST_CASE("01_naive: extreme shapes are refused by name before launch, with CUDA
     return std::string("accepted");
   };
   // grid.y: 65535 tiles of 64 query rows.
-  CHECK(why([](auto& c) { c.seqlen_q = 65535 * 64 + 1; }, false).find("01_naive: seqlen_q = 4194241 is not supported (supported: 1..4194240") !=
+  CHECK(why([](auto& c) { c.seqlen_q = 65535 * 64 + 1; }, false)
+            .find("01_naive: seqlen_q = 4194241 is not supported (supported: 1..4194240") !=
         std::string::npos);
   // grid.z: (batch, head) pairs; batch * heads_q is computed in 64 bits.
-  CHECK(why([](auto& c) { c.batch = 65536; }, false).find("batch * heads_q = 65536 is not supported (supported: up to 65535") !=
-        std::string::npos);
-  CHECK(why([](auto& c) { c.batch = 1 << 20, c.heads_q = c.heads_kv = 1 << 12; }, false).find("batch * heads_q = 4294967296") !=
-        std::string::npos);
+  CHECK(why([](auto& c) { c.batch = 65536; }, false)
+            .find("batch * heads_q = 65536 is not supported (supported: up to 65535") != std::string::npos);
+  CHECK(why([](auto& c) { c.batch = 1 << 20, c.heads_q = c.heads_kv = 1 << 12; }, false)
+            .find("batch * heads_q = 4294967296") != std::string::npos);
   // The softmax's grid.x: one block per row of S (it wrapped at 2^32 rows).
   CHECK(why([](auto& c) { c.batch = 65535, c.seqlen_q = 65536; }, false)
-            .find("batch * heads_q * seqlen_q = 4294901760 rows of S are not supported") != std::string::npos);
+            .find("batch * heads_q * seqlen_q = 4294901760 rows of S are not supported") !=
+        std::string::npos);
   CHECK(why([](auto& c) { c.batch = 64, c.heads_q = c.heads_kv = 1024, c.seqlen_q = 65536; }, true)
             .find("01_naive/cublas: batch * heads_q * seqlen_q = 4294967296 rows of S") != std::string::npos);
-  CHECK(why([](auto& c) { c.seqlen_kv = 0x7fffffff; }, false).find("seqlen_kv = 2147483647 is not supported") !=
-        std::string::npos);
+  CHECK(
+      why([](auto& c) { c.seqlen_kv = 0x7fffffff; }, false).find("seqlen_kv = 2147483647 is not supported") !=
+      std::string::npos);
 }
 
 TEST_CASE("01_naive: the NaN rule, a NaN in q, k or v", "[gpu]") {

@@ -174,7 +174,8 @@ __global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, fl
           row_beta[r] = bt * inv;
           if (row < sq) {
             if (!last_visit) m_run[row] = m_new, l_run[row] = l_new;  // line 13: back to HBM
-            else if (p.lse) p.lse[size_t(bh) * sq + row] = l_new != 0.f ? m_new + logf(l_new) : -INFINITY;
+            else if (p.lse)
+              p.lse[size_t(bh) * sq + row] = l_new != 0.f ? m_new + logf(l_new) : -INFINITY;
           }
         }
       }
@@ -248,8 +249,9 @@ void forward(const lab::AttnParams& p, cudaStream_t stream) {
                                " bytes needed for the running O, l, m; got " +
                                std::to_string(p.workspace_bytes));
   if (int64_t(p.batch) * p.heads_q > 0x7fffffff)  // (batch, head) pairs on grid.x
-    throw lab::InvalidArgument("02_flash_v1: batch * heads_q = " + std::to_string(int64_t(p.batch) * p.heads_q) +
-                               " is not supported (supported: up to 2147483647, the grid.x limit)");
+    throw lab::InvalidArgument(
+        "02_flash_v1: batch * heads_q = " + std::to_string(int64_t(p.batch) * p.heads_q) +
+        " is not supported (supported: up to 2147483647, the grid.x limit)");
   if (p.seqlen_q > 65535 * B_r)
     throw lab::InvalidArgument("02_flash_v1: seqlen_q = " + std::to_string(p.seqlen_q) +
                                " is not supported (supported: 1.." + std::to_string(65535 * B_r) + ")");

@@ -70,7 +70,8 @@ void check_split_kv_launch(const lab::AttnParams& p, const lab::Support& s, bool
   if (p.seqlen_kv > kMaxSeqlenKv)
     throw lab::InvalidArgument(std::string(s.chapter) + ": seqlen_kv = " + std::to_string(p.seqlen_kv) +
                                " is not supported (supported: 1.." + std::to_string(kMaxSeqlenKv) +
-                               ", so that key ranges of " + std::to_string(kMaxSplits) + " splits fit in int)");
+                               ", so that key ranges of " + std::to_string(kMaxSplits) +
+                               " splits fit in int)");
 }
 
 namespace {

@@ -272,7 +272,8 @@ __global__ void __launch_bounds__(kThreads) flash_decode_split(const lab::AttnPa
     // With m = -inf (no key, or only NaN scores: fmaxf drops NaN) every factor is 2^-inf = 0, and
     // 0 * l_w keeps a NaN l_w: the NaN rule.
     const float m_ref = m == -INFINITY ? 0.f : m;
-    for (int w = 0; w < kWarps; ++w) l += red_l[w * B_r + row] * exp2_approx((red_m[w * B_r + row] - m_ref) * scale_log2);
+    for (int w = 0; w < kWarps; ++w)
+      l += red_l[w * B_r + row] * exp2_approx((red_m[w * B_r + row] - m_ref) * scale_log2);
     row_m[row] = m, row_l[row] = l;
   }
   __syncthreads();
@@ -319,7 +320,8 @@ __global__ void __launch_bounds__(kThreads) flash_decode_split(const lab::AttnPa
   }
   if (threadIdx.x < B_r && m0 + threadIdx.x < sq) {
     const float l = row_l[threadIdx.x];
-    const float lse = bad_table ? NAN : (l != 0.f ? row_m[threadIdx.x] * p.softmax_scale + logf(l) : -INFINITY);
+    const float lse =
+        bad_table ? NAN : (l != 0.f ? row_m[threadIdx.x] * p.softmax_scale + logf(l) : -INFINITY);
     if (splits > 1) lse_partial[part_row0 + m0 + threadIdx.x] = lse;
     else if (p.lse) p.lse[(int64_t(b) * p.heads_q + h) * sq + m0 + threadIdx.x] = lse;
   }

@@ -210,7 +210,8 @@ TEST_CASE("04_flash_decoding: seqlen_kv is bounded so that int key ranges cannot
     ch04::forward(p, 0);
     FAIL("seqlen_kv = 2147483583 was accepted");
   } catch (const lab::InvalidArgument& e) {
-    CHECK(std::string(e.what()).find("04_flash_decoding: seqlen_kv = 2147483583 is not supported (supported: 1..2146435072") !=
+    CHECK(std::string(e.what()).find(
+              "04_flash_decoding: seqlen_kv = 2147483583 is not supported (supported: 1..2146435072") !=
           std::string::npos);
   }
   p.seqlen_kv = ch04::kMaxSeqlenKv;
@@ -231,7 +232,8 @@ TEST_CASE("04_flash_decoding: the NaN rule, a NaN in q, k or v, one split and ma
       }
 }
 
-TEST_CASE("04_flash_decoding: the combine never writes past total_q, whatever cu_seqlens_q says", "[gpu][sanitize]") {
+TEST_CASE("04_flash_decoding: the combine never writes past total_q, whatever cu_seqlens_q says",
+          "[gpu][sanitize]") {
   // The issue's call: cu_seqlens_q = [0, 5, 20] on 10-row tensors. The host refuses it
   // (varlen_offsets_reason); launched anyway, the combine's device guard must keep rows 10.. intact.
   lab::AttnParams p;
@@ -251,7 +253,8 @@ TEST_CASE("04_flash_decoding: the combine never writes past total_q, whatever cu
   p.cu_seqlens_q = p.cu_seqlens_kv = cu_dev.as<int>();
   p.total_q = p.total_kv = total_q;
   lab::set_contiguous_strides(p);
-  REQUIRE(lab::varlen_offsets_reason(p, "test").find("cu_seqlens_q[2] = 20 exceeds total_q = 10") != std::string::npos);
+  REQUIRE(lab::varlen_offsets_reason(p, "test").find("cu_seqlens_q[2] = 20 exceeds total_q = 10") !=
+          std::string::npos);
   float* o_part = part.as<float>();
   ch04::combine_splits(p, splits, o_part, o_part + size_t(splits) * rows * p.head_dim, 0);
   LAB_CUDA_CHECK(cudaDeviceSynchronize());

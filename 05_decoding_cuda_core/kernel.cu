@@ -215,7 +215,8 @@ __global__ void __launch_bounds__(kThreads) decode_split(const lab::AttnParams p
   }
   if (threadIdx.x == 0) {
     // Natural-log LSE from the exp2-domain max and sum: (m + log2 l) ln 2.
-    const float lse = bad_table ? NAN : (l_sum != 0.f ? (row_ml[0] + log2f(l_sum)) * float(M_LN2) : -INFINITY);
+    const float lse =
+        bad_table ? NAN : (l_sum != 0.f ? (row_ml[0] + log2f(l_sum)) * float(M_LN2) : -INFINITY);
     if (splits > 1) lse_partial[part_row] = lse;
     else if (p.lse) p.lse[int64_t(b) * p.heads_q + h] = lse;
   }

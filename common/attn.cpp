@@ -214,16 +214,21 @@ std::string unsupported_reason(const AttnParams& p, const Support& s) {
       return who() + "total_kv = " + std::to_string(p.total_kv) +
              " must be > 0 with cu_seqlens_kv (the rows of the packed k and v)";
     // A batch stride would move sequence b by b strides past its packed rows.
-    struct Packed { const char* name; int64_t value; bool applies; };
-    for (Packed t : {Packed{"q_batch_stride", p.q_batch_stride, true},
-                     Packed{"o_batch_stride", p.o_batch_stride, true},
-                     Packed{"k_batch_stride", p.k_batch_stride, !p.block_table},
-                     Packed{"v_batch_stride", p.v_batch_stride, !p.block_table}})
+    struct Packed {
+      const char* name;
+      int64_t value;
+      bool applies;
+    };
+    for (Packed t :
+         {Packed{"q_batch_stride", p.q_batch_stride, true}, Packed{"o_batch_stride", p.o_batch_stride, true},
+          Packed{"k_batch_stride", p.k_batch_stride, !p.block_table},
+          Packed{"v_batch_stride", p.v_batch_stride, !p.block_table}})
       if (t.applies && t.value != 0)
         return who() + t.name + " = " + std::to_string(t.value) +
                " must be 0 with cu_seqlens_q/cu_seqlens_kv (packed tensors have no batch stride)";
   } else if (p.total_q != 0 || p.total_kv != 0) {
-    return who() + "total_q/total_kv are given without cu_seqlens_q/cu_seqlens_kv (they are the varlen row counts)";
+    return who() +
+           "total_q/total_kv are given without cu_seqlens_q/cu_seqlens_kv (they are the varlen row counts)";
   }
   if (p.cache_seqlens && !s.cache_seqlens) return who() + "cache_seqlens are not supported";
   if (p.block_table && !s.paged_kv) return who() + "block_table (paged KV) is not supported";
@@ -304,12 +309,17 @@ std::string varlen_offsets_reason(const AttnParams& p, const std::vector<int>& c
   if (cu_seqlens_q.size() != size_t(p.batch) + 1 || cu_seqlens_kv.size() != size_t(p.batch) + 1)
     throw InvalidArgument(who + "varlen_offsets_reason: host offsets of the wrong size (batch + 1 each)");
   struct Named {
-    const char* name; const std::vector<int>& cu; int longest; const char* longest_name;
-    int total; const char* total_name; const char* tensors;
+    const char* name;
+    const std::vector<int>& cu;
+    int longest;
+    const char* longest_name;
+    int total;
+    const char* total_name;
+    const char* tensors;
   };
-  for (const Named& t : {Named{"cu_seqlens_q", cu_seqlens_q, p.seqlen_q, "seqlen_q", p.total_q, "total_q", "q and o"},
-                         Named{"cu_seqlens_kv", cu_seqlens_kv, p.seqlen_kv, "seqlen_kv", p.total_kv, "total_kv",
-                               "k and v"}}) {
+  for (const Named& t :
+       {Named{"cu_seqlens_q", cu_seqlens_q, p.seqlen_q, "seqlen_q", p.total_q, "total_q", "q and o"},
+        Named{"cu_seqlens_kv", cu_seqlens_kv, p.seqlen_kv, "seqlen_kv", p.total_kv, "total_kv", "k and v"}}) {
     const std::vector<int>& cu = t.cu;
     if (cu[0] != 0) return who + t.name + "[0] = " + std::to_string(cu[0]) + " must be 0";
     for (int b = 0; b < p.batch; ++b) {

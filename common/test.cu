@@ -551,8 +551,10 @@ TEST_CASE("reference: a NaN in v reaches its channel in every row that sees the 
     const auto [want, want_lse] = ref_row(clean, i);
     REQUIRE(lse == want_lse);  // V never changes lse
     for (int c = 0; c < 8; ++c) {
-      if (c == 6 && i >= 3) REQUIRE(std::isnan(out[c]));
-      else REQUIRE(out[c] == want[c]);
+      if (c == 6 && i >= 3)
+        REQUIRE(std::isnan(out[c]));
+      else
+        REQUIRE(out[c] == want[c]);
     }
   }
 }
@@ -588,8 +590,13 @@ TEST_CASE("check_params: varlen needs total_q/total_kv and packed (batch stride 
   CHECK(p.v_batch_stride == 0);
   CHECK(p.q_row_stride == 4 * 64);
   REQUIRE(unsupported_reason(p, s).empty());
-  auto why = [&](auto change) { AttnParams c = p; change(c); return unsupported_reason(c, s); };
-  CHECK(why([](auto& c) { c.total_q = 0; }).find("total_q = 0 must be > 0 with cu_seqlens_q") != std::string::npos);
+  auto why = [&](auto change) {
+    AttnParams c = p;
+    change(c);
+    return unsupported_reason(c, s);
+  };
+  CHECK(why([](auto& c) { c.total_q = 0; }).find("total_q = 0 must be > 0 with cu_seqlens_q") !=
+        std::string::npos);
   CHECK(why([](auto& c) { c.total_kv = -5; }).find("total_kv = -5 must be > 0") != std::string::npos);
   // The issue's example: set_contiguous_strides before cu_seqlens leaves dense batch strides.
   for (const char* field : {"q_batch_stride", "o_batch_stride", "k_batch_stride", "v_batch_stride"}) {
@@ -601,14 +608,16 @@ TEST_CASE("check_params: varlen needs total_q/total_kv and packed (batch stride 
       if (field[0] == 'k') c.k_batch_stride = stride;
       if (field[0] == 'v') c.v_batch_stride = stride;
     });
-    CHECK(w.find(std::string(field) + " = 25600 must be 0 with cu_seqlens_q/cu_seqlens_kv") != std::string::npos);
+    CHECK(w.find(std::string(field) + " = 25600 must be 0 with cu_seqlens_q/cu_seqlens_kv") !=
+          std::string::npos);
   }
   // Totals without varlen are not silently ignored.
   AttnParams dense = p;
   dense.cu_seqlens_q = dense.cu_seqlens_kv = nullptr;
   set_contiguous_strides(dense);
   CHECK(dense.q_batch_stride == 100 * 4 * 64);
-  CHECK(unsupported_reason(dense, s).find("total_q/total_kv are given without cu_seqlens_q") != std::string::npos);
+  CHECK(unsupported_reason(dense, s).find("total_q/total_kv are given without cu_seqlens_q") !=
+        std::string::npos);
   dense.total_q = dense.total_kv = 0;
   CHECK(unsupported_reason(dense, s).empty());
 }
@@ -643,16 +652,16 @@ TEST_CASE("kv_cache_tables_reason: host copies of bad tables are named", "[cpu]"
   p.page_size = 16, p.max_pages_per_seq = 4, p.num_pages = 8;
   const std::vector<int> table = {0, 1, 2, 3, 4, 5, 6, 7};
   CHECK(kv_cache_tables_reason(p, {64, 17}, table, "chX").empty());
-  CHECK(kv_cache_tables_reason(p, {64, 65}, table, "chX").find("cache_seqlens[1] = 65 is outside 0..seqlen_kv = 64") !=
-        std::string::npos);
+  CHECK(kv_cache_tables_reason(p, {64, 65}, table, "chX")
+            .find("cache_seqlens[1] = 65 is outside 0..seqlen_kv = 64") != std::string::npos);
   CHECK(kv_cache_tables_reason(p, {-1, 5}, table, "chX").find("cache_seqlens[0] = -1") != std::string::npos);
   // Sequence 1 has 17 keys: it uses pages 0 and 1 of its row; an unused entry may hold anything.
   std::vector<int> bad = table;
   bad[7] = 99;
   CHECK(kv_cache_tables_reason(p, {64, 17}, bad, "chX").empty());
   bad[5] = 8;
-  CHECK(kv_cache_tables_reason(p, {64, 17}, bad, "chX").find("block_table[1][1] = 8 is outside 0..num_pages-1 = 7") !=
-        std::string::npos);
+  CHECK(kv_cache_tables_reason(p, {64, 17}, bad, "chX")
+            .find("block_table[1][1] = 8 is outside 0..num_pages-1 = 7") != std::string::npos);
   CHECK_THROWS_AS(kv_cache_tables_reason(p, {64}, table, "chX"), InvalidArgument);
 }
 
@@ -680,13 +689,15 @@ TEST_CASE("table checks read the tables in the order of the caller's stream", "[
   }
   {
     ProblemSpec s;
-    s.batch = 2, s.seqlen_kv = 64, s.cache_seqlens = {64, 10}, s.page_size = 16, s.head_dim = 64, s.seed = test_seed();
+    s.batch = 2, s.seqlen_kv = 64, s.cache_seqlens = {64, 10}, s.page_size = 16, s.head_dim = 64,
+    s.seed = test_seed();
     Problem prob(s);
     REQUIRE(kv_cache_tables_reason(prob.params, "test", stream).empty());
     LAB_CUDA_CHECK(cudaLaunchHostFunc(stream, busy, nullptr));
     LAB_CUDA_CHECK(cudaMemcpyAsync(const_cast<int*>(prob.params.cache_seqlens) + 1, pinned + 1, sizeof(int),
                                    cudaMemcpyHostToDevice, stream));
-    CHECK(kv_cache_tables_reason(prob.params, "test", stream).find("cache_seqlens[1] = 999") != std::string::npos);
+    CHECK(kv_cache_tables_reason(prob.params, "test", stream).find("cache_seqlens[1] = 999") !=
+          std::string::npos);
   }
   LAB_CUDA_CHECK(cudaStreamSynchronize(stream));
   LAB_CUDA_CHECK(cudaFreeHost(pinned));

@@ -93,9 +93,15 @@ void check_nan_rule(const Variant& v, ProblemSpec spec, NanIn where, int key) {
   const int j0 = key >= 0 ? key : keys0 / 2;
   REQUIRE(j0 < keys0);
   switch (where) {
-    case NanIn::q: poison(p.q, host.q, q_offset(p, 0, seqlen_q_of(host, 0) - 1, 0) + std::min(3, d - 1)); break;
-    case NanIn::k: poison(p.k, host.k, kv_offset(host, false, 0, j0, 0) + c0); break;
-    case NanIn::v: poison(p.v, host.v, kv_offset(host, true, 0, j0, 0) + c0); break;
+    case NanIn::q:
+      poison(p.q, host.q, q_offset(p, 0, seqlen_q_of(host, 0) - 1, 0) + std::min(3, d - 1));
+      break;
+    case NanIn::k:
+      poison(p.k, host.k, kv_offset(host, false, 0, j0, 0) + c0);
+      break;
+    case NanIn::v:
+      poison(p.v, host.v, kv_offset(host, true, 0, j0, 0) + c0);
+      break;
   }
   // A key the rule says no row reads: past sequence 1's cache length.
   if (!host.cache_seqlens.empty() && p.batch > 1 && host.cache_seqlens[1] < p.seqlen_kv) {
@@ -132,7 +138,10 @@ void check_nan_rule(const Variant& v, ProblemSpec spec, NanIn where, int key) {
     for (int h = 0; h < p.heads_q; ++h)
       for (int i = 0; i < seqlen_q_of(host, b); ++i, ++n) {
         INFO("sequence " << b << ", head " << h << ", row " << i << " (NaN in "
-                         << (where == NanIn::q ? "q" : where == NanIn::k ? "k" : "v") << ", key " << j0 << ")");
+                         << (where == NanIn::q   ? "q"
+                             : where == NanIn::k ? "k"
+                                                 : "v")
+                         << ", key " << j0 << ")");
         bool row_nan = false;
         for (int c = 0; c < d; ++c) {
           INFO("channel " << c << ", reference " << ref[n][size_t(c)]);
@@ -151,9 +160,12 @@ void check_nan_rule(const Variant& v, ProblemSpec spec, NanIn where, int key) {
         if (lse.empty()) continue;
         const float got_lse = lse[size_t(lse_offset(p, b, h, i))];
         INFO("lse " << got_lse << ", reference " << ref_lse[n]);
-        if (std::isnan(ref_lse[n])) REQUIRE(std::isnan(got_lse));
-        else if (std::isinf(ref_lse[n])) REQUIRE(got_lse == float(ref_lse[n]));
-        else REQUIRE(std::fabs(got_lse - ref_lse[n]) <= tol.lse_abs);
+        if (std::isnan(ref_lse[n]))
+          REQUIRE(std::isnan(got_lse));
+        else if (std::isinf(ref_lse[n]))
+          REQUIRE(got_lse == float(ref_lse[n]));
+        else
+          REQUIRE(std::fabs(got_lse - ref_lse[n]) <= tol.lse_abs);
       }
   REQUIRE(nan_rows > 0);  // the premise: the NaN was seen by some row
 }
