@@ -132,6 +132,10 @@ void check_nan_rule(const Variant& v, ProblemSpec spec, NanIn where, int key) {
         ref.push_back(row);
       }
   const Tolerance tol = tolerance_for(p.dtype);
+  // O row i of sequence b: varlen tensors are packed (row cu_seqlens_q[b] + i, batch 0).
+  auto o_at = [&](int b, int i, int h) {
+    return host.cu_seqlens_q.empty() ? o_offset(p, b, i, h) : o_offset(p, 0, host.cu_seqlens_q[size_t(b)] + i, h);
+  };
   size_t n = 0;
   int64_t nan_rows = 0;
   for (int b = 0; b < p.batch; ++b)
@@ -145,7 +149,7 @@ void check_nan_rule(const Variant& v, ProblemSpec spec, NanIn where, int key) {
         bool row_nan = false;
         for (int c = 0; c < d; ++c) {
           INFO("channel " << c << ", reference " << ref[n][size_t(c)]);
-          const float got = half_bits_to_float(o[size_t(o_offset(p, b, i, h) + c)], p.dtype);
+          const float got = half_bits_to_float(o[size_t(o_at(b, i, h) + c)], p.dtype);
           if (std::isnan(ref[n][size_t(c)])) {
             REQUIRE(std::isnan(got));
             row_nan = true;

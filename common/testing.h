@@ -67,6 +67,7 @@ void check_workspace_refused(const Variant& v);
 //   rule names NaN (q, k: O rows and lse; v: that channel of O), and every other output matches the
 //   fp64 reference (which follows the rule) within the usual tolerance. With cache_seqlens, a NaN
 //   key and value past sequence 1's length must change nothing. The spec's num_splits is used.
+//   For variants that read the problem's K/V as they are (no kv_prepare); varlen specs work too.
 enum class NanIn { q, k, v };
 void check_nan_rule(const Variant& v, ProblemSpec spec, NanIn where, int key = -1);
 
