@@ -134,7 +134,8 @@ void check_nan_rule(const Variant& v, ProblemSpec spec, NanIn where, int key) {
   const Tolerance tol = tolerance_for(p.dtype);
   // O row i of sequence b: varlen tensors are packed (row cu_seqlens_q[b] + i, batch 0).
   auto o_at = [&](int b, int i, int h) {
-    return host.cu_seqlens_q.empty() ? o_offset(p, b, i, h) : o_offset(p, 0, host.cu_seqlens_q[size_t(b)] + i, h);
+    return host.cu_seqlens_q.empty() ? o_offset(p, b, i, h)
+                                     : o_offset(p, 0, host.cu_seqlens_q[size_t(b)] + i, h);
   };
   size_t n = 0;
   int64_t nan_rows = 0;
