@@ -679,12 +679,14 @@ TEST_CASE("table checks read the tables in the order of the caller's stream", "[
     ProblemSpec s;
     s.varlen_q = {5, 5}, s.varlen_kv = {5, 5}, s.head_dim = 64, s.seed = test_seed();
     Problem prob(s);
-    REQUIRE(prob.params.total_q == 10);
-    REQUIRE(varlen_offsets_reason(prob.params, "test", stream).empty());
+    AttnParams p = prob.params;
+    REQUIRE(p.total_q == 10);
+    p.seqlen_q = 15;  // so that sequence 1's 15 rows pass the longest-sequence check
+    REQUIRE(varlen_offsets_reason(p, "test", stream).empty());
     LAB_CUDA_CHECK(cudaLaunchHostFunc(stream, busy, nullptr));
-    LAB_CUDA_CHECK(cudaMemcpyAsync(const_cast<int*>(prob.params.cu_seqlens_q) + 2, pinned, sizeof(int),
+    LAB_CUDA_CHECK(cudaMemcpyAsync(const_cast<int*>(p.cu_seqlens_q) + 2, pinned, sizeof(int),
                                    cudaMemcpyHostToDevice, stream));
-    CHECK(varlen_offsets_reason(prob.params, "test", stream) ==
+    CHECK(varlen_offsets_reason(p, "test", stream) ==
           "test: cu_seqlens_q[2] = 20 exceeds total_q = 10 (the rows of the packed q and o)");
   }
   {
