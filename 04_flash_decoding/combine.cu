@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const lab::AttnPara
   T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + o_row * p.o_row_stride + h * p.o_head_stride;
   for (int c = 4 * lane; c < p.head_dim; c += 128) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (m != -INFINITY)  // else no split saw a key: O = 0
+    if (m != -INFINITY)  // else no split saw a key: O = 0, as each split wrote for the row
       for (int s = 0; s < splits; ++s) {
         const float w = expf(lse_partial[s * rows + row] - lse);  // 0 for an empty split
         const float4 o = *reinterpret_cast<const float4*>(o_partial + (s * rows + row) * p.head_dim + c);

@@ -298,13 +298,16 @@ __global__ void __launch_bounds__(kThreads) flash_decode_split(const lab::AttnPa
     const int row = e / (D / 8), c = (e % (D / 8)) * 8;
     if (m0 + row >= sq) continue;
     const float l = row_l[row], inv_l = bad_table ? NAN : (l != 0.f ? 1.f / l : 0.f);
+    // A row that saw no key writes exactly 0, also when a NaN in V of its tile reached its O
+    // through 0 * NaN: the combine writes 0 for such a row too, so one split and many agree.
+    const bool empty = l == 0.f && !bad_table;
     float v[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       float acc = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) acc += part_o[(w * B_r + row) * O_STRIDE + c + k];
-      v[k] = acc * inv_l;
+      v[k] = empty ? 0.f : acc * inv_l;
     }
     if (splits == 1) {
       uint4 packed;
