@@ -7,7 +7,8 @@
 // An empty chunk has lse_s = -inf and weight 0; a row with no visible key at all gets O = 0 and
 // lse = -inf, as in one pass. This is the same merge the 4 warps of a block do at its end.
 // NaN (common/attn.h's rule): a split whose lse_s is NaN (a NaN score) makes O and lse NaN, and a
-// NaN in a partial O_s (a NaN in V) reaches O even at weight 0 (0 * NaN), as it would in one pass.
+// NaN in a partial O_s (a NaN in V) reaches O even at weight 0 (0 * NaN), as it would in one pass;
+// a row no split saw a key for is 0, as each split wrote it.
 #include <algorithm>
 #include <cmath>
 
@@ -123,11 +124,11 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const lab::AttnPara
   T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + o_row * p.o_row_stride + h * p.o_head_stride;
   for (int c = 4 * lane; c < p.head_dim; c += 128) {
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (m != -INFINITY)  // else no split saw a key: O = 0, as each split wrote for the row
+    if (m != -INFINITY)
       for (int s = 0; s < splits; ++s) {
         const float w = expf(lse_partial[s * rows + row] - lse);  // 0 for an empty split
         const float4 o = *reinterpret_cast<const float4*>(o_partial + (s * rows + row) * p.head_dim + c);
-        acc.x += w * o.x, acc.y += w * o.y, acc.z += w * o.z, acc.w += w * o.w;  // 0 * NaN stays NaN
+        acc.x += w * o.x, acc.y += w * o.y, acc.z += w * o.z, acc.w += w * o.w;
       }
     if (nan) acc = make_float4(NAN, NAN, NAN, NAN);
     uint2 packed = {ch03::pack2<T>(acc.x, acc.y), ch03::pack2<T>(acc.z, acc.w)};

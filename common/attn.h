@@ -3,15 +3,15 @@
 // K, V are [batch, seqlen_kv, heads_kv, head_dim], head_dim contiguous; other strides are free.
 #pragma once
 
+// cudaStream_t without cuda_runtime.h (it is a pointer to this struct), so that this header stays
+// includable from plain C++.
+struct CUstream_st;
+
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
-
-// cudaStream_t without cuda_runtime.h (it is a pointer to this struct), so that this header stays
-// includable from plain C++.
-struct CUstream_st;
 
 namespace lab {
 
