@@ -129,6 +129,12 @@ size_t cublas_workspace_bytes(const lab::AttnParams& p) {
 
 void forward_cublas(const lab::AttnParams& p, cudaStream_t stream) {
   lab::check_params(p, kCublasSupport);
+  // One softmax block per row of S on grid.x (unsigned: past 2^32 rows it would wrap).
+  const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  if (rows > 0x7fffffff)
+    throw lab::InvalidArgument(
+        "01_naive/cublas: batch * heads_q * seqlen_q = " + std::to_string(rows) +
+        " rows of S are not supported (supported: up to 2147483647, the softmax's grid.x limit)");
   if (!p.workspace || p.workspace_bytes < cublas_workspace_bytes(p))
     throw lab::InvalidArgument("01_naive/cublas: workspace of " +
                                std::to_string(cublas_workspace_bytes(p)) + " bytes needed, got " +

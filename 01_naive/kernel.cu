@@ -114,13 +114,15 @@ __global__ void __launch_bounds__(THREADS) softmax_rows(lab::AttnParams p, float
   float m = -INFINITY;
   for (int j = threadIdx.x; j < p.seqlen_kv; j += THREADS) m = fmaxf(m, s[j]);
   m = block_reduce(m, true);
+  // A row that sees no key has m = -inf and keeps P = 0 (e^(-inf - 0) = 0). fmaxf drops NaN, so
+  // a NaN (or +inf) score makes l NaN and, through `l != 0`, every P_ij and lse_i (common/attn.h).
+  const float m_ref = m == -INFINITY ? 0.f : m;
   float l = 0.f;
-  if (m != -INFINITY)  // a row that sees no key keeps P = 0
-    for (int j = threadIdx.x; j < p.seqlen_kv; j += THREADS) l += expf(s[j] - m);
+  for (int j = threadIdx.x; j < p.seqlen_kv; j += THREADS) l += expf(s[j] - m_ref);
   l = block_reduce(l, false);
-  const float inv_l = l > 0.f ? 1.f / l : 0.f;
-  for (int j = threadIdx.x; j < p.seqlen_kv; j += THREADS) s[j] = l > 0.f ? expf(s[j] - m) * inv_l : 0.f;
-  if (p.lse && threadIdx.x == 0) p.lse[row] = l > 0.f ? m + logf(l) : -INFINITY;
+  const float inv_l = l != 0.f ? 1.f / l : 0.f;
+  for (int j = threadIdx.x; j < p.seqlen_kv; j += THREADS) s[j] = l != 0.f ? expf(s[j] - m_ref) * inv_l : 0.f;
+  if (p.lse && threadIdx.x == 0) p.lse[row] = l != 0.f ? m + logf(l) : -INFINITY;
   // LAB-END(row-softmax)
 }
 
@@ -183,17 +185,38 @@ size_t workspace_bytes(const lab::AttnParams& p) {
   return size_t(p.batch) * p.heads_q * p.seqlen_q * size_t(p.seqlen_kv) * sizeof(float);
 }
 
+namespace {
+
+// Refuses, by name, a shape whose grids exceed CUDA's limits: (batch, head) pairs on grid.z of the
+// two products, 64-row tiles of S and O on grid.y, 64-key tiles of S on grid.x, one block per row
+// of S on the softmax's grid.x.
+void check_grids(const lab::AttnParams& p) {
+  const std::string who = "01_naive: ";
+  const int64_t bh = int64_t(p.batch) * p.heads_q, rows = bh * p.seqlen_q;
+  if (bh > 65535)
+    throw lab::InvalidArgument(who + "batch * heads_q = " + std::to_string(bh) +
+                               " is not supported (supported: up to 65535, the grid.z limit)");
+  if ((int64_t(p.seqlen_q) + TILE - 1) / TILE > 65535)
+    throw lab::InvalidArgument(who + "seqlen_q = " + std::to_string(p.seqlen_q) +
+                               " is not supported (supported: 1.." + std::to_string(65535 * TILE) +
+                               ": 65535 tiles of " + std::to_string(TILE) + " query rows, the grid.y limit)");
+  if (p.seqlen_kv > 0x7fffffff - TILE)  // seqlen_kv + TILE - 1 must not wrap
+    throw lab::InvalidArgument(who + "seqlen_kv = " + std::to_string(p.seqlen_kv) +
+                               " is not supported (supported: 1.." + std::to_string(0x7fffffff - TILE) + ")");
+  if (rows > 0x7fffffff)
+    throw lab::InvalidArgument(
+        who + "batch * heads_q * seqlen_q = " + std::to_string(rows) +
+        " rows of S are not supported (supported: up to 2147483647, the softmax's grid.x limit)");
+}
+
+}  // namespace
+
 void forward(const lab::AttnParams& p, cudaStream_t stream) {
   lab::check_params(p, kSupport);
+  check_grids(p);
   if (!p.workspace || p.workspace_bytes < workspace_bytes(p))
     throw lab::InvalidArgument("01_naive: workspace of " + std::to_string(workspace_bytes(p)) +
                                " bytes needed for S, got " + std::to_string(p.workspace_bytes));
-  // CUDA's grid limits: softmax_rows runs one block per row of S in x (2^31 - 1 at most), the two
-  // products put batch * heads_q in z (65535 at most).
-  constexpr size_t kMaxGridX = 0x7fffffffu, kMaxGridZ = 65535;
-  if (size_t(p.batch) * p.heads_q * p.seqlen_q > kMaxGridX || size_t(p.batch) * p.heads_q > kMaxGridZ)
-    throw lab::InvalidArgument("01_naive: batch * heads_q = " + std::to_string(p.batch * p.heads_q) +
-                               " is too large for one grid (supported: up to 65535)");
   if (p.dtype == lab::DType::fp16) launch<__half>(p, stream);
   else launch<__nv_bfloat16>(p, stream);
 }

@@ -140,3 +140,53 @@ TEST_CASE("01_naive: a small case for the sanitizers", "[gpu][sanitize]") {
   s.lse = false;
   LAB_REQUIRE_PASS(lab::run_and_check(cublas(), s));
 }
+
+TEST_CASE("01_naive: extreme shapes are refused by name before launch, with CUDA's grid limits", "[cpu]") {
+  lab::AttnParams p;
+  p.batch = 1, p.heads_q = 1, p.heads_kv = 1, p.seqlen_q = 8, p.seqlen_kv = 8, p.head_dim = 64;
+  p.softmax_scale = 0.125f;
+  alignas(16) static char buf[16];
+  p.q = p.k = p.v = buf;
+  p.o = buf;
+  auto why = [&](auto change, bool cublas) {
+    lab::AttnParams c = p;
+    change(c);
+    lab::set_contiguous_strides(c);
+    c.workspace = buf, c.workspace_bytes = ~size_t(0);  // never touched: refused before
+    try {
+      cublas ? ch01::forward_cublas(c, 0) : ch01::forward(c, 0);
+    } catch (const lab::InvalidArgument& e) {
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  // grid.y: 65535 tiles of 64 query rows.
+  CHECK(why([](auto& c) { c.seqlen_q = 65535 * 64 + 1; }, false)
+            .find("01_naive: seqlen_q = 4194241 is not supported (supported: 1..4194240") !=
+        std::string::npos);
+  // grid.z: (batch, head) pairs; batch * heads_q is computed in 64 bits.
+  CHECK(why([](auto& c) { c.batch = 65536; }, false)
+            .find("batch * heads_q = 65536 is not supported (supported: up to 65535") != std::string::npos);
+  CHECK(why([](auto& c) { c.batch = 1 << 20, c.heads_q = c.heads_kv = 1 << 12; }, false)
+            .find("batch * heads_q = 4294967296") != std::string::npos);
+  // The softmax's grid.x: one block per row of S (it wrapped at 2^32 rows).
+  CHECK(why([](auto& c) { c.batch = 65535, c.seqlen_q = 65536; }, false)
+            .find("batch * heads_q * seqlen_q = 4294901760 rows of S are not supported") !=
+        std::string::npos);
+  CHECK(why([](auto& c) { c.batch = 64, c.heads_q = c.heads_kv = 1024, c.seqlen_q = 65536; }, true)
+            .find("01_naive/cublas: batch * heads_q * seqlen_q = 4294967296 rows of S") != std::string::npos);
+  CHECK(
+      why([](auto& c) { c.seqlen_kv = 0x7fffffff; }, false).find("seqlen_kv = 2147483647 is not supported") !=
+      std::string::npos);
+}
+
+TEST_CASE("01_naive: the NaN rule, a NaN in q, k or v", "[gpu]") {
+  for (const lab::Variant* v : {&naive(), &cublas()})
+    for (bool causal : {true, false})
+      for (lab::NanIn where : {lab::NanIn::q, lab::NanIn::k, lab::NanIn::v}) {
+        ProblemSpec s = shape(2, 2, 1, 70, causal ? 70 : 130, 64, causal);
+        s.seed = lab::test_seed();
+        INFO(lab::describe(s) << (v == &naive() ? " naive" : " cublas"));
+        lab::check_nan_rule(*v, s, where);
+      }
+}

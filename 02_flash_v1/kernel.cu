@@ -153,9 +153,12 @@ __global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, fl
         for (int c = 0; c < 16; ++c) m_tile = fmaxf(m_tile, s_row[c]);
         m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, 1));
         m_tile = fmaxf(m_tile, __shfl_xor_sync(0xffffffffu, m_tile, 2));
+        // A row with no visible key here has m~ = -inf: e^(-inf - 0) = 0. Not a test on m~ alone:
+        // fmaxf drops NaN, and a row of NaN scores (NaN in Q_i) must make P~ NaN (the NaN rule).
+        const float m_ref = m_tile == -INFINITY ? 0.f : m_tile;
         float l_tile = 0.f;
         for (int c = 0; c < 16; ++c) {
-          const float pv = m_tile == -INFINITY ? 0.f : __expf(s_row[c] - m_tile);  // P~_ij
+          const float pv = __expf(s_row[c] - m_ref);  // P~_ij
           s_row[c] = pv;
           l_tile += pv;
         }
@@ -171,12 +174,13 @@ __global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, fl
           const float a = m_new == -INFINITY ? 0.f : __expf(m_old - m_new);
           const float bt = m_new == -INFINITY ? 0.f : __expf(m_tile - m_new);
           const float l_new = a * l_old + bt * l_tile;
-          const float inv = l_new > 0.f ? 1.f / l_new : 0.f;
+          const float inv = l_new != 0.f ? 1.f / l_new : 0.f;  // NaN l_new (NaN scores) stays NaN
           row_alpha[r] = l_old * a * inv;
           row_beta[r] = bt * inv;
           if (row < sq) {
             if (!last_visit) m_run[row] = m_new, l_run[row] = l_new;  // line 13: back to HBM
-            else if (p.lse) p.lse[size_t(bh) * sq + row] = l_new > 0.f ? m_new + logf(l_new) : -INFINITY;
+            else if (p.lse)
+              p.lse[size_t(bh) * sq + row] = l_new != 0.f ? m_new + logf(l_new) : -INFINITY;
           }
           // LAB-END(rescale)
         }
@@ -253,6 +257,10 @@ void forward(const lab::AttnParams& p, cudaStream_t stream) {
     throw lab::InvalidArgument("02_flash_v1: workspace of " + std::to_string(workspace_bytes(p)) +
                                " bytes needed for the running O, l, m; got " +
                                std::to_string(p.workspace_bytes));
+  if (int64_t(p.batch) * p.heads_q > 0x7fffffff)  // (batch, head) pairs on grid.x
+    throw lab::InvalidArgument(
+        "02_flash_v1: batch * heads_q = " + std::to_string(int64_t(p.batch) * p.heads_q) +
+        " is not supported (supported: up to 2147483647, the grid.x limit)");
   if (p.seqlen_q > 65535 * B_r)
     throw lab::InvalidArgument("02_flash_v1: seqlen_q = " + std::to_string(p.seqlen_q) +
                                " is not supported (supported: 1.." + std::to_string(65535 * B_r) + ")");

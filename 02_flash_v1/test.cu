@@ -61,4 +61,30 @@ TEST_CASE("02_flash_v1 refuses what it does not support", "[cpu]") {
   } catch (const lab::InvalidArgument& e) {
     CHECK(std::string(e.what()).find("workspace") != std::string::npos);
   }
+  // (batch, head) pairs on grid.x, counted in 64 bits.
+  p.batch = 1 << 16, p.heads_q = p.heads_kv = 1 << 15, p.seqlen_q = p.seqlen_kv = 1;
+  lab::set_contiguous_strides(p);
+  p.workspace = buf, p.workspace_bytes = ~size_t(0);  // never touched: refused before
+  try {
+    ch02::forward(p, 0);
+    FAIL("batch * heads_q = 2^31 accepted");
+  } catch (const lab::InvalidArgument& e) {
+    CHECK(std::string(e.what()) ==
+          "02_flash_v1: batch * heads_q = 2147483648 is not supported (supported: up to 2147483647, the "
+          "grid.x limit)");
+  }
+}
+
+TEST_CASE("02_flash_v1: the NaN rule, a NaN in q, k or v", "[gpu]") {
+  // 130 rows: three query tiles; the NaN key sits in the second key tile.
+  for (bool causal : {true, false})
+    for (lab::NanIn where : {lab::NanIn::q, lab::NanIn::k, lab::NanIn::v}) {
+      lab::ProblemSpec s;
+      s.batch = 2, s.heads_q = 2, s.heads_kv = 2, s.seqlen_q = 130, s.seqlen_kv = causal ? 130 : 200;
+      s.head_dim = 64, s.causal = causal, s.seed = lab::test_seed();
+      INFO(lab::describe(s));
+      lab::check_nan_rule(flash_v1(), s, where);
+      // A NaN in the first key: a tile whose scores are all NaN for the rows that see only it.
+      lab::check_nan_rule(flash_v1(), s, where, 0);
+    }
 }

@@ -279,7 +279,8 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_overlap(const lab::
     if (j + 1 < T_c) step(s_b, s_a, j + 1);
   }
 
-  // O_i / l_i, and lse_i = m_i * scale + log(l_i). Rows that saw no key write 0 and -inf.
+  // O_i / l_i, and lse_i = m_i * scale + log(l_i). Rows that saw no key write 0 and -inf; a NaN
+  // score made l_i NaN, and `l != 0` (not `l > 0`) keeps O_i and lse_i NaN (common/attn.h).
   cp_async_wait<0>();
   __syncthreads();  // shared memory is reused below for O
   T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + m0 * p.o_row_stride;
@@ -290,13 +291,13 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_overlap(const lab::
       float l = l_i[mi][r];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const float inv_l = l > 0.f ? 1.f / l : 0.f;
+      const float inv_l = l != 0.f ? 1.f / l : 0.f;
 #pragma unroll
       for (int nd = 0; nd < N_O; ++nd) o[mi][nd][2 * r] *= inv_l, o[mi][nd][2 * r + 1] *= inv_l;
       const int row = m0 + warp_row0 + mi * 16 + g + 8 * r;
       if (p.lse && t == 0 && row < sq)
         p.lse[(int64_t(b) * p.heads_q + h) * sq + row] =
-            l > 0.f ? m_i[mi][r] * p.softmax_scale + logf(l) : -INFINITY;
+            l != 0.f ? m_i[mi][r] * p.softmax_scale + logf(l) : -INFINITY;
     }
   // Stage this warp's rows of O in its own rows of the Q tile, then 16-byte coalesced stores.
 #pragma unroll

@@ -185,3 +185,17 @@ TEST_CASE("03_flash_v2 step 0 (loop_order) refuses what it does not support, nam
   lab::set_contiguous_strides(q);
   CHECK(refusal(ch03::forward_loop_order, q).find("seqlen_q = 4194241") != std::string::npos);
 }
+
+TEST_CASE("03_flash_v2: the NaN rule, a NaN in q, k or v, in every step", "[gpu]") {
+  for (const lab::Variant& v : ch().variants)
+    for (int d : {64, 128})
+      for (bool causal : {true, false})
+        for (lab::NanIn where : {lab::NanIn::q, lab::NanIn::k, lab::NanIn::v}) {
+          lab::ProblemSpec s;
+          s.batch = 2, s.heads_q = 2, s.heads_kv = 2, s.seqlen_q = 200, s.seqlen_kv = causal ? 200 : 300;
+          s.head_dim = d, s.causal = causal, s.seed = lab::test_seed();
+          INFO(v.name << " " << lab::describe(s));
+          lab::check_nan_rule(v, s, where);
+          lab::check_nan_rule(v, s, where, 0);  // a first tile whose only visible score is NaN
+        }
+}

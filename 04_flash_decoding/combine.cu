@@ -6,6 +6,9 @@
 //   O   = sum_s exp(lse_s - lse) O_s          (the weights sum to 1)
 // An empty chunk has lse_s = -inf and weight 0; a row with no visible key at all gets O = 0 and
 // lse = -inf, as in one pass. This is the same merge the 4 warps of a block do at its end.
+// NaN (common/attn.h's rule): a split whose lse_s is NaN (a NaN score) makes O and lse NaN, and a
+// NaN in a partial O_s (a NaN in V) reaches O even at weight 0 (0 * NaN), as it would in one pass;
+// a row no split saw a key for is 0, as each split wrote it.
 #include <algorithm>
 #include <cmath>
 
@@ -62,6 +65,14 @@ void check_split_kv_launch(const lab::AttnParams& p, const lab::Support& s, bool
     throw lab::InvalidArgument(std::string(s.chapter) + ": " +
                                (heads > 65535 ? (heads_kv_on_grid ? "heads_kv" : "heads_q") : "batch") +
                                " above 65535 is not supported (grid limit)");
+  // The kernels cut a sequence's keys in int arithmetic: chunk ends (split + 1) x chunk, rounded up
+  // to whole tiles, reach past seqlen_kv by up to splits x tile keys; kMaxSeqlenKv leaves room for
+  // that (a paged cache that reuses pages can describe more keys than memory holds).
+  if (p.seqlen_kv > kMaxSeqlenKv)
+    throw lab::InvalidArgument(std::string(s.chapter) + ": seqlen_kv = " + std::to_string(p.seqlen_kv) +
+                               " is not supported (supported: 1.." + std::to_string(kMaxSeqlenKv) +
+                               ", so that key ranges of " + std::to_string(kMaxSplits) +
+                               " splits fit in int)");
 }
 
 namespace {
@@ -88,6 +99,7 @@ __global__ void __launch_bounds__(128) combine_splits_kernel(const lab::AttnPara
   if (p.cu_seqlens_q) {
     if (i >= p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b]) return;
     o_row += p.cu_seqlens_q[b];
+    if (o_row >= p.total_q) return;  // never past the packed rows, whatever the offsets say
   }
 
   // lse = m + log sum_s exp(lse_s - m). A NaN partial (a bad cache table) must stay visible:

@@ -272,8 +272,11 @@ __global__ void __launch_bounds__(kThreads) flash_decode_split(const lab::AttnPa
     const int row = threadIdx.x;
     float m = -INFINITY, l = 0.f;
     for (int w = 0; w < kWarps; ++w) m = fmaxf(m, red_m[w * B_r + row]);
-    if (m != -INFINITY)
-      for (int w = 0; w < kWarps; ++w) l += red_l[w * B_r + row] * exp2_approx((red_m[w * B_r + row] - m) * scale_log2);
+    // With m = -inf (no key, or only NaN scores: fmaxf drops NaN) every factor is 2^-inf = 0, and
+    // 0 * l_w keeps a NaN l_w: the NaN rule.
+    const float m_ref = m == -INFINITY ? 0.f : m;
+    for (int w = 0; w < kWarps; ++w)
+      l += red_l[w * B_r + row] * exp2_approx((red_m[w * B_r + row] - m_ref) * scale_log2);
     row_m[row] = m, row_l[row] = l;
   }
   __syncthreads();
@@ -289,21 +292,25 @@ __global__ void __launch_bounds__(kThreads) flash_decode_split(const lab::AttnPa
   __syncthreads();
 
   // O / l for each row this block owns (a row that saw no key: 0, lse = -inf). A bad cache table
-  // makes the rows NaN: wrong input must not look like a result.
+  // makes the rows NaN: wrong input must not look like a result. l is NaN after a NaN score, and
+  // `l != 0` (not `l > 0`) keeps it NaN in O and lse, with one split or many (the NaN rule).
   bad_table = __syncthreads_or(bad_table);
   const int64_t part_row0 = ((int64_t(split) * p.batch + b) * p.heads_q + h) * sq;
   T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
   for (int e = threadIdx.x; e < B_r * (D / 8); e += kThreads) {
     const int row = e / (D / 8), c = (e % (D / 8)) * 8;
     if (m0 + row >= sq) continue;
-    const float l = row_l[row], inv_l = bad_table ? NAN : (l > 0.f ? 1.f / l : 0.f);
+    const float l = row_l[row], inv_l = bad_table ? NAN : (l != 0.f ? 1.f / l : 0.f);
+    // A row that saw no key writes exactly 0, also when a NaN in V of its tile reached its O
+    // through 0 * NaN: the combine writes 0 for such a row too, so one split and many agree.
+    const bool empty = l == 0.f && !bad_table;
     float v[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       float acc = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) acc += part_o[(w * B_r + row) * O_STRIDE + c + k];
-      v[k] = acc * inv_l;
+      v[k] = empty ? 0.f : acc * inv_l;
     }
     if (splits == 1) {
       uint4 packed;
@@ -319,7 +326,8 @@ __global__ void __launch_bounds__(kThreads) flash_decode_split(const lab::AttnPa
   }
   if (threadIdx.x < B_r && m0 + threadIdx.x < sq) {
     const float l = row_l[threadIdx.x];
-    const float lse = bad_table ? NAN : (l > 0.f ? row_m[threadIdx.x] * p.softmax_scale + logf(l) : -INFINITY);
+    const float lse =
+        bad_table ? NAN : (l != 0.f ? row_m[threadIdx.x] * p.softmax_scale + logf(l) : -INFINITY);
     if (splits > 1) lse_partial[part_row0 + m0 + threadIdx.x] = lse;
     else if (p.lse) p.lse[(int64_t(b) * p.heads_q + h) * sq + m0 + threadIdx.x] = lse;
   }

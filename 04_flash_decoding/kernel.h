@@ -22,6 +22,9 @@ extern const lab::Support kSupport;
 
 // num_splits in 0..kMaxSplits (0: the heuristic picks).
 constexpr int kMaxSplits = 256;
+// The longest KV sequence a split-KV launcher takes: 2^31 - 2^20, so that int key ranges of up to
+// kMaxSplits splits of whole tiles (up to 4096 keys each) cannot overflow.
+constexpr int kMaxSeqlenKv = 0x7fffffff - (1 << 20) + 1;
 
 // The split count forward() uses for this problem on the current device.
 int num_splits_for(const lab::AttnParams& p);
@@ -42,7 +45,8 @@ size_t partials_bytes(const lab::AttnParams& p, int splits);
 
 // What every split-KV launcher (04-07) checks before launching: the chapter's Support (num_splits
 // included, capped by Support::max_splits), then the grid: the heads on grid.y (heads_kv when
-// `heads_kv_on_grid`, else heads_q) and batch on grid.z, at most 65535 each.
+// `heads_kv_on_grid`, else heads_q) and batch on grid.z, at most 65535 each; seqlen_kv at most
+// kMaxSeqlenKv.
 void check_split_kv_launch(const lab::AttnParams& p, const lab::Support& s, bool heads_kv_on_grid = false);
 
 // Where the partials of `splits` chunks live in p.workspace (nullptr when splits == 1); refuses a

@@ -192,3 +192,76 @@ TEST_CASE("04_flash_decoding refuses what it does not support, naming the field"
     CHECK(std::string(e.what()).find("num_splits = 300") != std::string::npos);
   }
 }
+
+TEST_CASE("04_flash_decoding: seqlen_kv is bounded so that int key ranges cannot overflow", "[cpu]") {
+  lab::AttnParams p;
+  p.batch = 1, p.heads_q = 8, p.heads_kv = 8, p.seqlen_q = 1, p.head_dim = 128;
+  p.softmax_scale = 0.088f;
+  alignas(16) static char buf[16];
+  p.q = p.k = p.v = buf;
+  p.o = buf;
+  // A paged cache that reuses pages: a key range far longer than memory.
+  p.block_table = reinterpret_cast<const int*>(buf), p.page_size = 16, p.num_pages = 1;
+  p.seqlen_kv = 0x7fffffff - 64;  // within splits x 64 of INT_MAX
+  p.max_pages_per_seq = p.seqlen_kv / 16 + 1;
+  lab::set_contiguous_strides(p);
+  REQUIRE(lab::unsupported_reason(p, ch04::kSupport).empty());  // the struct itself is fine
+  try {
+    ch04::forward(p, 0);
+    FAIL("seqlen_kv = 2147483583 was accepted");
+  } catch (const lab::InvalidArgument& e) {
+    CHECK(std::string(e.what()).find(
+              "04_flash_decoding: seqlen_kv = 2147483583 is not supported (supported: 1..2146435072") !=
+          std::string::npos);
+  }
+  p.seqlen_kv = ch04::kMaxSeqlenKv;
+  CHECK_NOTHROW(ch04::check_split_kv_launch(p, ch04::kSupport));
+}
+
+TEST_CASE("04_flash_decoding: the NaN rule, a NaN in q, k or v, one split and many", "[gpu]") {
+  for (int splits : {1, 8})
+    for (int sq : {1, 5})  // 5 query rows, causal: rows that do not see the NaN key stay exact
+      for (lab::NanIn where : {lab::NanIn::q, lab::NanIn::k, lab::NanIn::v}) {
+        lab::ProblemSpec s;
+        s.batch = 2, s.heads_q = 4, s.heads_kv = 2, s.seqlen_q = sq, s.seqlen_kv = 1000, s.head_dim = 128;
+        s.causal = sq > 1, s.cache_seqlens = {1000, 300}, s.page_size = 64, s.num_splits = splits;
+        s.seed = lab::test_seed();
+        INFO(lab::describe(s));
+        lab::check_nan_rule(variant(), s, where);
+        lab::check_nan_rule(variant(), s, where, 999);  // the last key: sq > 1 rows 0..3 do not see it
+      }
+}
+
+TEST_CASE("04_flash_decoding: the combine never writes past total_q, whatever cu_seqlens_q says",
+          "[gpu][sanitize]") {
+  // The issue's call: cu_seqlens_q = [0, 5, 20] on 10-row tensors. The host refuses it
+  // (varlen_offsets_reason); launched anyway, the combine's device guard must keep rows 10.. intact.
+  lab::AttnParams p;
+  p.batch = 2, p.heads_q = 2, p.heads_kv = 2, p.seqlen_q = 15, p.seqlen_kv = 64, p.head_dim = 64;
+  p.softmax_scale = 0.125f;
+  const int splits = 4, total_q = 10, spare = 10;
+  const std::vector<int> cu = {0, 5, 20};
+  lab::DeviceBuffer o, cu_dev, part;
+  o.resize(size_t(total_q + spare) * p.heads_q * p.head_dim * 2);
+  cu_dev.resize(cu.size() * sizeof(int));
+  const size_t rows = size_t(p.batch) * p.heads_q * p.seqlen_q;
+  part.resize(size_t(splits) * rows * (p.head_dim + 1) * sizeof(float));
+  LAB_CUDA_CHECK(cudaMemcpy(cu_dev.get(), cu.data(), cu.size() * sizeof(int), cudaMemcpyHostToDevice));
+  LAB_CUDA_CHECK(cudaMemset(part.get(), 0, part.bytes()));  // lse 0, O 0: every row is written as 0
+  LAB_CUDA_CHECK(cudaMemset(o.get(), 0x7b, o.bytes()));     // a canary in every row
+  p.o = o.get();
+  p.cu_seqlens_q = p.cu_seqlens_kv = cu_dev.as<int>();
+  p.total_q = p.total_kv = total_q;
+  lab::set_contiguous_strides(p);
+  REQUIRE(lab::varlen_offsets_reason(p, "test").find("cu_seqlens_q[2] = 20 exceeds total_q = 10") !=
+          std::string::npos);
+  float* o_part = part.as<float>();
+  ch04::combine_splits(p, splits, o_part, o_part + size_t(splits) * rows * p.head_dim, 0);
+  LAB_CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<uint16_t> got = lab::download_bits(o.get(), o.bytes() / 2);
+  const size_t row_elems = size_t(p.heads_q) * p.head_dim;
+  for (size_t e = 0; e < got.size(); ++e) {
+    INFO("packed row " << e / row_elems);
+    REQUIRE(got[e] == (e < total_q * row_elems ? 0 : 0x7b7b));  // rows 0..9 combined, 10.. untouched
+  }
+}

@@ -161,7 +161,10 @@ __global__ void __launch_bounds__(kThreads) decode_split(const lab::AttnParams p
     float m_new = m;
 #pragma unroll
     for (int u = 0; u < U; ++u) m_new = fmaxf(m_new, s[u]);
-    if (m_new == -INFINITY) continue;  // no key of this group in this step (the last one)
+    // No key of this group in this step (the last one). Tested on the key index, not on
+    // m_new == -inf: fmaxf drops NaN, and a step of NaN scores must still reach l and O (the NaN
+    // rule; m stays -inf and 2^(-inf - -inf) = NaN carries it).
+    if (base + group >= k_end) continue;
     const float alpha = exp2_approx(m - m_new);
     m = m_new;
     l *= alpha;
@@ -189,8 +192,9 @@ __global__ void __launch_bounds__(kThreads) decode_split(const lab::AttnParams p
     // LAB-STUB: row_ml[0] = m, row_ml[1] = l;
     float mm = -INFINITY, ll = 0.f;
     for (int gi = 0; gi < GROUPS; ++gi) mm = fmaxf(mm, red_m[gi]);
-    if (mm != -INFINITY)
-      for (int gi = 0; gi < GROUPS; ++gi) ll += red_l[gi] * exp2_approx(red_m[gi] - mm);
+    // As in 04: with mm = -inf every factor is 0, and 0 * a NaN l_g stays NaN.
+    const float mm_ref = mm == -INFINITY ? 0.f : mm;
+    for (int gi = 0; gi < GROUPS; ++gi) ll += red_l[gi] * exp2_approx(red_m[gi] - mm_ref);
     row_ml[0] = mm, row_ml[1] = ll;
     // LAB-END(group-merge)
   }
@@ -200,7 +204,8 @@ __global__ void __launch_bounds__(kThreads) decode_split(const lab::AttnParams p
   reinterpret_cast<float4*>(&part_o[group][8 * c])[1] = make_float4(acc[4] * f, acc[5] * f, acc[6] * f, acc[7] * f);
   bad_table = __syncthreads_or(bad_table);  // also the barrier before part_o is read
 
-  const float l_sum = row_ml[1], inv_l = bad_table ? NAN : (l_sum > 0.f ? 1.f / l_sum : 0.f);
+  // `!= 0`, not `> 0`: a NaN l_sum (a NaN score) stays NaN in O and lse.
+  const float l_sum = row_ml[1], inv_l = bad_table ? NAN : (l_sum != 0.f ? 1.f / l_sum : 0.f);
   const int64_t part_row = (int64_t(split) * p.batch + b) * p.heads_q + h;  // seqlen_q = 1
   T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
   for (int e = threadIdx.x; e < D; e += kThreads) {
@@ -216,7 +221,8 @@ __global__ void __launch_bounds__(kThreads) decode_split(const lab::AttnParams p
   }
   if (threadIdx.x == 0) {
     // Natural-log LSE from the exp2-domain max and sum: (m + log2 l) ln 2.
-    const float lse = bad_table ? NAN : (l_sum > 0.f ? (row_ml[0] + log2f(l_sum)) * float(M_LN2) : -INFINITY);
+    const float lse =
+        bad_table ? NAN : (l_sum != 0.f ? (row_ml[0] + log2f(l_sum)) * float(M_LN2) : -INFINITY);
     if (splits > 1) lse_partial[part_row] = lse;
     else if (p.lse) p.lse[int64_t(b) * p.heads_q + h] = lse;
   }

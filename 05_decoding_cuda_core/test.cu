@@ -151,3 +151,29 @@ TEST_CASE("05_decoding_cuda_core refuses what it does not support, naming the fi
     CHECK(std::string(e.what()).find("num_splits = 300") != std::string::npos);
   }
 }
+
+TEST_CASE("05_decoding_cuda_core: the NaN rule, a NaN in q, k or v, one split and many", "[gpu]") {
+  for (int splits : {1, 8})
+    for (int d : {64, 128, 256})
+      for (lab::NanIn where : {lab::NanIn::q, lab::NanIn::k, lab::NanIn::v}) {
+        lab::ProblemSpec s;
+        s.batch = 2, s.heads_q = 4, s.heads_kv = 2, s.seqlen_q = 1, s.seqlen_kv = 1000, s.head_dim = d;
+        s.cache_seqlens = {1000, 300}, s.page_size = 64, s.num_splits = splits, s.seed = lab::test_seed();
+        INFO(lab::describe(s));
+        lab::check_nan_rule(variant(), s, where);
+        lab::check_nan_rule(variant(), s, where, 999);  // the last key: alone in its group's last step
+      }
+}
+
+TEST_CASE("05_decoding_cuda_core: the NaN rule when the NaN key is its group's only key", "[gpu]") {
+  // The issue's case: d = 128, 5 keys, NaN in key 3. Each of 8 groups takes one key, so group 3's
+  // only score is NaN and its running max stays -inf: the row must be NaN, not softmax over 4 keys.
+  for (lab::NanIn where : {lab::NanIn::k, lab::NanIn::v})
+    for (int splits : {1, 2}) {
+      lab::ProblemSpec s;
+      s.batch = 1, s.heads_q = 2, s.heads_kv = 2, s.seqlen_q = 1, s.seqlen_kv = 5, s.head_dim = 128;
+      s.num_splits = splits, s.seed = lab::test_seed();
+      INFO(lab::describe(s));
+      lab::check_nan_rule(variant(), s, where, 3);
+    }
+}

@@ -25,7 +25,7 @@
 // LabAttnParams mirrors lab::AttnParams field for field. When a field is added there (07's KV
 // quantization descriptor, say), this stops the build until it is added to LabAttnParams, to
 // to_attn_params() below and to python/lab's copy, with LAB_ATTENTION_ABI_VERSION bumped.
-static_assert(sizeof(void*) != 8 || sizeof(lab::AttnParams) == 272,
+static_assert(sizeof(void*) != 8 || sizeof(lab::AttnParams) == 280,
               "lab::AttnParams changed: mirror it in LabAttnParams (capi/lab_attention.h)");
 // The LAB_KV_* values are lab::KvScheme's; a scheme added there needs its LAB_KV_* here.
 static_assert(LAB_KV_NONE == int(lab::KvScheme::none) &&
@@ -148,6 +148,7 @@ lab::AttnParams to_attn_params(const LabAttnParams* c) {
   p.causal = c->causal != 0;
   p.alibi_slopes = c->alibi_slopes;
   p.cu_seqlens_q = c->cu_seqlens_q, p.cu_seqlens_kv = c->cu_seqlens_kv;
+  p.total_q = c->total_q, p.total_kv = c->total_kv;
   p.cache_seqlens = c->cache_seqlens;
   p.block_table = c->block_table;
   p.page_size = c->page_size, p.max_pages_per_seq = c->max_pages_per_seq, p.num_pages = c->num_pages;
@@ -247,18 +248,20 @@ int lab_forward(const char* chapter, const char* variant, const LabAttnParams* p
     const lab::Variant& v = find_variant(chapter, variant);
     const lab::AttnParams ap = to_attn_params(p);
     // Device-side tables (varlen offsets, cache lengths, page table) are checked on the host, by
-    // name, after the chapter's own checks: it costs a copy and a synchronization per call with
-    // such tables, and it keeps a bad table from producing rows that were never computed.
+    // name, after the chapter's own checks: it costs a copy and a synchronization of the caller's
+    // stream per call with such tables (read in that stream's order, so tables written there are
+    // read as written), and it keeps a bad table from reading or writing outside the tensors.
+    const cudaStream_t stream = static_cast<cudaStream_t>(cuda_stream);
     if (v.support) lab::check_params(ap, *v.support);
     if (ap.cache_seqlens || ap.block_table) {
-      const std::string why = lab::kv_cache_tables_reason(ap, chapter ? chapter : "");
+      const std::string why = lab::kv_cache_tables_reason(ap, chapter ? chapter : "", stream);
       if (!why.empty()) throw lab::InvalidArgument(why);
     }
     if (ap.cu_seqlens_q) {
-      const std::string why = lab::varlen_offsets_reason(ap, chapter ? chapter : "");
+      const std::string why = lab::varlen_offsets_reason(ap, chapter ? chapter : "", stream);
       if (!why.empty()) throw lab::InvalidArgument(why);
     }
-    v.forward(ap, static_cast<cudaStream_t>(cuda_stream));
+    v.forward(ap, stream);
   });
 }
 

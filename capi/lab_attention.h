@@ -10,8 +10,11 @@
  * A chapter is named by its directory ("03_flash_v2") or its two-digit prefix ("03"); a variant by
  * the name the chapter gives it ("fa2", "cublas"), NULL or "" for the chapter's default. Every
  * call is checked: a problem a chapter does not support is refused with a message naming the field
- * (the same message as the chapter's own command line), never computed wrong. Nothing here throws,
- * exits or synchronizes: lab_forward only enqueues work on the stream.
+ * (the same message as the chapter's own command line), never computed wrong. Nothing here throws
+ * or exits. Synchronization: lab_forward only enqueues work on the stream, except when the problem
+ * has device tables (cu_seqlens_q/kv, cache_seqlens, block_table): then it first copies them to the
+ * host in the order of that stream and waits for it (cudaStreamSynchronize), so that a bad table
+ * is refused by name before anything is launched. No other call synchronizes.
  */
 #ifndef LAB_ATTENTION_H
 #define LAB_ATTENTION_H
@@ -24,8 +27,8 @@ extern "C" {
 #endif
 
 /* Bumped whenever LabAttnParams or LabSupport change layout or meaning; callers put it in
- * abi_version. 4: KV cache scales are fp16 (they were fp32 in 3). */
-#define LAB_ATTENTION_ABI_VERSION 4
+ * abi_version. 4: KV cache scales are fp16 (they were fp32 in 3). 5: total_q, total_kv (varlen). */
+#define LAB_ATTENTION_ABI_VERSION 5
 
 /* Return codes. */
 #define LAB_OK 0
@@ -80,8 +83,10 @@ typedef struct LabAttnParams {
   int32_t causal;      /* 0 or 1; aligned bottom-right as in FlashAttention */
 
   const float* alibi_slopes;   /* optional, [heads_q] */
-  const int32_t* cu_seqlens_q; /* optional (varlen), [batch + 1] */
+  const int32_t* cu_seqlens_q; /* optional (varlen), [batch + 1]; packed tensors: batch strides 0 */
   const int32_t* cu_seqlens_kv;
+  int32_t total_q;  /* varlen, required: rows of the packed q and o (cu_seqlens_q[batch] <= total_q) */
+  int32_t total_kv; /* varlen, required: rows of the packed k and v; both 0 without varlen */
   const int32_t* cache_seqlens; /* optional, [batch] */
   const int32_t* block_table;   /* optional (paged KV), [batch, max_pages_per_seq] */
   int32_t page_size;

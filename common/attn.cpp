@@ -43,6 +43,9 @@ void set_contiguous_strides(AttnParams& p) {
   p.k_row_stride = p.v_row_stride = int64_t(p.heads_kv) * d;
   const int64_t kv_rows = p.block_table ? p.page_size : p.seqlen_kv;
   p.k_batch_stride = p.v_batch_stride = kv_rows * p.heads_kv * d;
+  // Packed (varlen) tensors have no batch stride: sequence b starts at its cu_seqlens row.
+  if (p.cu_seqlens_q) p.q_batch_stride = p.o_batch_stride = 0;
+  if (p.cu_seqlens_kv && !p.block_table) p.k_batch_stride = p.v_batch_stride = 0;
 }
 
 namespace {
@@ -202,6 +205,31 @@ std::string unsupported_reason(const AttnParams& p, const Support& s) {
     return who() + "cu_seqlens_q/cu_seqlens_kv (varlen) are not supported (see 06_gqa_alibi)";
   if (bool(p.cu_seqlens_q) != bool(p.cu_seqlens_kv))
     return who() + "cu_seqlens_q and cu_seqlens_kv must be given together";
+  if (p.cu_seqlens_q) {
+    // The packed row counts bound every offset the tables give (varlen_offsets_reason checks them).
+    if (p.total_q <= 0)
+      return who() + "total_q = " + std::to_string(p.total_q) +
+             " must be > 0 with cu_seqlens_q (the rows of the packed q and o)";
+    if (p.total_kv <= 0)
+      return who() + "total_kv = " + std::to_string(p.total_kv) +
+             " must be > 0 with cu_seqlens_kv (the rows of the packed k and v)";
+    // A batch stride would move sequence b by b strides past its packed rows.
+    struct Packed {
+      const char* name;
+      int64_t value;
+      bool applies;
+    };
+    for (Packed t :
+         {Packed{"q_batch_stride", p.q_batch_stride, true}, Packed{"o_batch_stride", p.o_batch_stride, true},
+          Packed{"k_batch_stride", p.k_batch_stride, !p.block_table},
+          Packed{"v_batch_stride", p.v_batch_stride, !p.block_table}})
+      if (t.applies && t.value != 0)
+        return who() + t.name + " = " + std::to_string(t.value) +
+               " must be 0 with cu_seqlens_q/cu_seqlens_kv (packed tensors have no batch stride)";
+  } else if (p.total_q != 0 || p.total_kv != 0) {
+    return who() +
+           "total_q/total_kv are given without cu_seqlens_q/cu_seqlens_kv (they are the varlen row counts)";
+  }
   if (p.cache_seqlens && !s.cache_seqlens) return who() + "cache_seqlens are not supported";
   if (p.block_table && !s.paged_kv) return who() + "block_table (paged KV) is not supported";
   if (p.block_table) {
@@ -228,22 +256,24 @@ std::string unsupported_reason(const AttnParams& p, const Support& s) {
   return "";
 }
 
-std::string kv_cache_tables_reason(const AttnParams& p, const char* chapter) {
+std::string kv_cache_tables_reason(const AttnParams& p, const std::vector<int>& cache_seqlens,
+                                   const std::vector<int>& block_table, const char* chapter) {
   const std::string who = std::string(chapter) + ": ";
+  if ((p.cache_seqlens && cache_seqlens.size() != size_t(p.batch)) ||
+      (p.block_table && block_table.size() != size_t(p.batch) * p.max_pages_per_seq))
+    throw InvalidArgument(who + "kv_cache_tables_reason: host tables of the wrong size");
   std::vector<int> lens(size_t(p.batch), p.seqlen_kv);
   if (p.cache_seqlens) {
-    LAB_CUDA_CHECK(cudaMemcpy(lens.data(), p.cache_seqlens, lens.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    lens = cache_seqlens;
     for (int b = 0; b < p.batch; ++b)
       if (lens[b] < 0 || lens[b] > p.seqlen_kv)
         return who + "cache_seqlens[" + std::to_string(b) + "] = " + std::to_string(lens[b]) +
                " is outside 0..seqlen_kv = " + std::to_string(p.seqlen_kv) + " (the cache capacity)";
   }
   if (p.block_table) {
-    std::vector<int> table(size_t(p.batch) * p.max_pages_per_seq);
-    LAB_CUDA_CHECK(cudaMemcpy(table.data(), p.block_table, table.size() * sizeof(int), cudaMemcpyDeviceToHost));
     for (int b = 0; b < p.batch; ++b)
       for (int j = 0; j < (lens[b] + p.page_size - 1) / p.page_size; ++j) {
-        const int page = table[size_t(b) * p.max_pages_per_seq + j];
+        const int page = block_table[size_t(b) * p.max_pages_per_seq + j];
         if (page < 0 || page >= p.num_pages)
           return who + "block_table[" + std::to_string(b) + "][" + std::to_string(j) + "] = " +
                  std::to_string(page) + " is outside 0..num_pages-1 = " + std::to_string(p.num_pages - 1);
@@ -252,17 +282,48 @@ std::string kv_cache_tables_reason(const AttnParams& p, const char* chapter) {
   return "";
 }
 
-std::string varlen_offsets_reason(const AttnParams& p, const char* chapter) {
+namespace {
+
+// `n` ints of device memory, read in the order of `stream`: the copy waits for the work enqueued
+// there before it (a table written by the caller on a non-blocking stream is read as written).
+std::vector<int> download_ints(const int* device, size_t n, cudaStream_t stream) {
+  std::vector<int> host(n);
+  LAB_CUDA_CHECK(cudaMemcpyAsync(host.data(), device, n * sizeof(int), cudaMemcpyDeviceToHost, stream));
+  LAB_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return host;
+}
+
+}  // namespace
+
+std::string kv_cache_tables_reason(const AttnParams& p, const char* chapter, CUstream_st* stream) {
+  std::vector<int> lens, table;
+  if (p.cache_seqlens) lens = download_ints(p.cache_seqlens, size_t(p.batch), stream);
+  if (p.block_table) table = download_ints(p.block_table, size_t(p.batch) * p.max_pages_per_seq, stream);
+  return kv_cache_tables_reason(p, lens, table, chapter);
+}
+
+std::string varlen_offsets_reason(const AttnParams& p, const std::vector<int>& cu_seqlens_q,
+                                  const std::vector<int>& cu_seqlens_kv, const char* chapter) {
   if (!p.cu_seqlens_q || !p.cu_seqlens_kv) return "";
   const std::string who = std::string(chapter) + ": ";
-  struct Named { const char* name; const int* ptr; int longest; const char* longest_name; };
-  for (Named t : {Named{"cu_seqlens_q", p.cu_seqlens_q, p.seqlen_q, "seqlen_q"},
-                  Named{"cu_seqlens_kv", p.cu_seqlens_kv, p.seqlen_kv, "seqlen_kv"}}) {
-    std::vector<int> cu(size_t(p.batch) + 1);
-    LAB_CUDA_CHECK(cudaMemcpy(cu.data(), t.ptr, cu.size() * sizeof(int), cudaMemcpyDeviceToHost));
+  if (cu_seqlens_q.size() != size_t(p.batch) + 1 || cu_seqlens_kv.size() != size_t(p.batch) + 1)
+    throw InvalidArgument(who + "varlen_offsets_reason: host offsets of the wrong size (batch + 1 each)");
+  struct Named {
+    const char* name;
+    const std::vector<int>& cu;
+    int longest;
+    const char* longest_name;
+    int total;
+    const char* total_name;
+    const char* tensors;
+  };
+  for (const Named& t :
+       {Named{"cu_seqlens_q", cu_seqlens_q, p.seqlen_q, "seqlen_q", p.total_q, "total_q", "q and o"},
+        Named{"cu_seqlens_kv", cu_seqlens_kv, p.seqlen_kv, "seqlen_kv", p.total_kv, "total_kv", "k and v"}}) {
+    const std::vector<int>& cu = t.cu;
     if (cu[0] != 0) return who + t.name + "[0] = " + std::to_string(cu[0]) + " must be 0";
     for (int b = 0; b < p.batch; ++b) {
-      const int len = cu[b + 1] - cu[b];
+      const int64_t len = int64_t(cu[b + 1]) - cu[b];
       if (len < 0)
         return who + t.name + " is not increasing: " + t.name + "[" + std::to_string(b + 1) + "] = " +
                std::to_string(cu[b + 1]) + " < " + t.name + "[" + std::to_string(b) + "] = " + std::to_string(cu[b]);
@@ -270,8 +331,19 @@ std::string varlen_offsets_reason(const AttnParams& p, const char* chapter) {
         return who + t.name + ": sequence " + std::to_string(b) + " has " + std::to_string(len) +
                " rows, more than " + t.longest_name + " = " + std::to_string(t.longest) + " (the longest)";
     }
+    // Offsets past the packed tensors would read and write outside them.
+    if (cu[size_t(p.batch)] > t.total)
+      return who + t.name + "[" + std::to_string(p.batch) + "] = " + std::to_string(cu[size_t(p.batch)]) +
+             " exceeds " + t.total_name + " = " + std::to_string(t.total) + " (the rows of the packed " +
+             t.tensors + ")";
   }
   return "";
+}
+
+std::string varlen_offsets_reason(const AttnParams& p, const char* chapter, CUstream_st* stream) {
+  if (!p.cu_seqlens_q || !p.cu_seqlens_kv) return "";
+  return varlen_offsets_reason(p, download_ints(p.cu_seqlens_q, size_t(p.batch) + 1, stream),
+                               download_ints(p.cu_seqlens_kv, size_t(p.batch) + 1, stream), chapter);
 }
 
 void check_params(const AttnParams& p, const Support& s) {

@@ -3,6 +3,10 @@
 // K, V are [batch, seqlen_kv, heads_kv, head_dim], head_dim contiguous; other strides are free.
 #pragma once
 
+// cudaStream_t without cuda_runtime.h (it is a pointer to this struct), so that this header stays
+// includable from plain C++.
+struct CUstream_st;
+
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
@@ -61,7 +65,9 @@ struct AttnParams {
   const float* alibi_slopes = nullptr;
 
   // Varlen (packed) batches: sequence b's query rows are cu_seqlens_q[b] .. cu_seqlens_q[b+1]-1
-  // of a [total_q, heads_q, head_dim] tensor (batch strides unused); device, [batch + 1].
+  // of a [total_q, heads_q, head_dim] tensor; device, [batch + 1]. The batch strides of packed
+  // tensors must be 0 (q, o with cu_seqlens_q; k, v with cu_seqlens_kv unless paged): a non-zero
+  // one is refused by name, as it would move every sequence past its packed rows.
   const int* cu_seqlens_q = nullptr;
   const int* cu_seqlens_kv = nullptr;
   // With varlen: the rows the packed tensors hold (q and o: total_q, k and v: total_kv), so that
@@ -92,7 +98,8 @@ struct AttnParams {
 // Bytes of one stored K/V element: 1 with a quantized cache, else the dtype's 2.
 int kv_element_bytes(const AttnParams& p);
 
-// Strides for contiguous [batch, seqlen, heads, head_dim] tensors (and for varlen packing).
+// Strides for contiguous [batch, seqlen, heads, head_dim] tensors. For varlen packing set
+// cu_seqlens_q/kv first: the packed tensors then get batch stride 0 (set total_q/total_kv yourself).
 void set_contiguous_strides(AttnParams& p);
 
 // Which part of AttnParams a chapter computes. Everything else is refused by name.
@@ -127,14 +134,24 @@ void check_params(const AttnParams& p, const Support& s);
 std::string unsupported_reason(const AttnParams& p, const Support& s);
 
 // The device-side KV-cache tables: every cache_seqlens[b] in 0..seqlen_kv (the capacity) and every
-// block_table entry a sequence uses in 0..num_pages-1. Copies the tables to the host (synchronous),
-// so it runs before timing, not per launch; "" when they are valid, else names the first bad entry.
-// The decoding kernels never read outside the cache whatever the tables hold: a bad entry they
-// meet turns that output row into NaN.
-std::string kv_cache_tables_reason(const AttnParams& p, const char* chapter);
+// block_table entry a sequence uses in 0..num_pages-1; "" when they are valid, else names the first
+// bad entry. It copies the tables to the host in the order of `stream` (the stream the kernels will
+// run on, so that tables written there are read as written) and waits for that stream
+// (cudaStreamSynchronize): it synchronizes, so it runs before timing, not per launch. The decoding
+// kernels never read outside the cache whatever the tables hold: a bad entry they meet turns that
+// output row into NaN.
+std::string kv_cache_tables_reason(const AttnParams& p, const char* chapter, CUstream_st* stream = nullptr);
+// The same checks on host copies of the tables (cache_seqlens: [batch], or empty when p has none;
+// block_table: [batch * max_pages_per_seq], or empty). Nothing touches the GPU.
+std::string kv_cache_tables_reason(const AttnParams& p, const std::vector<int>& cache_seqlens,
+                                   const std::vector<int>& block_table, const char* chapter);
 
-// The same for varlen offsets: cu_seqlens_q and cu_seqlens_kv start at 0, never decrease, and no
-// sequence is longer than seqlen_q / seqlen_kv (the longest, which sizes the grid).
-std::string varlen_offsets_reason(const AttnParams& p, const char* chapter);
+// The same for varlen offsets: cu_seqlens_q and cu_seqlens_kv start at 0, never decrease, end at
+// most at total_q / total_kv (the rows of the packed tensors), and no sequence is longer than
+// seqlen_q / seqlen_kv (the longest, which sizes the grid). Synchronizes `stream` as above.
+std::string varlen_offsets_reason(const AttnParams& p, const char* chapter, CUstream_st* stream = nullptr);
+// On host copies of cu_seqlens_q and cu_seqlens_kv ([batch + 1] each); nothing touches the GPU.
+std::string varlen_offsets_reason(const AttnParams& p, const std::vector<int>& cu_seqlens_q,
+                                  const std::vector<int>& cu_seqlens_kv, const char* chapter);
 
 }  // namespace lab

@@ -66,6 +66,7 @@ Problem::Problem(const ProblemSpec& s, cudaStream_t stream) : spec_(s) {
   const int64_t rows_kv = varlen ? host.cu_seqlens_kv.back() : kv_batches * kv_per_batch;
   p.q_batch_stride = p.o_batch_stride = varlen ? 0 : int64_t(p.seqlen_q) * p.q_row_stride;
   p.k_batch_stride = p.v_batch_stride = varlen ? 0 : kv_per_batch * p.k_row_stride;
+  if (varlen) p.total_q = int(rows_q), p.total_kv = int(rows_kv);
   q_elems = o_elems = size_t(rows_q * p.q_row_stride);
   kv_elems = size_t(rows_kv * p.k_row_stride);
   lse_elems = s.lse ? size_t(p.batch) * p.heads_q * p.seqlen_q : 0;
@@ -222,11 +223,11 @@ RunOutcome run_variant(Problem& prob, const std::string& chapter, const Variant&
     }
   }
   if (prob.params.cache_seqlens || prob.params.block_table) {
-    const std::string why = kv_cache_tables_reason(prob.params, chapter.c_str());
+    const std::string why = kv_cache_tables_reason(prob.params, chapter.c_str(), stream);
     if (!why.empty()) throw InvalidArgument(why);
   }
   if (prob.params.cu_seqlens_q) {
-    const std::string why = varlen_offsets_reason(prob.params, chapter.c_str());
+    const std::string why = varlen_offsets_reason(prob.params, chapter.c_str(), stream);
     if (!why.empty()) throw InvalidArgument(why);
   }
   const VariantInputs in = prepare_variant(prob, v, stream);

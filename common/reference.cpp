@@ -90,6 +90,7 @@ double reference_probs(const HostProblem& hp, int b, int h, int i, std::vector<d
   const float* q = hp.q.data() + q_offset(p, qb, qi, h);
   const double slope = hp.alibi_slopes.empty() ? 0.0 : hp.alibi_slopes[h];
   double m = -std::numeric_limits<double>::infinity();
+  bool nan = false;
   for (int j = 0; j < n; ++j) {
     const float* k = hp.k.data() + kv_offset(hp, false, b, j, h_kv);
     double dot = 0;
@@ -97,7 +98,14 @@ double reference_probs(const HostProblem& hp, int b, int h, int i, std::vector<d
     // ALiBi as FlashAttention defines it: minus slope times the distance from the diagonal.
     double s = double(p.softmax_scale) * dot - slope * std::abs(double(i + sk - sq - j));
     prob[j] = s;
+    nan |= std::isnan(s);
     m = std::max(m, s);
+  }
+  // The lab's NaN rule (common/attn.h): a NaN score (from q row i or a visible key) makes the
+  // whole row NaN; std::max above would have dropped it.
+  if (nan) {
+    std::fill(prob.begin(), prob.begin() + n, std::numeric_limits<double>::quiet_NaN());
+    return std::numeric_limits<double>::quiet_NaN();
   }
   double l = 0;
   for (int j = 0; j < n; ++j) l += std::exp(prob[j] - m);
@@ -111,9 +119,11 @@ double reference_row(const HostProblem& hp, int b, int h, int i, double* out) {
   const double lse = reference_probs(hp, b, h, i, prob);
   const int h_kv = h / (p.heads_q / p.heads_kv);
   std::fill(out, out + p.head_dim, 0.0);
-  for (size_t j = 0; j < prob.size(); ++j) {
-    if (prob[j] == 0.0) continue;
-    const float* v = hp.v.data() + kv_offset(hp, true, b, int(j), h_kv);
+  // Every visible key, also one whose weight underflowed to 0: 0 * NaN in V[j][c] is NaN, as in the
+  // kernels' P V (the NaN rule). Keys the row does not see are never read.
+  const int n = visible_keys(p.causal, i, seqlen_q_of(hp, b), seqlen_kv_of(hp, b));
+  for (int j = 0; j < n; ++j) {
+    const float* v = hp.v.data() + kv_offset(hp, true, b, j, h_kv);
     for (int c = 0; c < p.head_dim; ++c) out[c] += prob[j] * double(v[c]);
   }
   return lse;

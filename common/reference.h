@@ -3,6 +3,8 @@
 //   key j is visible to query i unless causal and j > i + sk - sq      (bottom-right aligned)
 //   p_ij = exp(s_ij - lse_i) over visible keys,   lse_i = log sum_j exp(s_ij)
 //   o_i  = sum_j p_ij v_j                        (0, with lse = -inf, when no key is visible)
+//   NaN (common/attn.h's rule): a NaN score (q_i or a visible k_j) makes o_i and lse_i NaN; a NaN in
+//   v_j[c] makes o_i[c] NaN for every row that sees key j, whatever its weight; unseen keys never count.
 #pragma once
 
 #include <vector>

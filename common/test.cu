@@ -1,8 +1,11 @@
 // Tests of common/: the reference (against an independent direct formula and its properties),
 // the accounting, validation, the command line, and (on a GPU) fills, timing and ceilings.
+#include <chrono>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <random>
+#include <thread>
 
 #include "common/device.h"
 #include "common/testing.h"
@@ -491,4 +494,232 @@ TEST_CASE("LAB_SMEM_CAP: sizes in bytes or KiB, anything else refused by name", 
       CHECK(std::string(e.what()).find("LAB_SMEM_CAP") != std::string::npos);
     }
   }
+}
+
+// ---- the NaN rule (common/attn.h) in the reference ----
+
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// Row i of (b = 0, h = 0): O (head_dim values) and lse.
+std::pair<std::vector<double>, double> ref_row(const HostProblem& hp, int i) {
+  std::vector<double> out(size_t(hp.shape.head_dim));
+  const double lse = reference_row(hp, 0, 0, i, out.data());
+  return {out, lse};
+}
+
+}  // namespace
+
+TEST_CASE("reference: a NaN in q makes its row NaN and leaves the others exact", "[cpu]") {
+  HostProblem hp = random_host(1, 1, 1, 6, 9, 8, true, 21, 3.f);
+  const HostProblem clean = hp;
+  hp.q[size_t(2) * 8 + 5] = kNaN;  // row 2, one channel
+  for (int i = 0; i < 6; ++i) {
+    INFO("row " << i);
+    const auto [out, lse] = ref_row(hp, i);
+    const auto [want, want_lse] = ref_row(clean, i);
+    if (i == 2) {
+      REQUIRE(std::isnan(lse));
+      for (double x : out) REQUIRE(std::isnan(x));
+    } else {
+      REQUIRE(lse == want_lse);
+      REQUIRE(out == want);
+    }
+  }
+}
+
+TEST_CASE("reference: a NaN in k reaches the rows that see that key, not the others", "[cpu]") {
+  // sq = sk = 7, causal: row i sees keys 0..i. A NaN in one channel of key 4.
+  HostProblem hp = random_host(1, 1, 1, 7, 7, 8, true, 22);
+  const HostProblem clean = hp;
+  hp.k[size_t(4) * 8 + 1] = kNaN;
+  for (int i = 0; i < 7; ++i) {
+    INFO("row " << i);
+    const auto [out, lse] = ref_row(hp, i);
+    if (i >= 4) {
+      REQUIRE(std::isnan(lse));
+      for (double x : out) REQUIRE(std::isnan(x));
+    } else {  // rows 0..3 never see key 4: exactly the clean answer
+      const auto [want, want_lse] = ref_row(clean, i);
+      REQUIRE(lse == want_lse);
+      REQUIRE(out == want);
+    }
+  }
+  // Without the causal mask every row sees key 4.
+  hp.shape.causal = false;
+  for (int i = 0; i < 7; ++i) REQUIRE(std::isnan(ref_row(hp, i).second));
+}
+
+TEST_CASE("reference: a NaN in v reaches its channel in every row that sees the key", "[cpu]") {
+  HostProblem hp = random_host(1, 1, 1, 7, 7, 8, true, 23);
+  // Key 3 gets a score so low that its weight underflows to exactly 0 in fp64 for every row (q is
+  // all ones and k_3 = -1e4: s = -1e4 * 8 / sqrt(8)): 0 * NaN must still be NaN.
+  for (int i = 0; i < 7; ++i)
+    for (int c = 0; c < 8; ++c) hp.q[size_t(i) * 8 + c] = 1.f;
+  for (int c = 0; c < 8; ++c) hp.k[size_t(3) * 8 + c] = -1e4f;
+  const HostProblem clean = hp;
+  hp.v[size_t(3) * 8 + 6] = kNaN;  // key 3, channel 6
+  std::vector<double> prob;
+  REQUIRE(reference_probs(clean, 0, 0, 5, prob) > -1e300);
+  REQUIRE(prob[3] == 0.0);  // the premise: its weight is exactly 0
+  for (int i = 0; i < 7; ++i) {
+    INFO("row " << i);
+    const auto [out, lse] = ref_row(hp, i);
+    const auto [want, want_lse] = ref_row(clean, i);
+    REQUIRE(lse == want_lse);  // V never changes lse
+    for (int c = 0; c < 8; ++c) {
+      if (c == 6 && i >= 3)
+        REQUIRE(std::isnan(out[c]));
+      else
+        REQUIRE(out[c] == want[c]);
+    }
+  }
+}
+
+TEST_CASE("reference: a NaN past a sequence's cache length is never read", "[cpu]") {
+  HostProblem hp = random_host(2, 1, 1, 1, 10, 8, false, 24);
+  hp.cache_seqlens = {6, 10};
+  const HostProblem clean = hp;
+  for (int c = 0; c < 8; ++c) hp.k[size_t(8) * 8 + c] = hp.v[size_t(8) * 8 + c] = kNaN;  // b 0, key 8
+  std::vector<double> out(8), want(8);
+  REQUIRE(reference_row(hp, 0, 0, 0, out.data()) == reference_row(clean, 0, 0, 0, want.data()));
+  REQUIRE(out == want);
+}
+
+// ---- varlen row totals, packed strides and the table checks, on the host ----
+
+TEST_CASE("check_params: varlen needs total_q/total_kv and packed (batch stride 0) tensors", "[cpu]") {
+  Support s;
+  s.chapter = "chX";
+  s.varlen = true;
+  AttnParams p;
+  p.batch = 2, p.heads_q = 4, p.heads_kv = 4, p.seqlen_q = 100, p.seqlen_kv = 100, p.head_dim = 64;
+  p.softmax_scale = 0.125f;
+  alignas(16) static char buf[64];
+  p.q = p.k = p.v = buf;
+  p.o = buf;
+  p.cu_seqlens_q = p.cu_seqlens_kv = reinterpret_cast<const int*>(buf);  // never read here
+  p.total_q = p.total_kv = 200;
+  set_contiguous_strides(p);  // after cu_seqlens: the packed layout
+  CHECK(p.q_batch_stride == 0);
+  CHECK(p.o_batch_stride == 0);
+  CHECK(p.k_batch_stride == 0);
+  CHECK(p.v_batch_stride == 0);
+  CHECK(p.q_row_stride == 4 * 64);
+  REQUIRE(unsupported_reason(p, s).empty());
+  auto why = [&](auto change) {
+    AttnParams c = p;
+    change(c);
+    return unsupported_reason(c, s);
+  };
+  CHECK(why([](auto& c) { c.total_q = 0; }).find("total_q = 0 must be > 0 with cu_seqlens_q") !=
+        std::string::npos);
+  CHECK(why([](auto& c) { c.total_kv = -5; }).find("total_kv = -5 must be > 0") != std::string::npos);
+  // The issue's example: set_contiguous_strides before cu_seqlens leaves dense batch strides.
+  for (const char* field : {"q_batch_stride", "o_batch_stride", "k_batch_stride", "v_batch_stride"}) {
+    INFO(field);
+    const std::string w = why([&](auto& c) {
+      const int64_t stride = int64_t(100) * 4 * 64;
+      if (field[0] == 'q') c.q_batch_stride = stride;
+      if (field[0] == 'o') c.o_batch_stride = stride;
+      if (field[0] == 'k') c.k_batch_stride = stride;
+      if (field[0] == 'v') c.v_batch_stride = stride;
+    });
+    CHECK(w.find(std::string(field) + " = 25600 must be 0 with cu_seqlens_q/cu_seqlens_kv") !=
+          std::string::npos);
+  }
+  // Totals without varlen are not silently ignored.
+  AttnParams dense = p;
+  dense.cu_seqlens_q = dense.cu_seqlens_kv = nullptr;
+  set_contiguous_strides(dense);
+  CHECK(dense.q_batch_stride == 100 * 4 * 64);
+  CHECK(unsupported_reason(dense, s).find("total_q/total_kv are given without cu_seqlens_q") !=
+        std::string::npos);
+  dense.total_q = dense.total_kv = 0;
+  CHECK(unsupported_reason(dense, s).empty());
+}
+
+TEST_CASE("varlen_offsets_reason: offsets past total_q/total_kv are refused by name", "[cpu]") {
+  AttnParams p;
+  p.batch = 2, p.seqlen_q = 15, p.seqlen_kv = 15;
+  p.cu_seqlens_q = p.cu_seqlens_kv = reinterpret_cast<const int*>(&p);  // only tested for null
+  p.total_q = p.total_kv = 10;
+  auto why = [&](std::vector<int> q, std::vector<int> kv) { return varlen_offsets_reason(p, q, kv, "chX"); };
+  CHECK(why({0, 5, 10}, {0, 3, 10}).empty());
+  CHECK(why({0, 5, 7}, {0, 3, 4}).empty());  // tensors may hold more rows than the offsets use
+  // The issue's example: [0, 5, 20] on 10-row tensors.
+  CHECK(why({0, 5, 20}, {0, 5, 10}) ==
+        "chX: cu_seqlens_q[2] = 20 exceeds total_q = 10 (the rows of the packed q and o)");
+  CHECK(why({0, 5, 10}, {0, 5, 11}) ==
+        "chX: cu_seqlens_kv[2] = 11 exceeds total_kv = 10 (the rows of the packed k and v)");
+  CHECK(why({1, 5, 10}, {0, 5, 10}).find("cu_seqlens_q[0] = 1 must be 0") != std::string::npos);
+  CHECK(why({0, 5, 4}, {0, 5, 10}).find("cu_seqlens_q is not increasing") != std::string::npos);
+  CHECK(why({0, 5, 10}, {0, 0, 16}).find("cu_seqlens_kv: sequence 1 has 16 rows, more than seqlen_kv = 15") !=
+        std::string::npos);
+  // Differences that overflow int are still caught, not wrapped.
+  CHECK(why({0, 5, 10}, {0, -2147483647, 10}).find("not increasing") != std::string::npos);
+  CHECK_THROWS_AS(why({0, 5}, {0, 5, 10}), InvalidArgument);  // a host copy of the wrong size
+}
+
+TEST_CASE("kv_cache_tables_reason: host copies of bad tables are named", "[cpu]") {
+  AttnParams p;
+  p.batch = 2, p.seqlen_kv = 64;
+  p.cache_seqlens = reinterpret_cast<const int*>(&p);  // only tested for null
+  p.block_table = reinterpret_cast<const int*>(&p);
+  p.page_size = 16, p.max_pages_per_seq = 4, p.num_pages = 8;
+  const std::vector<int> table = {0, 1, 2, 3, 4, 5, 6, 7};
+  CHECK(kv_cache_tables_reason(p, {64, 17}, table, "chX").empty());
+  CHECK(kv_cache_tables_reason(p, {64, 65}, table, "chX")
+            .find("cache_seqlens[1] = 65 is outside 0..seqlen_kv = 64") != std::string::npos);
+  CHECK(kv_cache_tables_reason(p, {-1, 5}, table, "chX").find("cache_seqlens[0] = -1") != std::string::npos);
+  // Sequence 1 has 17 keys: it uses pages 0 and 1 of its row; an unused entry may hold anything.
+  std::vector<int> bad = table;
+  bad[7] = 99;
+  CHECK(kv_cache_tables_reason(p, {64, 17}, bad, "chX").empty());
+  bad[5] = 8;
+  CHECK(kv_cache_tables_reason(p, {64, 17}, bad, "chX")
+            .find("block_table[1][1] = 8 is outside 0..num_pages-1 = 7") != std::string::npos);
+  CHECK_THROWS_AS(kv_cache_tables_reason(p, {64}, table, "chX"), InvalidArgument);
+}
+
+TEST_CASE("table checks read the tables in the order of the caller's stream", "[gpu][sanitize]") {
+  // A table written on a non-blocking stream behind 200 ms of other work: a check that copied on the
+  // legacy stream would read it before the write and pass a bad table.
+  cudaStream_t stream;
+  LAB_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  int* pinned = nullptr;
+  LAB_CUDA_CHECK(cudaMallocHost(&pinned, 2 * sizeof(int)));
+  pinned[0] = 20;   // cu_seqlens_q[2] past total_q = 10
+  pinned[1] = 999;  // cache_seqlens[1] past the capacity
+  auto busy = [](void*) { std::this_thread::sleep_for(std::chrono::milliseconds(200)); };
+  {
+    ProblemSpec s;
+    s.varlen_q = {5, 5}, s.varlen_kv = {5, 5}, s.head_dim = 64, s.seed = test_seed();
+    Problem prob(s);
+    AttnParams p = prob.params;
+    REQUIRE(p.total_q == 10);
+    p.seqlen_q = 15;  // so that sequence 1's 15 rows pass the longest-sequence check
+    REQUIRE(varlen_offsets_reason(p, "test", stream).empty());
+    LAB_CUDA_CHECK(cudaLaunchHostFunc(stream, busy, nullptr));
+    LAB_CUDA_CHECK(cudaMemcpyAsync(const_cast<int*>(p.cu_seqlens_q) + 2, pinned, sizeof(int),
+                                   cudaMemcpyHostToDevice, stream));
+    CHECK(varlen_offsets_reason(p, "test", stream) ==
+          "test: cu_seqlens_q[2] = 20 exceeds total_q = 10 (the rows of the packed q and o)");
+  }
+  {
+    ProblemSpec s;
+    s.batch = 2, s.seqlen_kv = 64, s.cache_seqlens = {64, 10}, s.page_size = 16, s.head_dim = 64,
+    s.seed = test_seed();
+    Problem prob(s);
+    REQUIRE(kv_cache_tables_reason(prob.params, "test", stream).empty());
+    LAB_CUDA_CHECK(cudaLaunchHostFunc(stream, busy, nullptr));
+    LAB_CUDA_CHECK(cudaMemcpyAsync(const_cast<int*>(prob.params.cache_seqlens) + 1, pinned + 1, sizeof(int),
+                                   cudaMemcpyHostToDevice, stream));
+    CHECK(kv_cache_tables_reason(prob.params, "test", stream).find("cache_seqlens[1] = 999") !=
+          std::string::npos);
+  }
+  LAB_CUDA_CHECK(cudaStreamSynchronize(stream));
+  LAB_CUDA_CHECK(cudaFreeHost(pinned));
+  LAB_CUDA_CHECK(cudaStreamDestroy(stream));
 }

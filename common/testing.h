@@ -62,6 +62,14 @@ void require_bit_identical_runs(const Variant& v, const ProblemSpec& spec);
 void check_bad_cache_tables(const Variant& v);
 // - a split launch (8 splits) without its workspace is refused, naming workspace_bytes.
 void check_workspace_refused(const Variant& v);
+// - the NaN rule (common/attn.h): one NaN written into q (sequence 0, head 0, last row), k or v
+//   (sequence 0, KV head 0, key `key`, default the middle of its keys) makes exactly the outputs the
+//   rule names NaN (q, k: O rows and lse; v: that channel of O), and every other output matches the
+//   fp64 reference (which follows the rule) within the usual tolerance. With cache_seqlens, a NaN
+//   key and value past sequence 1's length must change nothing. The spec's num_splits is used.
+//   For variants that read the problem's K/V as they are (no kv_prepare); varlen specs work too.
+enum class NanIn { q, k, v };
+void check_nan_rule(const Variant& v, ProblemSpec spec, NanIn where, int key = -1);
 
 }  // namespace lab
 

@@ -31,7 +31,7 @@ __all__ = ["forward", "prepare", "Call", "quantize_kv", "chapters", "variants", 
            "load_library", "KV_SCHEMES", "LabError", "InvalidArgument", "UnknownName", "CudaError",
            "LibraryNotFound"]
 
-ABI_VERSION = 4  # LAB_ATTENTION_ABI_VERSION in capi/lab_attention.h (4: fp16 KV cache scales)
+ABI_VERSION = 5  # LAB_ATTENTION_ABI_VERSION in capi/lab_attention.h (5: varlen totals total_q, total_kv)
 LIB_NAME = "liblab_attention.so"
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -81,7 +81,8 @@ class LabAttnParams(ctypes.Structure):
         ("heads_kv", ctypes.c_int32), ("seqlen_q", ctypes.c_int32), ("seqlen_kv", ctypes.c_int32),
         ("head_dim", ctypes.c_int32), ("softmax_scale", ctypes.c_float), ("causal", ctypes.c_int32),
         ("alibi_slopes", ctypes.c_void_p), ("cu_seqlens_q", ctypes.c_void_p),
-        ("cu_seqlens_kv", ctypes.c_void_p), ("cache_seqlens", ctypes.c_void_p),
+        ("cu_seqlens_kv", ctypes.c_void_p), ("total_q", ctypes.c_int32), ("total_kv", ctypes.c_int32),
+        ("cache_seqlens", ctypes.c_void_p),
         ("block_table", ctypes.c_void_p), ("page_size", ctypes.c_int32),
         ("max_pages_per_seq", ctypes.c_int32), ("num_pages", ctypes.c_int32),
         ("num_splits", ctypes.c_int32), ("workspace", ctypes.c_void_p), ("workspace_bytes", ctypes.c_uint64),
@@ -272,12 +273,15 @@ def forward(q, k, v, chapter="03", causal=False, **kwargs):
 
     chapter: "03" or "03_flash_v2"; variant: the chapter's step ("mma", "fa2", ...), default its
     main one. causal is aligned bottom-right (FlashAttention's convention). lse is float32
-    [batch, heads_q, seqlen_q] (varlen: seqlen_q = max_seqlen_q). Optional, as the chapters
-    support them: alibi_slopes (float32 [heads_q]; FlashAttention's bias -slope * |i + seqlen_k
-    - seqlen_q - j|, on both sides of the diagonal when not causal), varlen (cu_seqlens_q/
-    cu_seqlens_kv int32 [batch + 1], with q, k, v packed as [total, heads, head_dim]; max_seqlen_q/kv default to the
-    longest), cache_seqlens (int32 [batch]: keys per sequence), paged KV (block_table int32
-    [batch, max_pages_per_seq], k, v [num_pages, page_size, heads_kv, head_dim]), num_splits.
+    [batch, heads_q, seqlen_q] (varlen: seqlen_q = max_seqlen_q, and the rows past a sequence's
+    end are padding, NaN). Optional, as the chapters support them: alibi_slopes (float32
+    [heads_q]; FlashAttention's bias -slope * |i + seqlen_k - seqlen_q - j|, on both sides of the
+    diagonal when not causal), varlen (cu_seqlens_q/cu_seqlens_kv int32 [batch + 1], with q, k, v
+    packed as [total, heads, head_dim]: cu_seqlens_q[-1] <= q.shape[0], cu_seqlens_kv[-1] <=
+    k.shape[0]; max_seqlen_q/kv default to the longest; reading cu_seqlens waits for the current
+    stream), cache_seqlens (int32 [batch]: keys per sequence), paged KV (block_table int32
+    [batch, max_pages_per_seq], k, v [num_pages, page_size, heads_kv, head_dim]; max_seqlen_kv
+    defaults to the table's capacity), num_splits. max_seqlen_q/kv are refused where unused.
     A quantized KV cache (07_kv_quant): kv_scheme ("int8_head", ...; see KV_SCHEMES), kv_group_size
     (int8_group: 32 or 64), k_scale, v_scale, with k, v the 1-byte codes and the scales (torch.float16)
     from quantize_kv() (q and out stay fp16).
@@ -376,6 +380,16 @@ def prepare(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=
             kv_scheme=None, kv_group_size=0, k_scale=None, v_scale=None):
     """forward()'s checks and allocations, without running: returns a Call (see forward for the arguments)."""
     scheme = _kv_scheme(kv_scheme) if kv_scheme is not None else 0
+    # max_seqlen_* size a varlen grid (max_seqlen_kv also a paged cache's capacity); anywhere else
+    # they would be silently ignored, so they are refused by name.
+    if cu_seqlens_q is None and cu_seqlens_kv is None:
+        if max_seqlen_q is not None:
+            raise InvalidArgument(f"max_seqlen_q = {max_seqlen_q} is only used with cu_seqlens_q (varlen); "
+                                  "dense q has seqlen_q = q.shape[1]", LAB_ERR_INVALID_ARGUMENT)
+        if max_seqlen_kv is not None and block_table is None:
+            raise InvalidArgument(f"max_seqlen_kv = {max_seqlen_kv} is only used with cu_seqlens_kv (varlen) or "
+                                  "block_table (paged KV); dense k has seqlen_kv = k.shape[1]",
+                                  LAB_ERR_INVALID_ARGUMENT)
     torch = _torch()
     if isinstance(q, torch.Tensor) and q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q: dtype {q.dtype} is not supported (supported: torch.float16, torch.bfloat16)")
@@ -429,6 +443,16 @@ def prepare(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=
         p.batch = cu_seqlens_q.numel() - 1
         p.cu_seqlens_q = _check_meta("cu_seqlens_q", cu_seqlens_q, device)
         p.cu_seqlens_kv = _check_meta("cu_seqlens_kv", cu_seqlens_kv, device, cu_seqlens_q.numel())
+        # The packed row counts travel with the problem (the library checks the offsets against
+        # them too); refused here first, naming the arguments. Reading cu_seqlens[-1] waits for the
+        # current stream, where the library reads the tables as well.
+        p.total_q, p.total_kv = q.shape[0], k.shape[0]
+        for name, cu, rows, tensor in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q"),
+                                       ("cu_seqlens_kv", cu_seqlens_kv, k.shape[0], "k")):
+            last = int(cu[-1]) if cu.numel() else 0
+            if last > rows:
+                raise InvalidArgument(f"{name}[-1] = {last} exceeds {tensor}.shape[0] = {rows} (the packed rows)",
+                                      LAB_ERR_INVALID_ARGUMENT)
         # The longest sequence, as FlashAttention's varlen API takes it (computed here if not given).
         p.seqlen_q = max_seqlen_q if max_seqlen_q is not None else _longest(cu_seqlens_q)
         p.seqlen_kv = max_seqlen_kv if max_seqlen_kv is not None else _longest(cu_seqlens_kv)
@@ -468,7 +492,10 @@ def prepare(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=
         p.alibi_slopes = alibi_slopes.data_ptr()
     lse_out = None
     if lse:
-        lse_out = torch.empty((p.batch, p.heads_q, p.seqlen_q), dtype=torch.float32, device=device)
+        lse_shape = (p.batch, p.heads_q, p.seqlen_q)
+        # varlen: rows past a sequence's end are never written; they hold NaN (no row there).
+        lse_out = torch.full(lse_shape, float("nan"), dtype=torch.float32, device=device) if varlen else \
+            torch.empty(lse_shape, dtype=torch.float32, device=device)
         p.lse = lse_out.data_ptr()
 
     lib = load_library()

@@ -155,6 +155,7 @@ BAD_C_PARAMS = {  # field: (the value that breaks a valid problem, what the mess
     "abi_version": (99, "abi_version = 99 does not match"),
     "q": (None, "q is a null pointer"),
     "num_splits": (-1, "num_splits = -1 must be >= 0"),
+    "total_q": (5, "total_q/total_kv are given without cu_seqlens_q/cu_seqlens_kv"),
 }
 
 
@@ -197,6 +198,38 @@ def test_c_api_reports_the_workspace_of_the_chapter():
     # Without it, a chapter that needs one refuses to run (and never touches the GPU).
     rc, message = c_call("forward", "01", None, p)[:2]
     assert rc == 1 and "workspace" in message, message
+
+
+@needs_library
+@pytest.mark.parametrize("function", ["forward", "workspace"])
+@pytest.mark.parametrize("entry", variant_params("varlen"))
+def test_c_api_varlen_needs_totals_and_packed_tensors(entry, function):
+    """Refused before any table is read (the fake cu_seqlens pointers are never followed)."""
+    s = entry["support"]
+    d = head_dims_of(s)[0]
+    p = valid_c_params(head_dim=d, seqlen_q=fit_seqlen_q(s, 33))
+    p.cu_seqlens_q, p.cu_seqlens_kv = 0x50000, 0x50100
+    for t in "qkvo":
+        setattr(p, t + "_batch_stride", 0)
+    rc, message, _ = c_call(function, entry["chapter"], entry["variant"], p)
+    assert rc == 1 and "total_q = 0 must be > 0 with cu_seqlens_q" in message, message
+    p.total_q, p.total_kv = 66, 0
+    rc, message, _ = c_call(function, entry["chapter"], entry["variant"], p)
+    assert rc == 1 and "total_kv = 0 must be > 0 with cu_seqlens_kv" in message, message
+    p.total_kv = 130
+    for t in "qkvo":  # dense strides (set_contiguous_strides before cu_seqlens) move sequence 1 past the rows
+        setattr(p, t + "_batch_stride", 33 * 4 * d)
+        rc, message, _ = c_call(function, entry["chapter"], entry["variant"], p)
+        assert rc == 1 and f"{t}_batch_stride = {33 * 4 * d} must be 0 with cu_seqlens_q" in message, message
+        setattr(p, t + "_batch_stride", 0)
+
+
+def test_max_seqlen_with_dense_inputs_is_refused_by_name():
+    """Refused before the tensors are looked at: needs neither PyTorch nor the library."""
+    with pytest.raises(lab.InvalidArgument, match=r"max_seqlen_q = 8 is only used with cu_seqlens_q"):
+        lab.forward(object(), object(), object(), max_seqlen_q=8)
+    with pytest.raises(lab.InvalidArgument, match=r"max_seqlen_kv = 8 is only used with cu_seqlens_kv"):
+        lab.forward(object(), object(), object(), max_seqlen_kv=8)
 
 
 # ---- the Python checks (PyTorch, no GPU needed) ----
@@ -464,6 +497,30 @@ def test_varlen(cuda, entry):
         o, o_lse = out if s["lse"] else (out, None)
         ref, ref_lse = reference(torch, q, k, v, causal=causal, scale=d ** -0.5, cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv)
         assert_matches(torch, o, ref, dtype, f"varlen causal={causal}", o_lse, ref_lse if s["lse"] else None)
+        if s["lse"]:  # rows past a sequence's end are padding: NaN, as documented
+            assert torch.isnan(o_lse[torch.isnan(ref_lse)]).all()
+
+
+@pytest.mark.parametrize("entry", variant_params("varlen"))
+def test_varlen_offsets_past_the_packed_tensors_are_refused(cuda, entry):
+    """The issue's call: cu_seqlens [0, 5, 20] on 10-row tensors read and wrote rows 10..19."""
+    torch = cuda
+    s = entry["support"]
+    dtype, d = base_dtype_d(torch, s)
+    q, k, v = (input_tensor(torch, (10, 2, d), dtype) for _ in range(3))
+    cu = lambda xs: torch.tensor(xs, device="cuda", dtype=torch.int32)
+    call = lambda cu_q, cu_kv: lab.forward(q, k, v, chapter=entry["chapter"], variant=entry["variant"],
+                                           cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv)
+    with pytest.raises(lab.InvalidArgument, match=r"cu_seqlens_q\[-1\] = 20 exceeds q.shape\[0\] = 10"):
+        call(cu([0, 5, 20]), cu([0, 5, 10]))
+    with pytest.raises(lab.InvalidArgument, match=r"cu_seqlens_kv\[-1\] = 20 exceeds k.shape\[0\] = 10"):
+        call(cu([0, 5, 10]), cu([0, 5, 20]))
+    # A C caller's totals are checked by the library itself, on the tables as the stream has them.
+    prepared = lab.prepare(q, k, v, chapter=entry["chapter"], variant=entry["variant"],
+                           cu_seqlens_q=cu([0, 5, 10]), cu_seqlens_kv=cu([0, 5, 10]))
+    prepared._params.total_q = 8
+    with pytest.raises(lab.InvalidArgument, match=r"cu_seqlens_q\[2\] = 10 exceeds total_q = 8"):
+        prepared.run()
 
 
 def paged(torch, k, v, page_size, spare_pages=3):
