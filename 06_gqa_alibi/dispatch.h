@@ -27,20 +27,15 @@ auto dispatch(const lab::AttnParams& p, Args&&... args) {
   }
 }
 
-// Key indices and split ranges are int in the kernels (a key range ends at most 2 tiles of 64 and
-// one chunk rounding per split past seqlen_kv): seqlen_kv stays this far below INT_MAX.
-constexpr int kMaxSeqlenKv = INT_MAX - 2 * 64 * (ch04::kMaxSplits + 2);
-
 // The step's Support, then the grid: heads_kv on grid.y and batch on grid.z (65535 each), the
-// packed rows seqlen_q * heads_q / heads_kv of one (sequence, KV head) and the key ranges in int.
+// packed rows seqlen_q * heads_q / heads_kv of one (sequence, KV head) and the key ranges in int
+// (04's bound on seqlen_kv leaves room for a key range to end 2 tiles of 64 and one chunk rounding
+// per split past seqlen_kv).
 inline void check_launch_limits(const lab::AttnParams& p, const lab::Support& s) {
   ch04::check_split_kv_launch(p, s, true);
   if (int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv) > (int64_t(1) << 30))
     throw lab::InvalidArgument(std::string(s.chapter) +
                                ": seqlen_q * heads_q / heads_kv above 2^30 is not supported");
-  if (p.seqlen_kv > kMaxSeqlenKv)
-    throw lab::InvalidArgument(std::string(s.chapter) + ": seqlen_kv = " + std::to_string(p.seqlen_kv) +
-                               " is not supported (at most " + std::to_string(kMaxSeqlenKv) + ")");
 }
 
 }  // namespace ch06

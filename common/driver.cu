@@ -33,7 +33,6 @@ Problem::Problem(const ProblemSpec& s, cudaStream_t stream) : spec_(s) {
     }
     p.seqlen_q = *std::max_element(s.varlen_q.begin(), s.varlen_q.end());
     p.seqlen_kv = *std::max_element(s.varlen_kv.begin(), s.varlen_kv.end());
-    p.total_q = host.cu_seqlens_q.back(), p.total_kv = host.cu_seqlens_kv.back();
   } else {
     p.batch = s.batch;
     p.seqlen_q = s.seqlen_q;
