@@ -144,10 +144,12 @@ __global__ void __launch_bounds__(kThreads) decode_split(const lab::AttnParams p
         kraw[u] = load_stream(K + page * p.k_batch_stride + row * p.k_row_stride);
         vraw[u] = load_stream(V + page * p.v_batch_stride + row * p.v_row_stride);
         if constexpr (kScaled) {
+          // LAB-BEGIN(scale-lookup): this key's K and V scales for this thread's E channels
           const int64_t at =
               scale_index(S, SCALE_GROUP, page, int(row), h_kv, E * c, scale_rows, p.heads_kv, D);
           k_scale[u] = scale_value(p.kv_quant.k_scale[at]);
           v_scale[u] = scale_value(p.kv_quant.v_scale[at]);
+          // LAB-END(scale-lookup)
         }
       }
     }
@@ -156,12 +158,15 @@ __global__ void __launch_bounds__(kThreads) decode_split(const lab::AttnParams p
     float s[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
+      // LAB-BEGIN(dequant-qk): k_j's codes to floats in registers; this thread's q . k_j times its K scale
+      // LAB-STUB: float dot = 0.f;
       float k[E];
       decode<code_of<S>()>(kraw[u], k);
       float dot = 0.f;
 #pragma unroll
       for (int e = 0; e < E; ++e) dot = fmaf(q[e], k[e], dot);
       dot *= k_scale[u];
+      // LAB-END(dequant-qk)
 #pragma unroll
       for (int off = TPK / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
       s[u] = base + u * GROUPS + group < k_end ? dot : -INFINITY;
@@ -188,12 +193,14 @@ __global__ void __launch_bounds__(kThreads) decode_split(const lab::AttnParams p
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const float pu = exp2_approx(s[u] - m);
+      // LAB-BEGIN(dequant-pv): l += p_j; v_j's E codes to floats in registers; O += (p_j scale_v) v_j
       float v[E];
       decode<code_of<S>()>(vraw[u], v);
       l += pu;
       const float w = pu * v_scale[u];
 #pragma unroll
       for (int e = 0; e < E; ++e) acc[e] = fmaf(w, v[e], acc[e]);
+      // LAB-END(dequant-pv)
     }
   }
 

@@ -455,6 +455,44 @@ def lab_targets(ch):
         shape = (f"b{s['batch']} h{s['heads_q']} s{s['seqlen_q']} d{s['head_dim']} {'causal' if s['causal'] else 'full'}"
                  if s["workload"] == "prefill" else f"b{s['batch']} h{s['heads_q']} kv{s['seqlen_kv'] // 1024}k d{s['head_dim']}")
         lines.append(f"| {variant or ch} | {s['workload']} {shape} | " + " | ".join(cells) + " |")
+    if ch == "07_kv_quant":
+        lines = lab_targets_kvquant(lines, tool.TIMED[ch], gpus)
+    return lines
+
+
+def lab_targets_kvquant(lines, timed, gpus):
+    """07's LAB.md: its timed variants (step 1, dequant_*) are not in ladder.csv yet; beside them, the
+    same schemes' step 2 and the fp16 baseline from kv_quant.csv, each GPU's run named as it is."""
+    runs = {}
+    for g in gpus:
+        use(g)  # points load() at this GPU's folder
+        runs[g] = {(r["variant"], int(r["batch"]), int(r["heads_q"]), int(r["heads_kv"]), int(r["seqlen_kv"]),
+                    int(r["head_dim"])): r for r in load("kv_quant.csv")
+                   if r["check"].startswith("PASS") and float(r["ms"]) > 0}
+    firsts = [next(iter(runs[g].values()), None) for g in gpus]
+    dates = "; ".join(f"{r['gpu']}, measured {r['date']}" for r in firsts if r)
+    lines[0] += (" Step 1 (`dequant_*`, the kernel you edit) has not been measured on either GPU yet: its cells "
+                 "read -, and `bench/lab check` times it against the solution on your GPU. For scale, the rows "
+                 "below it are step 2 (`kernel.cu`) on the same scheme and the fp16 cache, from "
+                 "`docs/results/<gpu>/kv_quant.csv` (GB/s of the bytes stored, % of the copy bandwidth measured "
+                 f"in that run, speedup over fp16; {dates}). The H100's step 2 is an earlier kernel, before the "
+                 "`dp4a` K path.")
+    # Step 2 on each timed scheme, then the fp16 cache, once per shape.
+    rows = [(v.replace("dequant_", "", 1), s) for v, s in timed] + [("fp16", s) for _, s in timed]
+    seen = []
+    for v, s in rows:
+        k = (v, s["batch"], s["heads_q"], s["heads_kv"], s["seqlen_kv"], s["head_dim"])
+        if k in seen:
+            continue
+        seen.append(k)
+        cells = []
+        for g in gpus:
+            r = runs[g].get(k)
+            cells.append("-" if r is None else f"{float(r['gbps']):.0f} GB/s ({float(r['pct_peak']):.0f}%)"
+                         + ("" if v == "fp16" else f", {float(r['speedup_vs_fp16']):.2f}x"))
+        what = "fp16 cache" if v == "fp16" else v
+        lines.append(f"| step 2 on {what} (kv_quant.csv) | decode b{s['batch']} h{s['heads_q']} "
+                     f"kv{s['seqlen_kv'] // 1024}k d{s['head_dim']} | " + " | ".join(cells) + " |")
     return lines
 
 

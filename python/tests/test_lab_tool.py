@@ -175,6 +175,27 @@ def test_list_has_one_line_per_exercise():
     assert any(l.startswith("02_flash_v1 2. rescale (kernel.cu:") for l in p.stdout.splitlines())
 
 
+def test_timed_variants_are_the_chapters_own():
+    """`check` times each TIMED variant with the chapter's --variant: a name its command line does not
+    have (07's step-1 variants are dequant_<scheme>) would only fail on a GPU. Asks the chapters'
+    programs for their variants (an unknown name is refused before any GPU work); needs them built."""
+    lib = os.environ.get("LAB_ATTENTION_LIB")
+    bindir = pathlib.Path(lib).resolve().parents[1] / "bin" if lib else REPO / "build" / "bin"
+    asked = 0
+    for ch, timed in load_tool().TIMED.items():
+        program = bindir / ch
+        if not program.exists() or not any(v for v, _ in timed):
+            continue
+        p = subprocess.run([str(program), "--variant", "no-such-variant"], capture_output=True, text=True)
+        assert p.returncode == 2 and "(allowed: " in p.stderr, p.stderr
+        have = p.stderr.split("(allowed: ", 1)[1].rsplit(")", 1)[0].split(", ")
+        for variant, _ in timed:
+            assert not variant or variant in have, f"{ch}: TIMED names --variant '{variant}'; it has {have}"
+        asked += 1
+    if not asked:
+        pytest.skip(f"no chapter program with named variants built in {bindir}")
+
+
 def test_check_without_a_gpu_exits_3_and_builds_nothing(tmp_path):
     labs, build = tmp_path / "labs", tmp_path / "build-lab"
     assert run_script("start", "01", "--labs", str(labs)).returncode == 0
