@@ -139,6 +139,8 @@ __device__ __forceinline__ Sequence sequence(const lab::AttnParams& p, int b) {
   Sequence s;
   s.sq = p.seqlen_q, s.sk = p.seqlen_kv;
   if (p.cu_seqlens_q) {
+    // LAB-BEGIN(varlen-offsets): sequence b's first rows and lengths from cu_seqlens; bad offsets: skip it
+    // LAB-STUB: s.sq = min(s.sq, p.total_q), s.sk = min(s.sk, p.total_kv);
     const int q0 = p.cu_seqlens_q[b], q1 = p.cu_seqlens_q[b + 1];
     const int k0 = p.cu_seqlens_kv[b], k1 = p.cu_seqlens_kv[b + 1];
     // Offsets the host check refuses (past total_q / total_kv, decreasing, longer than the grid)
@@ -147,6 +149,7 @@ __device__ __forceinline__ Sequence sequence(const lab::AttnParams& p, int b) {
                         k0 <= k1 && k1 <= p.total_kv && k1 - k0 <= p.seqlen_kv;
     s.q_row0 = q0, s.sq = inside ? q1 - q0 : 0;
     s.k_row0 = k0, s.sk = inside ? k1 - k0 : 0;
+    // LAB-END(varlen-offsets)
   }
   return s;
 }
@@ -298,6 +301,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward(const lab::AttnPara
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float row_bias = 0.f;
+        // LAB-BEGIN(alibi-bias): s -= slope_of |j - i - diag|; left of all diagonals: one FMA + row_bias
         if constexpr (ALIBI) {
           if (n0 + B_c - 1 <= crossing) {  // every key at or left of every row's diagonal
             row_bias = fmaf(slope_of[mi][r], float(n0), slope_shift[mi][r]);
@@ -315,6 +319,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward(const lab::AttnPara
             }
           }
         }
+        // LAB-END(alibi-bias)
         float pair[N_S];
 #pragma unroll
         for (int nj = 0; nj < N_S; ++nj) pair[nj] = fmaxf(s[mi][nj][2 * r], s[mi][nj][2 * r + 1]);

@@ -173,10 +173,13 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward(const lab::AttnPara
 #pragma unroll
   for (int k = 0; k < B_r * CHUNKS / kThreads; ++k) {
     const int e = threadIdx.x + k * kThreads, r = e / CHUNKS, c = e % CHUNKS;
+    // LAB-BEGIN(gqa-gather): chunk c of packed row m0 + r: its token and head of Q; 0 past `rows`
+    // LAB-STUB: cp_async_16(sQ + smem_offset<ROW>(r, c), Q, 0);
     const bool valid = m0 + r < rows;
     const int tok = (m0 + r) / gqa_ratio, h = h_kv * gqa_ratio + (m0 + r) % gqa_ratio;
     const T* src = valid ? Q + tok * p.q_row_stride + h * p.q_head_stride + c * 8 : Q;
     cp_async_16(sQ + smem_offset<ROW>(r, c), src, valid ? 16 : 0);
+    // LAB-END(gqa-gather)
   }
   if (T_c > 0) {
     load_tile_async<T, D, ROW, B_c>(sK, K, p.k_row_stride, sk);
@@ -345,10 +348,12 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward(const lab::AttnPara
 #pragma unroll
   for (int e = lane; e < 16 * M_FRAGS * CHUNKS; e += 32) {
     const int r = warp_row0 + e / CHUNKS, c = e % CHUNKS, row = m0 + r;
+    // LAB-BEGIN(gqa-scatter): chunk c of packed row `row` of O_i to its token and query head
     if (row < rows)
       *reinterpret_cast<uint4*>(O + (row / gqa_ratio) * p.o_row_stride +
                                 (h_kv * gqa_ratio + row % gqa_ratio) * p.o_head_stride + c * 8) =
           *reinterpret_cast<const uint4*>(smem + smem_offset<ROW>(r, c));
+    // LAB-END(gqa-scatter)
   }
 }
 
@@ -358,8 +363,11 @@ void launch(const lab::AttnParams& p, cudaStream_t stream) {
   constexpr int smem = (B_r + 4 * B_c) * ROW * int(sizeof(T));  // Q_i, 2 x K_j, 2 x V_j
   auto kernel = flash_forward<T, D, B_r, B_c, QK_UNROLL>;
   lab::configure_kernel((const void*)kernel, kThreads, smem, kSupportGqa.chapter);
+  // LAB-BEGIN(gqa-grid): x: tiles of the seqlen_q * gqa_ratio packed rows, y: KV heads, z: batch
+  // LAB-STUB: const dim3 grid(1, 1, 1);
   const int64_t rows = int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv);
   const dim3 grid(unsigned((rows + B_r - 1) / B_r), p.heads_kv, p.batch);
+  // LAB-END(gqa-grid)
   kernel<<<grid, kThreads, smem, stream>>>(p);
   LAB_LAUNCH_CHECK();
 }
