@@ -225,11 +225,13 @@ int main(int argc, char** argv) {
         const std::string list = lab::parse_nonempty_flag(a, value());
         std::vector<std::string> known;
         std::string allowed;
-        for (auto& ch : all_chapters()) known.push_back(ch.name), allowed += (allowed.empty() ? "" : ", ") + ch.name;
+        for (auto& ch : all_chapters())
+          known.push_back(ch.name), allowed += (allowed.empty() ? "" : ", ") + ch.name;
         std::stringstream names(list + ",");
         for (std::string n; std::getline(names, n, ',');)
           if (std::find(known.begin(), known.end(), n) == known.end())
-            throw lab::CliError("--only: '" + n + "' is not a chapter of this build (allowed: " + allowed + ")");
+            throw lab::CliError("--only: '" + n + "' is not a chapter of this build (allowed: " + allowed +
+                                ")");
         only = "," + list + ",";
       } else if (a == "--out") out_dir = lab::parse_nonempty_flag(a, value());
       else if (a == "--max-seconds") max_seconds = lab::parse_number_flag(a, value(), 0.01, 3600);

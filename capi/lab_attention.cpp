@@ -274,7 +274,9 @@ ch07::KvCache quantized_layout(const lab::AttnParams& p, int scheme, int group_s
 }
 #endif
 
-[[maybe_unused]] bool aligned(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+[[maybe_unused]] bool aligned(const void* ptr, int bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
 
 const Entry* entry_at(int i) {
   return i >= 0 && size_t(i) < entries().size() ? &entries()[size_t(i)] : nullptr;

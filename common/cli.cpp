@@ -13,8 +13,9 @@ namespace lab {
 namespace {
 
 int64_t parse_int(const std::string& flag, const std::string& v, int64_t lo, int64_t hi) {
-  if (v.empty()) throw CliError(flag + ": an empty value is not allowed (allowed: " + std::to_string(lo) + ".." +
-                                std::to_string(hi) + ")");
+  if (v.empty())
+    throw CliError(flag + ": an empty value is not allowed (allowed: " + std::to_string(lo) + ".." +
+                   std::to_string(hi) + ")");
   int64_t x = 0;
   const char* end = v.data() + v.size();
   auto [ptr, ec] = std::from_chars(v.data(), end, x);
@@ -38,7 +39,9 @@ int64_t parse_int_flag(const std::string& flag, const std::string& v, int64_t lo
 }
 
 double parse_number_flag(const std::string& flag, const std::string& v, double lo, double hi) {
-  const std::string allowed = " (allowed: " + std::to_string(lo) + ".." + std::to_string(hi) + ")";
+  std::ostringstream range;
+  range << " (allowed: " << lo << ".." << hi << ")";
+  const std::string allowed = range.str();
   double x = 0;
   size_t used = 0;
   try {
@@ -118,7 +121,8 @@ CliOptions parse_cli(const std::vector<std::string>& args, const CliOptions& def
          o.seed = uint64_t(parse_int(f, v, 0, INT64_MAX));
        }},
       {"--csv", [&](const std::string& f, const std::string& v) { o.csv = parse_nonempty_flag(f, v); }},
-      {"--variant", [&](const std::string& f, const std::string& v) { o.variant = parse_nonempty_flag(f, v); }},
+      {"--variant",
+       [&](const std::string& f, const std::string& v) { o.variant = parse_nonempty_flag(f, v); }},
   };
   std::map<std::string, bool*> switches = {
       {"--causal", &o.causal}, {"--alibi", &o.alibi}, {"--lse", &o.lse},

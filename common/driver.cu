@@ -245,7 +245,15 @@ RunOutcome run_variant(Problem& prob, const std::string& chapter, const Variant&
   if (v.splits) out.row.splits = v.splits(p);
 
   prob.poison_outputs(stream);
-  v.forward(p, stream);
+  try {
+    v.forward(p, stream);
+  } catch (const InvalidArgument& e) {
+    // Refused by the launcher on this device (e.g. more shared memory than it, or LAB_SMEM_CAP,
+    // allows): a skip with the launcher's message, as for the support check above.
+    out.skipped = true;
+    out.message = e.what();
+    return out;
+  }
   LAB_CUDA_CHECK(cudaStreamSynchronize(stream));
   out.before = prob.check(opt.check, inputs);
   if (in.prepared) out.source_kv = prob.check(opt.check);
@@ -317,18 +325,21 @@ std::string problem_size_reason(const ProblemSpec& s, size_t device_free) {
     return std::string(b);
   };
   if (s.page_size > 0) {
-    const int64_t pages = int64_t(s.batch) * ((int64_t(s.seqlen_kv) + s.page_size - 1) / s.page_size) + 3;
+    const int64_t per_seq = (int64_t(s.seqlen_kv) + s.page_size - 1) / s.page_size;
+    const int64_t pages = int64_t(s.batch) * per_seq + 3;
     if (pages > INT_MAX)
-      return "--page-size: --batch " + std::to_string(s.batch) + " x --seqlen-kv " + std::to_string(s.seqlen_kv) +
-             " in pages of " + std::to_string(s.page_size) + " tokens is " + std::to_string(pages) +
-             " pages; at most " + std::to_string(INT_MAX) + " fit in num_pages";
+      return "--page-size: --batch " + std::to_string(s.batch) + " x --seqlen-kv " +
+             std::to_string(s.seqlen_kv) + " in pages of " + std::to_string(s.page_size) + " tokens is " +
+             std::to_string(pages) + " pages; at most " + std::to_string(INT_MAX) + " fit in num_pages";
     rows_kv = pages * s.page_size;
   }
-  // The kernels index rows of one tensor with 32-bit row counts (cu_seqlens, grid sizes).
-  if (rows_q > INT_MAX || rows_kv > INT_MAX)
-    return "--batch: " + std::to_string(s.batch) + " x " + (rows_q > INT_MAX ? "--seqlen-q " : "--seqlen-kv ") +
-           std::to_string(rows_q > INT_MAX ? s.seqlen_q : s.seqlen_kv) + " = " +
-           std::to_string(std::max(rows_q, rows_kv)) + " rows; at most " + std::to_string(INT_MAX) + " fit";
+  // Row counts are ints in AttnParams (total_q, total_kv, cu_seqlens).
+  if (rows_q > INT_MAX || rows_kv > INT_MAX) {
+    const bool q = rows_q > INT_MAX;
+    return "--batch: " + std::to_string(s.batch) + (q ? " x --seqlen-q " : " x --seqlen-kv ") +
+           std::to_string(q ? s.seqlen_q : s.seqlen_kv) + " = " + std::to_string(q ? rows_q : rows_kv) +
+           " rows; at most " + std::to_string(INT_MAX) + " fit";
+  }
   const int64_t q_elems = rows_q * s.heads_q * d, kv_elems = rows_kv * s.heads_kv * d;
   const long double device = (long double)(2 * q_elems + 2 * kv_elems) * w +
                              (s.lse ? 4.0L * s.batch * s.heads_q * s.seqlen_q : 0.0L);
@@ -452,11 +463,13 @@ int run_cli(int argc, char** argv, const Chapter& chapter, const CliOptions& def
     ro.check.seed = o.seed;
     std::vector<ResultRow> rows;
     int failures = 0;
+    std::string refusal;
     for (const Variant* v : chosen) {
       RunOutcome r = run_variant(prob, chapter.name, *v, ro, ceil, gpu, &flusher, "cli");
       const std::string name = chapter.name + (v->name.empty() ? "" : "/" + v->name);
       if (r.skipped) {
         std::printf("%-24s skipped: %s\n", name.c_str(), r.message.c_str());
+        if (refusal.empty()) refusal = r.message;
         continue;
       }
       std::printf("%-24s check: %s\n", name.c_str(), r.message.c_str());
@@ -464,9 +477,13 @@ int run_cli(int argc, char** argv, const Chapter& chapter, const CliOptions& def
       if (!rows.empty() && r.ok && rows.back().ms > 0) r.row.speedup_prev = rows.back().ms / r.row.ms;
       rows.push_back(r.row);
     }
+    if (rows.empty()) {  // every variant refused this problem on this device: bad input, not a pass
+      std::fprintf(stderr, "%s: error: %s\n", chapter.name.c_str(), with_flag(refusal).c_str());
+      return kExitBadInput;
+    }
     print_table(stdout, chapter.name, rows);
     if (!o.csv.empty()) write_csv(o.csv, rows, true);
-    return failures ? 1 : 0;
+    return failures ? kExitCheckFailed : kExitOk;
   } catch (const InvalidArgument& e) {
     std::fprintf(stderr, "%s: error: %s\n", chapter.name.c_str(), with_flag(e.what()).c_str());
     return kExitBadInput;

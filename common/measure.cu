@@ -22,7 +22,8 @@ GpuState gpu_state(std::string* reason) {
   cudaGetLastError();  // the error is reported here, not by the next CUDA call
   int driver = 0;
   const bool no_driver = cudaDriverGetVersion(&driver) == cudaSuccess && driver == 0;
-  if (no_driver && e == cudaErrorInsufficientDriver) why = "no CUDA driver installed (no GPU in this machine)";
+  if (no_driver && e == cudaErrorInsufficientDriver)
+    why = "no CUDA driver installed (no GPU in this machine)";
   if (reason) *reason = why;
   return e == cudaSuccess || e == cudaErrorNoDevice || (no_driver && e == cudaErrorInsufficientDriver)
              ? GpuState::none

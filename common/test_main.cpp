@@ -108,7 +108,8 @@ int main(int argc, char** argv) {
                     why.c_str());
         return unusable ? 1 : 77;
       }
-    if (unusable) std::printf("GPU tests left out and this run FAILS: the GPU is unusable: %s\n", why.c_str());
+    if (unusable)
+      std::printf("GPU tests left out and this run FAILS: the GPU is unusable: %s\n", why.c_str());
     static char exclude_gpu[] = "~[gpu]";
     bool has_filter = false;
     for (int i = 1; i < argc; ++i) has_filter |= argv[i][0] != '-';
