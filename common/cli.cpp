@@ -91,7 +91,7 @@ CliOptions parse_cli(const std::vector<std::string>& args, const CliOptions& def
     return [&dst, lo, hi](const std::string& f, const std::string& v) { dst = int(parse_int(f, v, lo, hi)); };
   };
   std::map<std::string, Setter> with_value = {
-      {"--batch", integer(o.batch, 1, 1 << 16)},
+      {"--batch", integer(o.batch, 1, 65535)},  // the kernels put batch on a grid dimension
       {"--heads", integer(o.heads, 1, kMaxHeads)},
       {"--heads-kv", integer(o.heads_kv, 1, kMaxHeads)},
       {"--seqlen-q", integer(o.seqlen_q, 1, kMaxLen)},
