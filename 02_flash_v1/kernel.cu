@@ -28,10 +28,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <mutex>
 
 #include "02_flash_v1/kernel.h"
 #include "common/cuda_check.h"
+#include "common/device.h"
 
 namespace ch02 {
 
@@ -221,14 +221,11 @@ template <class T, int D>
 void launch(const lab::AttnParams& p, cudaStream_t stream) {
   constexpr size_t smem = smem_bytes<D>();
   auto kernel = flash_v1<T, D>;
-  int dev = 0;
-  LAB_CUDA_CHECK(cudaGetDevice(&dev));
-  static std::once_flag configured[64];
-  std::call_once(configured[dev % 64], [&] {
-    LAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  });
-  int sms = 0;
-  LAB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  // Refuses by name (InvalidArgument) where the device, or LAB_SMEM_CAP, allows less shared memory
+  // (head_dim above 64 asks for 115,968 bytes: more than sm_86/89/120 give a block).
+  lab::configure_kernel(reinterpret_cast<const void*>(kernel), kThreads, smem,
+                        D > 64 ? "02_flash_v1 (head_dim 65..128)" : "02_flash_v1");
+  const int sms = lab::device_limits().sm_count;
   // Groups of query tiles: enough blocks for ~8 per SM, as few groups as that allows.
   const int T_r = (p.seqlen_q + B_r - 1) / B_r;
   const int64_t bh = int64_t(p.batch) * p.heads_q;

@@ -28,11 +28,11 @@
 //   timeline per tile j:  [barrier; load K_j, V_j; barrier] QK^T softmax PV
 // clang-format on
 #include <cmath>
-#include <mutex>
 
 #include "03_flash_v2/kernel.h"
 #include "03_flash_v2/tensor_core.cuh"
 #include "common/cuda_check.h"
+#include "common/device.h"
 
 namespace ch03 {
 
@@ -40,8 +40,9 @@ namespace {
 
 // B_r query rows per block (4 warps, 16 * M_FRAGS rows each), B_c keys per K/V tile, and how far
 // to unroll the k-loop of S = QK^T (a rolled loop keeps fewer fragments in flight: fewer registers).
-// Chosen by measurement (docs/results, 03_flash_v2/README.md); every accumulator must fit in the
-// 255 registers that two blocks per SM allow, without spilling.
+// Chosen by measurement (docs/results, 03_flash_v2/README.md) within the 255 registers per thread
+// that two blocks per SM allow; at d = 128 the accumulators do not quite fit and ptxas spills a
+// few bytes (03_flash_v2/README.md, "Tile choices", has what -Xptxas -v reports per step).
 template <int D> struct Tiles { static constexpr int B_r = 128, B_c = 64, QK_UNROLL = D / 16; };
 template <> struct Tiles<128> { static constexpr int B_r = 128, B_c = 64, QK_UNROLL = 2; };
 template <> struct Tiles<256> { static constexpr int B_r = 64, B_c = 32, QK_UNROLL = 1; };
@@ -295,12 +296,9 @@ void launch(const lab::AttnParams& p, cudaStream_t stream) {
   constexpr int ROW = D;
   constexpr int smem = (B_r + 2 * B_c) * ROW * int(sizeof(T));  // Q_i, K_j, V_j
   auto kernel = flash_forward_mma<T, D, B_r, B_c, QK_UNROLL>;
-  int dev = 0;
-  LAB_CUDA_CHECK(cudaGetDevice(&dev));
-  static std::once_flag configured[64];
-  std::call_once(configured[dev % 64], [&] {
-    LAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  });
+  lab::require_compute_capability(8, 0, "03_flash_v2", "mma.sync, ldmatrix, cp.async and bf16");
+  // Refuses by name (InvalidArgument) where the device, or LAB_SMEM_CAP, allows less shared memory.
+  lab::configure_kernel(reinterpret_cast<const void*>(kernel), kThreads, size_t(smem), "03_flash_v2");
   const dim3 grid((p.seqlen_q + B_r - 1) / B_r, p.heads_q, p.batch);
   kernel<<<grid, kThreads, smem, stream>>>(p);
   LAB_LAUNCH_CHECK();

@@ -34,11 +34,11 @@
 // clang-format on
 #include <algorithm>
 #include <cmath>
-#include <mutex>
 
 #include "03_flash_v2/tensor_core.cuh"
 #include "04_flash_decoding/kernel.h"
 #include "common/cuda_check.h"
+#include "common/device.h"
 
 namespace ch04 {
 
@@ -335,20 +335,17 @@ __global__ void __launch_bounds__(kThreads) flash_decode_split(const lab::AttnPa
 
 template <class T, int D>
 void allow_large_smem() {
-  int dev = 0;
-  LAB_CUDA_CHECK(cudaGetDevice(&dev));
-  static std::once_flag once[64];
-  std::call_once(once[dev % 64], [&] {
-    LAB_CUDA_CHECK(cudaFuncSetAttribute(flash_decode_split<T, D>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<D>()));
-  });
+  lab::require_compute_capability(8, 0, "04_flash_decoding", "mma.sync, ldmatrix, cp.async and bf16");
+  // Refuses by name (InvalidArgument) where the device, or LAB_SMEM_CAP, allows less shared memory
+  // (head_dim 256 asks for 139,264 bytes: more than sm_86/89/120 give a block).
+  lab::configure_kernel(reinterpret_cast<const void*>(flash_decode_split<T, D>), kThreads,
+                        size_t(smem_bytes<D>()),
+                        D > 128 ? "04_flash_decoding (head_dim 256)" : "04_flash_decoding");
 }
 
 template <class T, int D>
 int splits_for(const lab::AttnParams& p) {
-  int dev = 0, sms = 0;
-  LAB_CUDA_CHECK(cudaGetDevice(&dev));
-  LAB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = lab::device_limits().sm_count;
   const int64_t work = int64_t(p.batch) * p.heads_q * ((p.seqlen_q + B_r - 1) / B_r);
   // One block per SM already keeps 32 KB of K/V in flight there (4 warps x one 8 KB slice at
   // d = 128), enough for its share of HBM: a wave is one block per SM (the split sweep in the

@@ -28,11 +28,11 @@
 //   end: 8 groups' (m, l, O) -> one (m, l, O) in shared memory -> O or a split's partial
 // clang-format on
 #include <cmath>
-#include <mutex>
 
 #include "03_flash_v2/tensor_core.cuh"
 #include "05_decoding_cuda_core/kernel.h"
 #include "common/cuda_check.h"
+#include "common/device.h"
 
 namespace ch05 {
 
@@ -230,9 +230,7 @@ __global__ void __launch_bounds__(kThreads) decode_split(const lab::AttnParams p
 
 template <class T, int D, int U>
 int splits_for(const lab::AttnParams& p) {
-  int dev = 0, sms = 0;
-  LAB_CUDA_CHECK(cudaGetDevice(&dev));
-  LAB_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = lab::device_limits().sm_count;
   // A block keeps 16 KB of K/V in flight (04's keeps 32 KB): aim for 4 blocks per SM. Chunks keep
   // at least 4 steps (128 keys at d = 128).
   return ch04::choose_num_splits(p.num_splits, int64_t(p.batch) * p.heads_q, p.seqlen_kv,

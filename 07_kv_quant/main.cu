@@ -4,4 +4,6 @@
 // it. The chapter's table (accuracy and speed of every scheme) is 07_kv_quant_table.
 #include "07_kv_quant/kernel.h"
 
-int main(int argc, char** argv) { return lab::run_cli(argc, argv, ch07::chapter()); }
+int main(int argc, char** argv) {
+  return lab::run_cli(argc, argv, ch07::chapter(), lab::decode_cli_defaults());
+}

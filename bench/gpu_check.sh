@@ -8,10 +8,11 @@
 # One more stage, labs (the workshop labs, bench/lab), is not in the default list: it builds every
 # chapter twice more, in build-lab/, and runs each one's GPU tests twice (`test` tests the solutions).
 #
-#   bench/gpu_check.sh [STAGE...]   stages: build test pytest sanitize ladder kvquant plot torch compare
-#                                   (default: all)
+#   bench/gpu_check.sh [STAGE...]   stages: build test pytest sanitize smemcap ladder kvquant plot
+#                                   torch compare (default: all)
 #
-# Environment: OUT_DIR (default ./gpu_check_out), BUILD_DIR (./build-gpu), CUDA_ARCH (90),
+# Environment: OUT_DIR (default ./gpu_check_out), BUILD_DIR (./build-gpu), CUDA_ARCH (default: the
+#              GPU of this machine),
 #              CMAKE_ARGS (extra configure flags, e.g. -DCMAKE_PREFIX_PATH=...), LADDER_ARGS,
 #              TORCH_ARGS (bench/torch_sdpa.py), COMPARE_ARGS (bench/compare_torch.py, e.g. --quick).
 set -uo pipefail
@@ -20,7 +21,7 @@ out=${OUT_DIR:-$root/gpu_check_out}
 build=${BUILD_DIR:-$root/build-gpu}
 mkdir -p "$out"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test pytest sanitize ladder kvquant plot torch compare)
+[ ${#stages[@]} -eq 0 ] && stages=(build test pytest sanitize smemcap ladder kvquant plot torch compare)
 summary="$out/summary.txt"
 : > "$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -28,7 +29,7 @@ status=0
 
 stage_build() {
   local t0=$SECONDS
-  if cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" \
+  if cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release ${CUDA_ARCH:+-DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH"} \
        ${CMAKE_ARGS:-} > "$out/configure.log" 2>&1 &&
      cmake --build "$build" -j "$(nproc)" > "$out/build.log" 2>&1; then
     note "build:    ok ($((SECONDS - t0)) s)"
@@ -43,21 +44,27 @@ stage_test() {
   ctest --test-dir "$build" --output-on-failure -V > "$out/ctest.log" 2>&1
   local rc=$?
   note "ctest:    $(grep -E 'tests passed|tests failed' "$out/ctest.log" | tail -1) ($((SECONDS - t0)) s)"
-  grep -E '^[0-9]+: (All tests passed|test cases:|no CUDA device)' "$out/ctest.log" | sed 's/^/          /' | tee -a "$summary"
+  grep -E '^[0-9]+: (All tests passed|test cases:|skipping the GPU tests|GPU tests FAIL)' "$out/ctest.log" | sed 's/^/          /' | tee -a "$summary"
   grep -E 'Skipped|\*\*\*Failed|Not Run' "$out/ctest.log" | sed 's/^/          /' | tee -a "$summary"
   return $rc
 }
 
 torch_with_cuda() { python3 -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; }
 
-# Every chapter through liblab_attention.so against PyTorch's SDPA (python/tests). Without PyTorch
-# the library-only tests still run and the rest report as skipped.
+# Every chapter through liblab_attention.so against PyTorch's SDPA (python/tests). On the GPU
+# machine this stage is the comparison with PyTorch: it fails without pytest, PyTorch with CUDA or
+# the library, instead of passing with the comparisons skipped.
 stage_pytest() {
   local t0=$SECONDS
   if ! python3 -c "import pytest" 2> /dev/null; then
-    note "pytest:   skipped (pytest is not installed: pip install pytest)"; return 0
+    note "pytest:   FAILED (pytest is not installed: pip install pytest)"; return 1
   fi
-  torch_with_cuda || note "pytest:   note: no PyTorch with CUDA, only the library-only tests run"
+  if ! torch_with_cuda; then
+    note "pytest:   FAILED (no PyTorch with CUDA: pip install torch, a CUDA build)"; return 1
+  fi
+  if [ ! -f "$build/lib/liblab_attention.so" ]; then
+    note "pytest:   FAILED ($build/lib/liblab_attention.so is not built: run the build stage)"; return 1
+  fi
   LAB_ATTENTION_LIB="$build/lib/liblab_attention.so" python3 -m pytest -q -rs "$root/python/tests" \
     > "$out/pytest.log" 2>&1
   local rc=$?
@@ -80,6 +87,27 @@ stage_sanitize() {
     done
   done
   note "sanitize: done ($((SECONDS - t0)) s)"
+  return $rc
+}
+
+# The chapters under the shared memory per block of smaller GPUs (common/device.h, LAB_SMEM_CAP):
+# 99K as on sm_86/89/120, 163K as on the A100. Each cap runs the tests and a short ladder; every
+# chapter must pass or refuse by name (a refusal shows as "skipped: ..." in the ladder log).
+stage_smemcap() {
+  local rc=0 t0=$SECONDS cap
+  for cap in 99K 163K; do
+    LAB_SMEM_CAP=$cap ctest --test-dir "$build" --output-on-failure > "$out/smemcap_$cap.ctest.log" 2>&1
+    local r=$?
+    note "smemcap:  $cap ctest exit $r, $(grep -E 'tests passed|tests failed' "$out/smemcap_$cap.ctest.log" | tail -1)"
+    [ $r -ne 0 ] && rc=1
+    mkdir -p "$out/smemcap_$cap"
+    LAB_SMEM_CAP=$cap "$build/bin/ladder" --quick --max-seconds 0.2 --out "$out/smemcap_$cap" \
+      > "$out/smemcap_$cap.ladder.log" 2>&1
+    r=$?
+    note "smemcap:  $cap ladder exit $r, $(tail -1 "$out/smemcap_$cap.ladder.log")"
+    [ $r -ne 0 ] && rc=1
+  done
+  note "smemcap:  done ($((SECONDS - t0)) s)"
   return $rc
 }
 
@@ -172,8 +200,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.g
   --format=csv > "$out/gpu.txt" 2>&1 || true
 for s in "${stages[@]}"; do
   case "$s" in
-    build|test|pytest|sanitize|ladder|kvquant|plot|torch|compare|labs) "stage_$s" || status=1 ;;
-    *) echo "gpu_check: unknown stage '$s' (allowed: build test pytest sanitize ladder kvquant plot torch compare labs)" >&2; exit 2 ;;
+    build|test|pytest|sanitize|smemcap|ladder|kvquant|plot|torch|compare|labs) "stage_$s" || status=1 ;;
+    *) echo "gpu_check: unknown stage '$s' (allowed: build test pytest sanitize smemcap ladder kvquant plot torch compare labs)" >&2; exit 2 ;;
   esac
   [ "$s" = build ] && [ $status -ne 0 ] && break
 done

@@ -11,6 +11,7 @@
 //
 //   07_kv_quant_table [--out DIR] [--seed N] [--max-seconds S]
 #include <algorithm>
+#include <climits>
 #include <cstdio>
 #include <map>
 #include <string>
@@ -34,13 +35,16 @@ lab::ProblemSpec decode_spec(int batch, int seqlen_kv, lab::Dist dist, uint64_t 
 }
 
 int usage(const char* why) {
-  if (why) std::fprintf(stderr, "07_kv_quant_table: error: %s\n", why);
-  std::fprintf(why ? stderr : stdout,
-               "usage: 07_kv_quant_table [--out DIR] [--seed N] [--max-seconds S]\n"
-               "  --out DIR        where kv_quant.csv goes (default: .)\n"
-               "  --seed N         input seed (1)\n"
-               "  --max-seconds S  timing budget per configuration (2.0)\n");
-  return why ? 2 : 0;
+  if (why) {  // one line, like every program of the lab
+    std::fprintf(stderr, "07_kv_quant_table: error: %s\n", why);
+    return lab::kExitBadInput;
+  }
+  std::printf("usage: 07_kv_quant_table [--out DIR] [--seed N] [--max-seconds S]\n"
+              "  --out DIR        where kv_quant.csv goes (default: .)\n"
+              "  --seed N         input seed (1)\n"
+              "  --max-seconds S  timing budget per configuration (2.0)\n%s",
+              lab::kExitCodesHelp);
+  return lab::kExitOk;
 }
 
 }  // namespace
@@ -57,11 +61,11 @@ int main(int argc, char** argv) {
         return argv[++i];
       };
       if (a == "--out")
-        out_dir = value();
+        out_dir = lab::parse_nonempty_flag(a, value());
       else if (a == "--seed")
-        seed = std::stoull(value());
+        seed = uint64_t(lab::parse_int_flag(a, value(), 0, INT64_MAX));
       else if (a == "--max-seconds")
-        max_seconds = std::stod(value());
+        max_seconds = lab::parse_number_flag(a, value(), 0.01, 3600);
       else if (a == "--help" || a == "-h")
         return usage(nullptr);
       else
@@ -72,9 +76,15 @@ int main(int argc, char** argv) {
   }
 
   try {
-    if (!lab::cuda_device_present()) {
-      std::fprintf(stderr, "07_kv_quant_table: error: no CUDA device found\n");
-      return 3;
+    lab::check_writable("--out", out_dir, true);
+  } catch (const std::exception& e) {
+    return usage(e.what());
+  }
+  try {
+    std::string no_gpu;
+    if (lab::gpu_state(&no_gpu) != lab::GpuState::present) {
+      std::fprintf(stderr, "07_kv_quant_table: error: %s\n", lab::no_gpu_message(no_gpu).c_str());
+      return lab::kExitNoGpu;
     }
     // Step 2 (kernel.cu) on every scheme, in scheme_variants() order: the ladder times step 1.
     lab::Chapter chapter = ch07::chapter();

@@ -11,14 +11,30 @@
 #include <string>
 #include <vector>
 
+// A chapter left out of the build (its architecture minimum, see add_chapter) is left out here too:
+// LAB_HAVE_<DIR> comes with the chapter's library.
+#if LAB_HAVE_01_NAIVE
 #include "01_naive/kernel.h"
+#endif
+#if LAB_HAVE_02_FLASH_V1
 #include "02_flash_v1/kernel.h"
+#endif
+#if LAB_HAVE_03_FLASH_V2
 #include "03_flash_v2/kernel.h"
+#endif
+#if LAB_HAVE_04_FLASH_DECODING
 #include "04_flash_decoding/kernel.h"
+#endif
+#if LAB_HAVE_05_DECODING_CUDA_CORE
 #include "05_decoding_cuda_core/kernel.h"
+#endif
+#if LAB_HAVE_06_GQA_ALIBI
 #include "06_gqa_alibi/kernel.h"
+#endif
+#if LAB_HAVE_07_KV_QUANT
 #include "07_kv_quant/kernel.h"
 #include "07_kv_quant/quantize.h"
+#endif
 #include "common/cuda_check.h"
 #include "common/driver.h"
 
@@ -40,11 +56,20 @@ static_assert(LAB_KV_NONE == int(lab::KvScheme::none) &&
 
 namespace {
 
+#if !LAB_HAVE_07_KV_QUANT
+// 07's quantizer is not in this build: the KV-cache functions refuse, by name, instead of linking.
+[[noreturn]] void no_kv_quant() {
+  throw lab::InvalidArgument("07_kv_quant is not in this build (it needs sm_80 or newer; "
+                             "see the configure messages)");
+}
+#endif
+
 struct Registered {
   lab::Chapter chapter;
   std::string default_variant;  // the chapter's main kernel: used when the caller names none
 };
 
+#if LAB_HAVE_07_KV_QUANT
 // 07's variants differ only in how its own driver turns the fp16 problem into a cache of their
 // scheme (lab::KvPrepare); each step runs one forward(), which reads the scheme from p.kv_quant.
 // Here the caller brings the cache (lab_kv_quantize makes one) and names its scheme in kv_scheme,
@@ -57,19 +82,34 @@ lab::Chapter kv_quant_chapter() {
                  ch07::num_splits_for_dequant, nullptr}};
   return c;
 }
+#endif
 
 // The registry: every chapter the library exports, in lab order, and its default variant.
 // Adding a chapter is one line here (and its kernel.h include above); its library is linked in
 // already, since add_chapter() in the top-level CMakeLists.txt collects LAB_CHAPTER_LIBS.
 const std::vector<Registered>& registry() {
   static const std::vector<Registered> chapters = {
+#if LAB_HAVE_01_NAIVE
       {ch01::chapter(), "naive"},
+#endif
+#if LAB_HAVE_02_FLASH_V1
       {ch02::chapter(), ""},
+#endif
+#if LAB_HAVE_03_FLASH_V2
       {ch03::chapter(), "fa2"},
+#endif
+#if LAB_HAVE_04_FLASH_DECODING
       {ch04::chapter(), ""},
+#endif
+#if LAB_HAVE_05_DECODING_CUDA_CORE
       {ch05::chapter(), ""},
+#endif
+#if LAB_HAVE_06_GQA_ALIBI
       {ch06::chapter(), ""},
+#endif
+#if LAB_HAVE_07_KV_QUANT
       {kv_quant_chapter(), ""},
+#endif
   };
   return chapters;
 }
@@ -187,6 +227,7 @@ int guarded(Body body) {
   }
 }
 
+#if LAB_HAVE_07_KV_QUANT
 // The quantized cache that lab_kv_quantize writes for the fp16 cache `p` describes: 07's layout
 // (07_kv_quant/quantize.h) with the fp16 cache's own strides, so that lab_forward takes the same
 // params. Checks what the quantizer itself does not, by name; no memory is placed yet.
@@ -229,8 +270,11 @@ ch07::KvCache quantized_layout(const lab::AttnParams& p, int scheme, int group_s
   c.slot_stride = p.k_batch_stride, c.row_stride = p.k_row_stride, c.head_stride = p.k_head_stride;
   return c;
 }
+#endif
 
-bool aligned(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+[[maybe_unused]] bool aligned(const void* ptr, int bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
 
 const Entry* entry_at(int i) {
   return i >= 0 && size_t(i) < entries().size() ? &entries()[size_t(i)] : nullptr;
@@ -350,14 +394,23 @@ int lab_kv_scale_bytes(const LabAttnParams* p, int kv_scheme, int kv_group_size,
   return guarded([&] {
     if (!bytes) throw lab::InvalidArgument("bytes is a null pointer");
     *bytes = 0;
+#if !LAB_HAVE_07_KV_QUANT
+    no_kv_quant();
+#else
     *bytes =
         ch07::scale_count(quantized_layout(to_attn_params(p), kv_scheme, kv_group_size)) * lab::kKvScaleBytes;
+#endif
   });
 }
 
 int lab_kv_quantize(const LabAttnParams* p, int kv_scheme, int kv_group_size, void* k_codes, void* v_codes,
                     uint16_t* k_scale, uint16_t* v_scale, void* cuda_stream) {
   return guarded([&] {
+#if !LAB_HAVE_07_KV_QUANT
+    (void)p, (void)kv_scheme, (void)kv_group_size, (void)k_codes, (void)v_codes, (void)k_scale, (void)v_scale,
+        (void)cuda_stream;
+    no_kv_quant();
+#else
     const lab::AttnParams src = to_attn_params(p);
     ch07::KvCache c = quantized_layout(src, kv_scheme, kv_group_size);
     const std::string who = "07_kv_quant: ";
@@ -394,6 +447,7 @@ int lab_kv_quantize(const LabAttnParams* p, int kv_scheme, int kv_group_size, vo
     c.k = static_cast<uint8_t*>(k_codes), c.v = static_cast<uint8_t*>(v_codes);
     c.k_scale = k_scale, c.v_scale = v_scale;
     ch07::quantize_bulk(src, c, static_cast<cudaStream_t>(cuda_stream));  // checks dtype, strides
+#endif
   });
 }
 

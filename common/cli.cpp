@@ -2,6 +2,7 @@
 
 #include <cctype>
 #include <charconv>
+#include <cmath>
 #include <climits>
 #include <functional>
 #include <map>
@@ -12,6 +13,9 @@ namespace lab {
 namespace {
 
 int64_t parse_int(const std::string& flag, const std::string& v, int64_t lo, int64_t hi) {
+  if (v.empty())
+    throw CliError(flag + ": an empty value is not allowed (allowed: " + std::to_string(lo) + ".." +
+                   std::to_string(hi) + ")");
   int64_t x = 0;
   const char* end = v.data() + v.size();
   auto [ptr, ec] = std::from_chars(v.data(), end, x);
@@ -26,15 +30,68 @@ int64_t parse_int(const std::string& flag, const std::string& v, int64_t lo, int
 
 }  // namespace
 
-CliOptions parse_cli(const std::vector<std::string>& args) {
+const char* const kExitCodesHelp =
+    "Exit codes: 0 ok, 1 a check failed, 2 bad input (one line naming the flag),\n"
+    "            3 no usable GPU (with the CUDA runtime's reason).\n";
+
+int64_t parse_int_flag(const std::string& flag, const std::string& v, int64_t lo, int64_t hi) {
+  return parse_int(flag, v, lo, hi);
+}
+
+double parse_number_flag(const std::string& flag, const std::string& v, double lo, double hi) {
+  std::ostringstream range;
+  range << " (allowed: " << lo << ".." << hi << ")";
+  const std::string allowed = range.str();
+  double x = 0;
+  size_t used = 0;
+  try {
+    x = std::stod(v, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (v.empty() || used != v.size() || std::isspace(static_cast<unsigned char>(v[0])))
+    throw CliError(flag + ": '" + v + "' is not a number" + allowed);
+  if (!(x >= lo && x <= hi)) throw CliError(flag + ": " + v + " is out of range" + allowed);
+  return x;
+}
+
+std::string parse_nonempty_flag(const std::string& flag, const std::string& v) {
+  if (v.empty()) throw CliError(flag + ": an empty value is not allowed");
+  return v;
+}
+
+std::string with_flag(const std::string& why) {
+  // Field names as AttnParams spells them, longest first where one is a prefix of another.
+  static const std::pair<const char*, const char*> fields[] = {
+      {"head_dim", "--head-dim"},   {"heads_kv", "--heads-kv"},   {"heads_q", "--heads"},
+      {"seqlen_q", "--seqlen-q"},   {"seqlen_kv", "--seqlen-kv"}, {"batch", "--batch"},
+      {"dtype", "--dtype"},         {"causal", "--causal"},       {"alibi", "--alibi"},
+      {"lse", "--lse"},             {"num_splits", "--splits"},   {"page_size", "--page-size"},
+      {"max_pages_per_seq", "--page-size"}, {"num_pages", "--page-size"}, {"block_table", "--page-size"}};
+  size_t best = std::string::npos;
+  const char* flag = nullptr;
+  for (auto [field, f] : fields) {
+    const size_t at = why.find(field);
+    if (at < best) best = at, flag = f;
+  }
+  return flag ? std::string(flag) + ": " + why : why;
+}
+
+CliOptions decode_cli_defaults() {
   CliOptions o;
+  o.batch = 8, o.heads = 32, o.seqlen_q = 1, o.seqlen_kv = 4096, o.head_dim = 128;
+  return o;
+}
+
+CliOptions parse_cli(const std::vector<std::string>& args, const CliOptions& defaults) {
+  CliOptions o = defaults;
   constexpr int kMaxLen = 1 << 20, kMaxHeads = 1024;
   using Setter = std::function<void(const std::string&, const std::string&)>;
   auto integer = [](int& dst, int64_t lo, int64_t hi) -> Setter {
     return [&dst, lo, hi](const std::string& f, const std::string& v) { dst = int(parse_int(f, v, lo, hi)); };
   };
   std::map<std::string, Setter> with_value = {
-      {"--batch", integer(o.batch, 1, 1 << 16)},
+      {"--batch", integer(o.batch, 1, 65535)},  // the kernels put batch on a grid dimension
       {"--heads", integer(o.heads, 1, kMaxHeads)},
       {"--heads-kv", integer(o.heads_kv, 1, kMaxHeads)},
       {"--seqlen-q", integer(o.seqlen_q, 1, kMaxLen)},
@@ -63,8 +120,9 @@ CliOptions parse_cli(const std::vector<std::string>& args) {
       {"--seed", [&](const std::string& f, const std::string& v) {
          o.seed = uint64_t(parse_int(f, v, 0, INT64_MAX));
        }},
-      {"--csv", [&](const std::string&, const std::string& v) { o.csv = v; }},
-      {"--variant", [&](const std::string&, const std::string& v) { o.variant = v; }},
+      {"--csv", [&](const std::string& f, const std::string& v) { o.csv = parse_nonempty_flag(f, v); }},
+      {"--variant",
+       [&](const std::string& f, const std::string& v) { o.variant = parse_nonempty_flag(f, v); }},
   };
   std::map<std::string, bool*> switches = {
       {"--causal", &o.causal}, {"--alibi", &o.alibi}, {"--lse", &o.lse},
@@ -105,19 +163,21 @@ CliOptions parse_cli(const std::vector<std::string>& args) {
   return o;
 }
 
-std::string cli_usage(const std::string& program, const std::vector<std::string>& variants) {
+std::string cli_usage(const std::string& program, const std::vector<std::string>& variants,
+                      const CliOptions& d) {
   std::ostringstream s;
   s << "usage: " << program << " [flags]\n"
     << "Runs the chapter's kernel(s) on one problem: validates against the fp64 CPU reference,\n"
     << "times (median of repetitions, L2 flushed), validates again, prints a table.\n"
-    << "Exit code: 0 all checks passed, 1 a check failed, 2 bad input.\n\n"
-    << "  --batch N          sequences (default 4)\n"
-    << "  --heads N          query heads (16)\n"
+    << kExitCodesHelp << "\n"
+    << "  --batch N          sequences (default " << d.batch << ")\n"
+    << "  --heads N          query heads (" << d.heads << ")\n"
     << "  --heads-kv N       key/value heads, must divide --heads (default: --heads)\n"
-    << "  --seqlen-q N       query length (1024)\n"
-    << "  --seqlen-kv N      key/value length (default: --seqlen-q)\n"
+    << "  --seqlen-q N       query length (" << d.seqlen_q << ")\n"
+    << "  --seqlen-kv N      key/value length (default: "
+    << (d.seqlen_kv ? std::to_string(d.seqlen_kv) : std::string("--seqlen-q")) << ")\n"
     << "  --seqlen N         both lengths\n"
-    << "  --head-dim N       1..256, as the chapter supports (128)\n"
+    << "  --head-dim N       1..256, as the chapter supports (" << d.head_dim << ")\n"
     << "  --dtype T          fp16 | bf16 (fp16)\n"
     << "  --causal           causal mask, bottom-right aligned as in FlashAttention\n"
     << "  --alibi            ALiBi bias with the standard slopes\n"

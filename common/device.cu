@@ -56,6 +56,14 @@ const DeviceLimits& device_limits() {
   return known.emplace(dev, d).first->second;
 }
 
+void require_compute_capability(int major, int minor, const char* who, const char* what) {
+  const DeviceLimits& d = device_limits();
+  if (d.cc_major > major || (d.cc_major == major && d.cc_minor >= minor)) return;
+  throw InvalidArgument(std::string(who) + ": needs sm_" + std::to_string(major * 10 + minor) +
+                        " or newer (" + what + "); this GPU is sm_" +
+                        std::to_string(d.cc_major * 10 + d.cc_minor));
+}
+
 int configure_kernel(const void* kernel, int threads, size_t smem_bytes, const char* who) {
   const DeviceLimits& d = device_limits();
   if (smem_bytes > d.smem_per_block)

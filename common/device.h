@@ -36,4 +36,9 @@ size_t parse_smem_cap(const std::string& text);  // the parser, for tests
 // their support checks first; this is the backstop, so no launch fails as a bare CUDA error.
 int configure_kernel(const void* kernel, int threads, size_t smem_bytes, const char* who);
 
+// Throws InvalidArgument("<who>: needs sm_80 or newer (<what>); this GPU is sm_75") when the
+// current device's compute capability is below major.minor: a chapter built for newer GPUs only
+// refuses by name instead of failing with "no kernel image is available".
+void require_compute_capability(int major, int minor, const char* who, const char* what);
+
 }  // namespace lab

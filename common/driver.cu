@@ -1,4 +1,8 @@
+#include <unistd.h>
+
 #include <algorithm>
+#include <climits>
+#include <fstream>
 #include <cmath>
 #include <cstdio>
 #include <numeric>
@@ -46,7 +50,13 @@ Problem::Problem(const ProblemSpec& s, cudaStream_t stream) : spec_(s) {
   if (s.page_size > 0) {
     p.page_size = s.page_size;
     p.max_pages_per_seq = (p.seqlen_kv + s.page_size - 1) / s.page_size;
-    p.num_pages = p.batch * p.max_pages_per_seq + 3;  // a few pages nobody uses
+    const int64_t page_count = int64_t(p.batch) * p.max_pages_per_seq + 3;  // a few pages nobody uses
+    if (page_count > INT_MAX)
+      throw InvalidArgument("ProblemSpec: batch " + std::to_string(p.batch) + " x " +
+                            std::to_string(p.max_pages_per_seq) + " pages per sequence = " +
+                            std::to_string(page_count) + " pages; num_pages holds at most " +
+                            std::to_string(INT_MAX) + " (use larger pages or fewer sequences)");
+    p.num_pages = int(page_count);
     std::vector<int> pages(size_t(p.num_pages));
     std::iota(pages.begin(), pages.end(), 0);
     std::shuffle(pages.begin(), pages.end(), std::mt19937_64(s.seed * 77 + 5));
@@ -236,7 +246,15 @@ RunOutcome run_variant(Problem& prob, const std::string& chapter, const Variant&
   if (v.splits) out.row.splits = v.splits(p);
 
   prob.poison_outputs(stream);
-  v.forward(p, stream);
+  try {
+    v.forward(p, stream);
+  } catch (const InvalidArgument& e) {
+    // Refused by the launcher on this device (e.g. more shared memory than it, or LAB_SMEM_CAP,
+    // allows): a skip with the launcher's message, as for the support check above.
+    out.skipped = true;
+    out.message = e.what();
+    return out;
+  }
   LAB_CUDA_CHECK(cudaStreamSynchronize(stream));
   out.before = prob.check(opt.check, inputs);
   if (in.prepared) out.source_kv = prob.check(opt.check);
@@ -297,20 +315,73 @@ ProblemSpec spec_from_cli(const CliOptions& o) {
   return s;
 }
 
-int run_cli(int argc, char** argv, const Chapter& chapter) {
+std::string problem_size_reason(const ProblemSpec& s, size_t device_free) {
+  // Every factor is at most 2^20 and there are at most four, so these int64 products cannot overflow.
+  const int64_t d = s.head_dim, w = int64_t(dtype_bytes(s.dtype));
+  const int64_t rows_q = int64_t(s.batch) * s.seqlen_q;
+  int64_t rows_kv = int64_t(s.batch) * s.seqlen_kv;
+  auto gib = [](long double bytes) {
+    char b[48];
+    std::snprintf(b, sizeof b, "%.2f GiB", double(bytes / (1024.0L * 1024 * 1024)));
+    return std::string(b);
+  };
+  if (s.page_size > 0) {
+    const int64_t per_seq = (int64_t(s.seqlen_kv) + s.page_size - 1) / s.page_size;
+    const int64_t pages = int64_t(s.batch) * per_seq + 3;
+    if (pages > INT_MAX)
+      return "--page-size: --batch " + std::to_string(s.batch) + " x --seqlen-kv " +
+             std::to_string(s.seqlen_kv) + " in pages of " + std::to_string(s.page_size) + " tokens is " +
+             std::to_string(pages) + " pages; at most " + std::to_string(INT_MAX) + " fit in num_pages";
+    rows_kv = pages * s.page_size;
+  }
+  // Row counts are ints in AttnParams (total_q, total_kv, cu_seqlens).
+  if (rows_q > INT_MAX || rows_kv > INT_MAX) {
+    const bool q = rows_q > INT_MAX;
+    return "--batch: " + std::to_string(s.batch) + (q ? " x --seqlen-q " : " x --seqlen-kv ") +
+           std::to_string(q ? s.seqlen_q : s.seqlen_kv) + " = " + std::to_string(q ? rows_q : rows_kv) +
+           " rows; at most " + std::to_string(INT_MAX) + " fit";
+  }
+  const int64_t q_elems = rows_q * s.heads_q * d, kv_elems = rows_kv * s.heads_kv * d;
+  const long double device = (long double)(2 * q_elems + 2 * kv_elems) * w +
+                             (s.lse ? 4.0L * s.batch * s.heads_q * s.seqlen_q : 0.0L);
+  // The host keeps Q, K, V as floats for the fp64 reference, and O as downloaded.
+  const long double host = 4.0L * (q_elems + 2 * kv_elems) + 2.0L * q_elems;
+  const long double host_total = (long double)sysconf(_SC_PHYS_PAGES) * sysconf(_SC_PAGESIZE);
+  if (host_total > 0 && host > host_total / 2)
+    return "--batch/--seqlen/--heads/--head-dim: the problem needs " + gib(host) +
+           " of host memory (the reference's copies of Q, K, V and O); this machine has " + gib(host_total) +
+           ", at most half of it is used";
+  if (device_free > 0 && device > (long double)device_free * 0.9L)
+    return "--batch/--seqlen/--heads/--head-dim: the problem needs " + gib(device) +
+           " of device memory (Q, K, V, O); this GPU has " + gib(device_free) + " free, 90% of it is used";
+  return "";
+}
+
+void check_writable(const std::string& flag, const std::string& path, bool directory) {
+  if (directory) {
+    if (access(path.c_str(), W_OK | X_OK) != 0)
+      throw CliError(flag + ": '" + path + "' is not a writable directory");
+    return;
+  }
+  std::ofstream f(path, std::ios::app);
+  if (!f) throw CliError(flag + ": cannot write '" + path + "'");
+}
+
+int run_cli(int argc, char** argv, const Chapter& chapter, const CliOptions& defaults) {
   std::vector<std::string> args(argv + 1, argv + argc);
   std::vector<std::string> names;
   for (const Variant& v : chapter.variants) names.push_back(v.name);
   CliOptions o;
   try {
-    o = parse_cli(args);
+    o = parse_cli(args, defaults);
+    if (!o.help && !o.csv.empty()) check_writable("--csv", o.csv, false);
   } catch (const CliError& e) {
     std::fprintf(stderr, "%s: error: %s\n", chapter.name.c_str(), e.what());
-    return 2;
+    return kExitBadInput;
   }
   if (o.help) {
-    std::printf("%s", cli_usage(chapter.name, names).c_str());
-    return 0;
+    std::printf("%s", cli_usage(chapter.name, names, defaults).c_str());
+    return kExitOk;
   }
   std::vector<const Variant*> chosen;
   for (const Variant& v : chapter.variants)
@@ -320,7 +391,7 @@ int run_cli(int argc, char** argv, const Chapter& chapter) {
     for (auto& n : names) all += (all.empty() ? "" : ", ") + n;
     std::fprintf(stderr, "%s: error: --variant: '%s' is not allowed (allowed: %s)\n",
                  chapter.name.c_str(), o.variant.c_str(), all.c_str());
-    return 2;
+    return kExitBadInput;
   }
   try {
     const ProblemSpec spec = spec_from_cli(o);
@@ -337,7 +408,12 @@ int run_cli(int argc, char** argv, const Chapter& chapter) {
       shape.o = const_cast<char*>(dummy);
       shape.lse = spec.lse ? reinterpret_cast<float*>(const_cast<char*>(dummy)) : nullptr;
       shape.alibi_slopes = spec.alibi ? reinterpret_cast<const float*>(dummy) : nullptr;
-      if (spec.page_size) {
+      const std::string too_large = problem_size_reason(spec);
+      if (!too_large.empty()) {
+        std::fprintf(stderr, "%s: error: %s\n", chapter.name.c_str(), too_large.c_str());
+        return kExitBadInput;
+      }
+      if (spec.page_size) {  // problem_size_reason() has bounded the page count
         shape.block_table = reinterpret_cast<const int*>(dummy);
         shape.page_size = spec.page_size;
         shape.max_pages_per_seq = (spec.seqlen_kv + spec.page_size - 1) / spec.page_size;
@@ -351,13 +427,23 @@ int run_cli(int argc, char** argv, const Chapter& chapter) {
         if (!why.empty()) ++refused, first_reason = first_reason.empty() ? why : first_reason;
       }
       if (refused == chosen.size()) {
-        std::fprintf(stderr, "error: %s\n", first_reason.c_str());
-        return 2;
+        std::fprintf(stderr, "%s: error: %s\n", chapter.name.c_str(), with_flag(first_reason).c_str());
+        return kExitBadInput;
       }
     }
-    if (!cuda_device_present()) {
-      std::fprintf(stderr, "%s: error: no CUDA device found\n", chapter.name.c_str());
-      return 3;
+    std::string no_gpu;
+    if (gpu_state(&no_gpu) != GpuState::present) {
+      std::fprintf(stderr, "%s: error: %s\n", chapter.name.c_str(), no_gpu_message(no_gpu).c_str());
+      return kExitNoGpu;
+    }
+    {
+      size_t free_bytes = 0, total_bytes = 0;
+      LAB_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+      const std::string too_large = problem_size_reason(spec, free_bytes);
+      if (!too_large.empty()) {
+        std::fprintf(stderr, "%s: error: %s\n", chapter.name.c_str(), too_large.c_str());
+        return kExitBadInput;
+      }
     }
     const GpuInfo gpu = gpu_info();
     std::printf("%s on %s (%d SMs, CUDA %s, driver supports %s)\n", chapter.name.c_str(),
@@ -378,11 +464,13 @@ int run_cli(int argc, char** argv, const Chapter& chapter) {
     ro.check.seed = o.seed;
     std::vector<ResultRow> rows;
     int failures = 0;
+    std::string refusal;
     for (const Variant* v : chosen) {
       RunOutcome r = run_variant(prob, chapter.name, *v, ro, ceil, gpu, &flusher, "cli");
       const std::string name = chapter.name + (v->name.empty() ? "" : "/" + v->name);
       if (r.skipped) {
         std::printf("%-24s skipped: %s\n", name.c_str(), r.message.c_str());
+        if (refusal.empty()) refusal = r.message;
         continue;
       }
       std::printf("%-24s check: %s\n", name.c_str(), r.message.c_str());
@@ -390,15 +478,19 @@ int run_cli(int argc, char** argv, const Chapter& chapter) {
       if (!rows.empty() && r.ok && rows.back().ms > 0) r.row.speedup_prev = rows.back().ms / r.row.ms;
       rows.push_back(r.row);
     }
+    if (rows.empty()) {  // every variant refused this problem on this device: bad input, not a pass
+      std::fprintf(stderr, "%s: error: %s\n", chapter.name.c_str(), with_flag(refusal).c_str());
+      return kExitBadInput;
+    }
     print_table(stdout, chapter.name, rows);
     if (!o.csv.empty()) write_csv(o.csv, rows, true);
-    return failures ? 1 : 0;
+    return failures ? kExitCheckFailed : kExitOk;
   } catch (const InvalidArgument& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return 2;
+    std::fprintf(stderr, "%s: error: %s\n", chapter.name.c_str(), with_flag(e.what()).c_str());
+    return kExitBadInput;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s: error: %s\n", chapter.name.c_str(), e.what());
-    return 1;
+    return kExitCheckFailed;
   }
 }
 

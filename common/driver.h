@@ -123,8 +123,17 @@ RunOutcome run_variant(Problem& prob, const std::string& chapter, const Variant&
                        const RunOptions& opt, const Ceilings& ceil, const GpuInfo& gpu,
                        L2Flusher* flusher, const std::string& workload, cudaStream_t stream = 0);
 
-// A chapter's whole command-line program. Returns the process exit code.
-int run_cli(int argc, char** argv, const Chapter& chapter);
+// A chapter's whole command-line program. Returns the process exit code (kExitOk ... kExitNoGpu,
+// common/measure.h). `defaults`: the problem it runs with no flags (decode_cli_defaults() for the
+// decoding chapters).
+int run_cli(int argc, char** argv, const Chapter& chapter, const CliOptions& defaults = CliOptions());
+
+// Why a problem is too large to build, before anything is allocated: "" when it fits. Products
+// are computed without overflow; the answer names what was asked and what fits. device_free: the
+// free device memory (0: not known yet, only the host side and the 32-bit limits are checked).
+std::string problem_size_reason(const ProblemSpec& spec, size_t device_free = 0);
+// Refuses an output path that cannot be written, naming `flag` (before any GPU work).
+void check_writable(const std::string& flag, const std::string& path, bool directory);
 
 ProblemSpec spec_from_cli(const CliOptions& o);
 

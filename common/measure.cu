@@ -13,10 +13,26 @@
 
 namespace lab {
 
-bool cuda_device_present() {
+GpuState gpu_state(std::string* reason) {
   int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e == cudaSuccess && n > 0) return GpuState::present;
+  std::string why = e == cudaSuccess ? std::string("no CUDA device found")
+                                     : std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+  cudaGetLastError();  // the error is reported here, not by the next CUDA call
+  int driver = 0;
+  const bool no_driver = cudaDriverGetVersion(&driver) == cudaSuccess && driver == 0;
+  if (no_driver && e == cudaErrorInsufficientDriver)
+    why = "no CUDA driver installed (no GPU in this machine)";
+  if (reason) *reason = why;
+  return e == cudaSuccess || e == cudaErrorNoDevice || (no_driver && e == cudaErrorInsufficientDriver)
+             ? GpuState::none
+             : GpuState::unusable;
 }
+
+bool cuda_device_present() { return gpu_state() == GpuState::present; }
+
+std::string no_gpu_message(const std::string& reason) { return "no usable GPU: " + reason; }
 
 GpuInfo gpu_info() {
   GpuInfo g;

@@ -18,7 +18,20 @@ struct GpuInfo {
   size_t l2_bytes = 0, mem_bytes = 0;
 };
 GpuInfo gpu_info();
-bool cuda_device_present();
+
+// Whether this process has a GPU to run on. `none`: the runtime says there is no device
+// (cudaErrorNoDevice), or no CUDA driver is installed at all (cudaDriverGetVersion gives 0): a
+// machine without a GPU, where GPU tests skip. `unusable`: there is a driver but the runtime
+// refuses it (too old for this runtime, a broken installation...): GPU tests fail, and `reason`
+// holds the runtime's own message.
+enum class GpuState { present, none, unusable };
+GpuState gpu_state(std::string* reason = nullptr);
+bool cuda_device_present();  // gpu_state() == present
+// The one line every program prints before exiting with kExitNoGpu.
+std::string no_gpu_message(const std::string& reason);
+
+// The exit codes of every program of the lab (the chapters, the ladder, 07's table).
+constexpr int kExitOk = 0, kExitCheckFailed = 1, kExitBadInput = 2, kExitNoGpu = 3;
 
 // Reads a buffer of 2x the L2 size before every timed repetition, so that each repetition reads
 // its inputs from HBM and finds the L2 full of clean lines. A flush that writes the buffer instead

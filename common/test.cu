@@ -328,6 +328,65 @@ TEST_CASE("command line: run_cli exits with 2 on bad input, before touching a GP
   REQUIRE(run(two, {"--head-dim", "96"}) == 2);  // every variant refuses: still bad input
 }
 
+TEST_CASE("command line: empty values, numbers, sizes and refusals name the flag", "[cpu]") {
+  auto error_of = [](std::vector<std::string> args) -> std::string {
+    try {
+      parse_cli(args);
+    } catch (const CliError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  CHECK(error_of({"--variant", ""}) == "--variant: an empty value is not allowed");
+  CHECK(error_of({"--csv="}) == "--csv: an empty value is not allowed");
+  CHECK(error_of({"--seed", "5x"}).find("--seed: '5x' is not an integer") == 0);
+  CHECK(error_of({"--seed", "-1"}).find("--seed: -1 is out of range") == 0);
+  CHECK(error_of({"--batch", "65536"}).find("--batch: 65536 is out of range (allowed: 1..65535)") == 0);
+  CHECK(error_of({"--head-dim", ""}).find("--head-dim: an empty value") == 0);
+
+  auto number_error = [](const std::string& v) -> std::string {
+    try {
+      parse_number_flag("--max-seconds", v, 0.01, 3600);
+    } catch (const CliError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  CHECK(parse_number_flag("--max-seconds", "0.5", 0.01, 3600) == 0.5);
+  for (const char* bad : {"-1", "nan", "inf", "1e308", "0"})
+    CHECK(number_error(bad).find(std::string("--max-seconds: ") + bad + " is out of range") == 0);
+  for (const char* bad : {"", "2x", " 1", "1e", "--"})
+    CHECK(number_error(bad).find("is not a number") != std::string::npos);
+
+  CHECK(with_flag("03_flash_v2: head_dim = 96 is not supported") ==
+        "--head-dim: 03_flash_v2: head_dim = 96 is not supported");
+  CHECK(with_flag("x: heads_q = 6 is not a multiple of heads_kv = 4").find("--heads: ") == 0);
+  CHECK(with_flag("no field here") == "no field here");
+
+  // Products computed without overflow, refused with what was asked and what fits.
+  ProblemSpec s;
+  s.batch = 65535, s.seqlen_q = s.seqlen_kv = 1 << 20, s.page_size = 16;
+  CHECK(problem_size_reason(s).find("--page-size: --batch 65535 x --seqlen-kv 1048576 in pages of 16 tokens is "
+                                    "4294901763 pages; at most 2147483647") == 0);
+  s.page_size = 0;
+  CHECK(problem_size_reason(s).find("--batch: 65535 x --seqlen-q 1048576 = 68718428160 rows") == 0);
+  s.batch = 1024, s.seqlen_q = s.seqlen_kv = 1 << 20, s.heads_q = s.heads_kv = 64, s.head_dim = 256;
+  CHECK(problem_size_reason(s).find("of host memory") != std::string::npos);
+  s.batch = 1, s.seqlen_q = s.seqlen_kv = 4096, s.heads_q = s.heads_kv = 32, s.head_dim = 128;
+  CHECK(problem_size_reason(s).empty());
+  CHECK(problem_size_reason(s, size_t(64) << 20).find("GiB of device memory (Q, K, V, O); this GPU has 0.06 GiB") !=
+        std::string::npos);
+
+  // The decoding chapters run with no flags: one query token against a cache.
+  const CliOptions d = parse_cli({}, decode_cli_defaults());
+  CHECK(d.seqlen_q == 1);
+  CHECK(d.seqlen_kv == 4096);
+  CHECK(d.heads_kv == d.heads);
+  CHECK(parse_cli({"--seqlen-kv", "100"}, decode_cli_defaults()).seqlen_q == 1);
+  CHECK(cli_usage("04", {""}, decode_cli_defaults()).find("query length (1)") != std::string::npos);
+  CHECK(cli_usage("01", {""}).find("3 no usable GPU") != std::string::npos);
+}
+
 TEST_CASE("check_params names the field", "[cpu]") {
   Support s;
   s.chapter = "chX";

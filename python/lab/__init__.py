@@ -50,8 +50,8 @@ class LabError(RuntimeError):
         self.code = code
 
 
-class InvalidArgument(LabError, ValueError):
-    """The chapter refuses the problem; the message names the field and what is allowed."""
+class InvalidArgument(LabError, ValueError, TypeError):
+    """A bad argument: the message names it and what is allowed (a ValueError and a TypeError too)."""
 
 
 class UnknownName(LabError, LookupError):
@@ -62,8 +62,12 @@ class CudaError(LabError):
     """A CUDA or cuBLAS call inside the library failed."""
 
 
-class LibraryNotFound(LabError, OSError):
-    """liblab_attention.so was not found: build the lab first (see the README)."""
+class LibraryNotFound(InvalidArgument, OSError):
+    """liblab_attention.so was not found or does not load (LAB_ATTENTION_LIB): build the lab first."""
+
+
+class TorchNotFound(InvalidArgument, ImportError):
+    """PyTorch is not installed: forward, prepare and quantize_kv take torch tensors."""
 
 
 # ---- the C structs (capi/lab_attention.h), field for field ----
@@ -126,7 +130,7 @@ def library_path():
         if c.is_file():
             return c
         tried.append(str(c))
-    raise LibraryNotFound(f"{LIB_NAME} not found (tried: {', '.join(tried)}); build the lab "
+    raise LibraryNotFound(f"LAB_ATTENTION_LIB: {LIB_NAME} not found (tried: {', '.join(tried)}); build the lab "
                           "(cmake --build build) or set LAB_ATTENTION_LIB to the library's path")
 
 
@@ -135,7 +139,11 @@ def load_library():
     global _lib
     with _lib_lock:
         if _lib is None:
-            lib = ctypes.CDLL(str(library_path()))
+            path = library_path()
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError as e:  # not a shared library, or one that does not load here
+                raise LibraryNotFound(f"LAB_ATTENTION_LIB = {str(path)!r} does not load: {e}") from None
             c_char_p, c_int, c_void_p, c_size_t = ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t
             params_p = ctypes.POINTER(LabAttnParams)
             for name, restype, argtypes in (
@@ -211,6 +219,9 @@ def chapters():
 
 def support(chapter, variant=None):
     """What one variant computes (head_dims, max_head_dim, bf16, causal, gqa, lse, kv_schemes, ...)."""
+    if not isinstance(chapter, str) or (variant is not None and not isinstance(variant, str)):
+        raise InvalidArgument(f"chapter = {chapter!r}, variant = {variant!r}: expected names (str), "
+                              "e.g. chapter='03' or '03_flash_v2', variant=None for its default")
     for entry in variants():
         if _same_chapter(entry["chapter"], chapter) and (
                 entry["variant"] == variant or (not variant and entry["default"])):
@@ -226,20 +237,24 @@ def _same_chapter(name, wanted):
 # ---- the call ----
 
 def _torch():
-    import torch  # only here: importing the module must not need PyTorch
+    try:
+        import torch  # only here: importing the module must not need PyTorch
+    except ImportError as e:
+        raise TorchNotFound(f"PyTorch is not installed ({e}): lab's tensor functions need it; install a "
+                            "CUDA build, e.g. `pip install torch` (see pytorch.org)") from None
     return torch
 
 
 def _check_tensor(name, t, dtype=None, device=None):
     torch = _torch()
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        raise InvalidArgument(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name}: dtype {t.dtype} does not match {dtype}")
+        raise InvalidArgument(f"{name}: dtype {t.dtype} does not match {dtype}")
     if t.device.type != "cuda":
-        raise ValueError(f"{name}: must be a CUDA tensor, got device {t.device}")
+        raise InvalidArgument(f"{name}: must be a CUDA tensor, got device {t.device}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name}: is on {t.device}, q is on {device}")
+        raise InvalidArgument(f"{name}: is on {t.device}, q is on {device}")
 
 
 def _check_meta(name, t, device, length=None):
@@ -247,9 +262,9 @@ def _check_meta(name, t, device, length=None):
     torch = _torch()
     _check_tensor(name, t, torch.int32, device)
     if not t.is_contiguous():
-        raise ValueError(f"{name}: must be contiguous")
+        raise InvalidArgument(f"{name}: must be contiguous")
     if length is not None and t.numel() != length:
-        raise ValueError(f"{name}: has {t.numel()} elements, expected {length}")
+        raise InvalidArgument(f"{name}: has {t.numel()} elements, expected {length}")
     return t.data_ptr()
 
 
@@ -257,9 +272,9 @@ def _rows(name, t, dims):
     """(batch stride, row stride, head stride) of a [batch, seqlen, heads, d] or [rows, heads, d] tensor."""
     if t.dim() != dims:
         shape = "[batch, seqlen, heads, head_dim]" if dims == 4 else "[total, heads, head_dim]"
-        raise ValueError(f"{name}: expected {dims} dimensions {shape}, got shape {tuple(t.shape)}")
+        raise InvalidArgument(f"{name}: expected {dims} dimensions {shape}, got shape {tuple(t.shape)}")
     if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name}: head_dim stride is {t.stride(-1)}, must be 1 (the last dimension "
+        raise InvalidArgument(f"{name}: head_dim stride is {t.stride(-1)}, must be 1 (the last dimension "
                          "contiguous; call .contiguous())")
     return (t.stride(0), t.stride(1), t.stride(2)) if dims == 4 else (0, t.stride(0), t.stride(1))
 
@@ -309,7 +324,7 @@ class Call:
 
 def _kv_scheme(name, argument="kv_scheme"):
     if name not in KV_SCHEMES:
-        raise ValueError(f"{argument} = {name!r} is unknown (known: {', '.join(map(repr, KV_SCHEMES))})")
+        raise InvalidArgument(f"{argument} = {name!r} is unknown (known: {', '.join(map(repr, KV_SCHEMES))})")
     return KV_SCHEMES[name]
 
 
@@ -344,7 +359,7 @@ def quantize_kv(k, v, scheme="int8_head", group_size=0):
     _check_tensor("k", k, torch.float16)
     _check_tensor("v", v, torch.float16, k.device)
     if k.shape != v.shape:
-        raise ValueError(f"v: shape {tuple(v.shape)} does not match k's {tuple(k.shape)}")
+        raise InvalidArgument(f"v: shape {tuple(v.shape)} does not match k's {tuple(k.shape)}")
     k_strides, v_strides = _rows("k", k, 4), _rows("v", v, 4)
     if k_strides != v_strides:  # the codes of K and V share one layout
         k, v = k.contiguous(), v.contiguous()
@@ -392,39 +407,39 @@ def prepare(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=
                                   LAB_ERR_INVALID_ARGUMENT)
     torch = _torch()
     if isinstance(q, torch.Tensor) and q.dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"q: dtype {q.dtype} is not supported (supported: torch.float16, torch.bfloat16)")
+        raise InvalidArgument(f"q: dtype {q.dtype} is not supported (supported: torch.float16, torch.bfloat16)")
     _check_tensor("q", q)
     device = q.device
     if scheme:  # 1-byte codes, of whichever dtype holds them (int8, FP8, uint8)
         for name, t in (("k", k), ("v", v)):
             _check_tensor(name, t, None, device)
             if t.element_size() != 1:
-                raise TypeError(f"{name}: dtype {t.dtype} is not a 1-byte code (kv_scheme = {kv_scheme!r} "
+                raise InvalidArgument(f"{name}: dtype {t.dtype} is not a 1-byte code (kv_scheme = {kv_scheme!r} "
                                 "reads codes: see quantize_kv)")
     else:
         _check_tensor("k", k, q.dtype, device)
         _check_tensor("v", v, q.dtype, device)
         if k_scale is not None or v_scale is not None:
-            raise ValueError("k_scale/v_scale are given without a kv_scheme")
+            raise InvalidArgument("k_scale/v_scale are given without a kv_scheme")
     if k.shape != v.shape:
-        raise ValueError(f"v: shape {tuple(v.shape)} does not match k's {tuple(k.shape)}")
+        raise InvalidArgument(f"v: shape {tuple(v.shape)} does not match k's {tuple(k.shape)}")
     varlen = cu_seqlens_q is not None or cu_seqlens_kv is not None
     if varlen and (cu_seqlens_q is None or cu_seqlens_kv is None):
-        raise ValueError("cu_seqlens_q and cu_seqlens_kv must be given together")
+        raise InvalidArgument("cu_seqlens_q and cu_seqlens_kv must be given together")
     if varlen and block_table is not None:
-        raise ValueError("block_table: paged KV with varlen is not supported by this module")
+        raise InvalidArgument("block_table: paged KV with varlen is not supported by this module")
     dims = 3 if varlen else 4
     q_strides = _rows("q", q, dims)
     k_strides = _rows("k", k, dims)
     v_strides = _rows("v", v, dims)
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k: head_dim {k.shape[-1]} does not match q's {q.shape[-1]}")
+        raise InvalidArgument(f"k: head_dim {k.shape[-1]} does not match q's {q.shape[-1]}")
     if out is None:
         out = torch.empty_like(q)
     else:
         _check_tensor("out", out, q.dtype, device)
         if out.shape != q.shape:
-            raise ValueError(f"out: shape {tuple(out.shape)} does not match q's {tuple(q.shape)}")
+            raise InvalidArgument(f"out: shape {tuple(out.shape)} does not match q's {tuple(q.shape)}")
     o_strides = _rows("out", out, dims)
 
     p = LabAttnParams.new()
@@ -460,11 +475,11 @@ def prepare(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=
         p.batch, p.seqlen_q = q.shape[0], q.shape[1]
         if block_table is None:
             if k.shape[0] != q.shape[0]:
-                raise ValueError(f"k: batch {k.shape[0]} does not match q's {q.shape[0]}")
+                raise InvalidArgument(f"k: batch {k.shape[0]} does not match q's {q.shape[0]}")
             p.seqlen_kv = k.shape[1]
         else:
             if block_table.dim() != 2 or block_table.shape[0] != q.shape[0]:
-                raise ValueError(f"block_table: expected [batch = {q.shape[0]}, max_pages_per_seq], "
+                raise InvalidArgument(f"block_table: expected [batch = {q.shape[0]}, max_pages_per_seq], "
                                  f"got shape {tuple(block_table.shape)}")
             p.block_table = _check_meta("block_table", block_table, device)
             p.num_pages, p.page_size, p.max_pages_per_seq = k.shape[0], k.shape[1], block_table.shape[1]
@@ -480,14 +495,14 @@ def prepare(q, k, v, chapter="03", causal=False, *, variant=None, softmax_scale=
                 continue  # the library refuses a missing scale, or one given for a scheme without
             _check_tensor(name, t, torch.float16, device)  # refuses float32 scales (ABI 3's) by name
             if not t.is_contiguous() or t.numel() < math.prod(shape):  # never read past its end
-                raise ValueError(f"{name}: expected a contiguous float16 tensor of {math.prod(shape)} elements "
+                raise InvalidArgument(f"{name}: expected a contiguous float16 tensor of {math.prod(shape)} elements "
                                  f"{shape} for {kv_scheme}, got shape {tuple(t.shape)}")
         p.kv_k_scale = None if k_scale is None else k_scale.data_ptr()
         p.kv_v_scale = None if v_scale is None else v_scale.data_ptr()
     if alibi_slopes is not None:
         _check_tensor("alibi_slopes", alibi_slopes, torch.float32, device)
         if not alibi_slopes.is_contiguous() or alibi_slopes.numel() != p.heads_q:
-            raise ValueError(f"alibi_slopes: expected a contiguous float32 [heads_q = {p.heads_q}] tensor, "
+            raise InvalidArgument(f"alibi_slopes: expected a contiguous float32 [heads_q = {p.heads_q}] tensor, "
                              f"got shape {tuple(alibi_slopes.shape)}")
         p.alibi_slopes = alibi_slopes.data_ptr()
     lse_out = None

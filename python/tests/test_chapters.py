@@ -19,6 +19,7 @@ import os
 import pathlib
 import random
 import re
+import subprocess
 import sys
 
 import pytest
@@ -66,6 +67,37 @@ def cuda(torch):
 
 
 # ---- the library alone (no PyTorch, no GPU): runs in CI ----
+
+def test_bad_names_and_a_missing_pytorch_raise_the_lab_errors(monkeypatch):
+    with pytest.raises(lab.InvalidArgument, match=r"chapter = None, variant = None: expected names"):
+        lab.support(None)
+    with pytest.raises(lab.InvalidArgument, match=r"variant = 3: expected names"):
+        lab.support("03", 3)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError, as without it
+    with pytest.raises(lab.InvalidArgument, match=r"PyTorch is not installed .*pip install torch"):
+        lab.forward(None, None, None)
+
+
+def test_a_bad_library_path_raises_invalid_argument(tmp_path):
+    not_a_library = tmp_path / "liblab_attention.so"
+    not_a_library.write_text("not a shared library")
+    for path, expected in ((tmp_path / "missing.so", r"LAB_ATTENTION_LIB: liblab_attention.so not found"),
+                           (not_a_library, r"LAB_ATTENTION_LIB = .* does not load")):
+        code = ("import lab\ntry:\n    lab.variants()\nexcept lab.InvalidArgument as e:\n    print(e)\n"
+                "else:\n    print('loaded')")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=dict(os.environ, LAB_ATTENTION_LIB=str(path),
+                                    PYTHONPATH=str(pathlib.Path(lab.__file__).parents[1])))
+        assert r.returncode == 0 and re.search(expected, r.stdout), (r.stdout, r.stderr)
+
+
+def test_library_is_built():
+    """Fails (instead of every library test reporting as skipped) when the library is missing."""
+    try:
+        lab.variants()
+    except lab.LibraryNotFound as e:
+        pytest.fail(f"{e}\n(every test that needs the library reports as skipped)")
+
 
 @needs_library
 def test_lists_the_chapters_and_one_default_each():
