@@ -99,15 +99,18 @@ TEST_CASE("06_gqa_alibi: decoding, group ratios 1, 2, 4, 8 and MQA, with splits"
         for (const lab::Variant& v : ch().variants)
           if (runs(v, s)) LAB_REQUIRE_PASS(lab::run_and_check(v, s));
       }
-  // A few query tokens (speculative decoding), causal, GQA: rows are (token, head) pairs.
-  for (int sq : {2, 3, 16, 17}) {
-    lab::ProblemSpec s;
-    s.batch = 2, s.heads_q = 32, s.heads_kv = 8, s.seqlen_q = sq, s.seqlen_kv = 2000, s.head_dim = 128;
-    s.causal = true, s.lse = true, s.num_splits = 5, s.seed = lab::test_seed() + sq;
-    INFO(lab::describe(s));
-    for (const lab::Variant& v : ch().variants)
-      if (runs(v, s)) LAB_REQUIRE_PASS(lab::run_and_check(v, s));
-  }
+  // A few query tokens (speculative decoding), causal, GQA: rows are (token, head) pairs; up to 8
+  // tokens (32 packed rows) the decoding tile holds them all. Without splits every step runs.
+  for (int sq : {2, 3, 8, 16, 17})
+    for (int splits : {5, 0}) {
+      lab::ProblemSpec s;
+      s.batch = 2, s.heads_q = 32, s.heads_kv = 8, s.seqlen_q = sq, s.seqlen_kv = 2000, s.head_dim = 128;
+      s.causal = true, s.lse = true, s.num_splits = splits,
+      s.seed = lab::test_seed() + sq + (splits ? 0 : 1000);
+      INFO(lab::describe(s));
+      for (const lab::Variant& v : ch().variants)
+        if (runs(v, s)) LAB_REQUIRE_PASS(lab::run_and_check(v, s));
+    }
 }
 
 TEST_CASE("06_gqa_alibi: the same input gives bit-identical output twice", "[gpu]") {
