@@ -1,29 +1,14 @@
-// 06_gqa_alibi, step 3 (the chapter's default kernel): a decoding tile and split-KV.
+// 06_gqa_alibi, step 4 (the chapter's default kernel): split-KV across blocks, with 04's combine.
 //
-// Step 2 serves prefill and decode sequences in one launch, but a decode sequence (one query
-// token: gqa_ratio packed rows) still gets 03's 128-row tile, in which only the first warp holds
-// real rows, and a small decoding batch has too few blocks (batch x heads_kv) to fill the GPU.
-// This step changes how the blocks and warps share the work, as 04 does for decoding:
-//   - a decoding tile: with at most 32 packed rows (one token of up to 32 heads of a group) the 4
-//     warps share the rows and split each K/V tile's keys; their (m, l, O) are merged at the end
-//     (merge_key_warps), and three K/V stages keep two tiles in flight while one is computed;
-//   - split-KV as in 04: blocks split each sequence's keys into num_splits chunks and write fp32
-//     partials with their lse, which 04's combine (varlen-aware) merges.
-// Cost: the merge through shared memory and, with splits, the partials' round trip through HBM
-// and a second kernel; neither is paid by prefill tiles with one split.
+// Step 3's decoding tile gives each (sequence, KV head) one block, and a small decoding batch has
+// few of them (batch x heads_kv: 64 at batch 8, GQA 32/8) for a GPU that holds hundreds. As 04
+// does, blocks split each sequence's keys into num_splits chunks (whole B_c tiles) and write fp32
+// partials with their lse_s instead of O; 04's combine (varlen-aware) merges them. The kernel is
+// step 3's with a key range [k_begin, k_end) in place of [0, n_keys) and a second epilogue.
+// Cost: with splits, the partials' round trip through HBM and a second kernel; none with one.
 //
-// clang-format off
-//   grid: (num_splits x row tiles, heads_kv, batch)      block: 4 warps, B_r = 16, 32 or 128 packed rows
-//
-//   decoding tile (B_r = 16: one token of a group of up to 16 heads), one K/V tile of B_c = 64 keys:
-//          keys 0..15   keys 16..31  keys 32..47  keys 48..63
-//         +-----------+------------+------------+------------+
-//   Q_i   |  warp 0   |   warp 1   |   warp 2   |   warp 3   |   each warp: S, P and its own
-//  16 rows|  S, P, O  |  S, P, O   |  S, P, O   |  S, P, O   |   (m, l, O) for all 16 rows
-//         +-----------+------------+------------+------------+
-//   end: the 4 warps' (m, l, O) merged through shared memory (merge_key_warps), as 04's splits are.
-//   split-KV: blocks (split s, row tile) take keys [s chunk, (s + 1) chunk); 04's combine merges.
-// clang-format on
+//   grid: (num_splits x row tiles, heads_kv, batch): block (s, row tile) takes keys
+//         [s chunk, (s + 1) chunk) of those its tile sees; block: step 3's (4 warps, B_r 16, 32 or 128)
 #include <algorithm>
 #include <cmath>
 
@@ -66,31 +51,20 @@ using ch03::rescale_rows;
 using ch03::smem_addr;
 using ch03::softmax_alpha;
 
-// B_c keys per K/V tile, and how far to unroll the k-loop of S = QK^T (a rolled loop keeps fewer
-// fragments in flight: fewer registers). B_r comes from the tile (below).
+// B_c keys per K/V tile and the unrolling of S = QK^T's k-loop, as in step 3 (B_r: the tile's).
 template <int D> struct Tiles { static constexpr int B_c = 64, QK_UNROLL = D / 16; };
 template <> struct Tiles<128> { static constexpr int B_c = 64, QK_UNROLL = 2; };
 
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 
-// Two tiles (plan_tile picks one, and NST, per problem): prefill (KEY_WARPS = false) is step 2's,
-// B_r = 64 M_FRAGS rows, warp w owning rows 16 M_FRAGS w.., NST = 2; decoding (KEY_WARPS = true)
-// has B_r = 16 M_FRAGS rows shared by the 4 warps, warp w multiplying keys 16w..16w+15 of each
-// 64-key tile, and NST = 3 K/V stages (2 where the GPU's shared memory per block is too small).
-
-// Shared-memory tiles are rows of ROW elements (d rounded up to 64, i.e. 8+ chunks of 16 bytes).
-// Chunk c of row r is stored at chunk c ^ (r % 8): the 8 row addresses of one ldmatrix then hit
-// 8 different 16-byte bank groups instead of the same one.
+// Shared-memory rows of ROW elements, chunk c of row r at chunk c ^ (r % 8) (step 2's swizzle).
 template <int ROW>
 __device__ __forceinline__ uint32_t smem_offset(int r, int c) {
   return uint32_t((r * (ROW / 8) + (c ^ (r & 7))) * 16);
 }
 
-// ROWS x D tile from global rows `row_stride` apart into swizzled shared memory, 16 bytes per
-// cp.async; rows at or past `valid_rows` are zero-filled (src-size 0), never read. Each thread
-// copies the same chunk c of rows r0, r0 + RPP, ...: one base address per thread. Unlike 03's
-// copy, a row past the end selects the tile's first row as its (unread) address: 06 has always
-// done so, and dropping the select (which bought 03 3%) is left to a measured change.
+// Step 3's tile copy: rows at or past `valid_rows` are zero-filled, their address the tile's first
+// row (unread; dropping the select, which bought 03 3%, is left to a measured change).
 template <class T, int D, int ROW, int ROWS>
 __device__ __forceinline__ void load_tile_async(uint32_t smem, const T* g, int64_t row_stride,
                                                 int valid_rows) {
@@ -133,8 +107,7 @@ __device__ __forceinline__ Sequence sequence(const lab::AttnParams& p, int b) {
   if (p.cu_seqlens_q) {
     const int q0 = p.cu_seqlens_q[b], q1 = p.cu_seqlens_q[b + 1];
     const int k0 = p.cu_seqlens_kv[b], k1 = p.cu_seqlens_kv[b + 1];
-    // Offsets the host check refuses (past total_q / total_kv, decreasing, longer than the grid)
-    // are never followed, whatever the table holds by launch time: the sequence is skipped.
+    // Offsets the host check refuses are never followed: the sequence is skipped (step 2).
     const bool inside = 0 <= q0 && q0 <= q1 && q1 <= p.total_q && q1 - q0 <= p.seqlen_q && 0 <= k0 &&
                         k0 <= k1 && k1 <= p.total_kv && k1 - k0 <= p.seqlen_kv;
     s.q_row0 = q0, s.sq = inside ? q1 - q0 : 0;
@@ -150,15 +123,15 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
   constexpr int W_C = KEY_WARPS ? B_c / kWarps : B_c;  // keys of each tile this warp multiplies
   constexpr int QK_UNROLL = KEY_WARPS ? D / 16 : ALIBI && D == 128 ? 1 : Tiles<D>::QK_UNROLL;
   constexpr int ROW = (D + 63) / 64 * 64;
-  constexpr int N_S = W_C / 8, N_O = D / 8, CHUNKS = D / 8;
-  constexpr uint32_t ROW_BYTES = ROW * sizeof(T), KV_TILE = B_c * ROW * sizeof(T);
-  static_assert(!KEY_WARPS || (B_r + 2 * NST * B_c) * ROW_BYTES >= 2 * kWarps * B_r * 4 + kWarps * B_r * (D + 4) * 4,
+  constexpr int N_S = W_C / 8;   // n8 tiles of S per fragment row
+  constexpr int N_O = D / 8;     // n8 tiles of O
+  static_assert(!KEY_WARPS || (B_r + 2 * NST * B_c) * ROW * sizeof(T) >= 2 * kWarps * B_r * 4 + kWarps * B_r * (D + 4) * 4,
                 "the decoding tile's merge reuses its K/V stages");
 
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t sQ = smem_addr(smem);
-  const uint32_t sK = sQ + B_r * ROW_BYTES;
-  const uint32_t sV = sK + NST * KV_TILE;
+  const uint32_t sK = sQ + B_r * ROW * sizeof(T);        // NST K tiles
+  const uint32_t sV = sK + NST * B_c * ROW * sizeof(T);  // NST V tiles
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int gqa_ratio = p.heads_q / p.heads_kv;
@@ -181,13 +154,13 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
   const int chunk = ((n_keys + splits - 1) / splits + B_c - 1) / B_c * B_c;
   const int k_begin = min(n_keys, split * chunk), k_end = min(n_keys, k_begin + chunk);
   const int T_c = (k_end - k_begin + B_c - 1) / B_c;
-
   const T* Q = static_cast<const T*>(p.q) + b * p.q_batch_stride + seq.q_row0 * p.q_row_stride;
   const T* K = static_cast<const T*>(p.k) + b * p.k_batch_stride + (seq.k_row0 + k_begin) * p.k_row_stride + h_kv * p.k_head_stride;
   const T* V = static_cast<const T*>(p.v) + b * p.v_batch_stride + (seq.k_row0 + k_begin) * p.v_row_stride + h_kv * p.v_head_stride;
-
-  // Q_i: packed row r is token r / gqa_ratio of query head h_kv gqa_ratio + r % gqa_ratio, so rows
-  // are gathered one by one (once per block; the K/V tiles below are plain 03 tiles).
+  // Q_i gathered row by row (packed row r: token r / gqa_ratio, head h_kv gqa_ratio + r % gqa_ratio).
+  constexpr uint32_t KV_TILE = B_c * ROW * sizeof(T);
+  constexpr uint32_t ROW_BYTES = ROW * sizeof(T);
+  constexpr int CHUNKS = D / 8;
 #pragma unroll
   for (int k = 0; k < B_r * CHUNKS / kThreads; ++k) {
     const int e = threadIdx.x + k * kThreads, r = e / CHUNKS, c = e % CHUNKS;
@@ -206,9 +179,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
     cp_async_commit();
   }
 
-  // This thread's rows are g and g + 8 of each fragment. With ALiBi each row keeps its slope in
-  // score units (slope / scale) and slope (2t - i - diag): the bias of key n0 + 8 nj + 2t + c is
-  // then slope (8 nj + c) (an FMA with a constant) plus a per-row term for the whole tile.
+  // ALiBi, as in step 2: each row's slope in score units, and slope (2t - i - diag).
   const int row_base = m0 + warp_row0 + g;
   auto token_of = [&](int mi, int r) { return (row_base + mi * 16 + 8 * r) / gqa_ratio; };
   float slope_of[M_FRAGS][2], slope_shift[M_FRAGS][2];
@@ -282,12 +253,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
     }
   };
 
-  // Online softmax in the exp2 domain: m_i is the running max of raw scores, P = 2^(s*c - m_i*c)
-  // with c = scale * log2(e); O_i and l_i are rescaled by 2^((m_old - m_new) * c). S becomes P.
-  // With ALiBi, on a tile left of every row's diagonal the score held is s + slope (8 nj + c) (one
-  // FMA with a constant); the rest of the bias, slope (n0 + 2t - i - diag), is the same for the
-  // thread's whole row of the tile, so it is added to the row max and folded into the exp2
-  // argument (each thread of a quad adds its own 2t). Other tiles add -slope |j - i - diag| per score.
+  // Online softmax in the exp2 domain with ALiBi's bias, as in step 2 (its comment says how).
   auto online_softmax = [&](float (&s)[M_FRAGS][N_S][4], int n0) {
     // alpha per row; O_i is rescaled after all rows, under one warp-wide branch (below).
     float alpha_of[M_FRAGS][2];
@@ -318,9 +284,9 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
 #pragma unroll
         for (int nj = 0; nj < N_S; ++nj) pair[nj] = fmaxf(s[mi][nj][2 * r], s[mi][nj][2 * r + 1]);
         float mx = fmaxf(m_i[mi][r], tree_reduce(pair, [](float u, float v) { return fmaxf(u, v); }) + row_bias);
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 threads of a quad share a row
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+        const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;  // row with no key yet
         const float alpha = softmax_alpha(m_i[mi][r], m_scaled, scale_log2);  // 1 if mx did not move
         const float shift = fmaf(row_bias, scale_log2, -m_scaled);
         m_i[mi][r] = mx;
@@ -331,13 +297,14 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
           pair[nj] = s[mi][nj][2 * r] + s[mi][nj][2 * r + 1];
         }
         const float row_sum = tree_reduce(pair, [](float u, float v) { return u + v; });
-        l_i[mi][r] = l_i[mi][r] * alpha + row_sum;
+        l_i[mi][r] = l_i[mi][r] * alpha + row_sum;  // per-thread partial sum; quad-reduced at the end
         alpha_of[mi][r] = alpha;
         moved |= alpha != 1.f;
       }
     rescale_rows(o, alpha_of, moved);  // one warp-wide branch (tensor_core.cuh)
   };
 
+  // O_i += P V_j: P goes from S's accumulators straight into A fragments.
   auto accumulate_pv = [&](const float (&s)[M_FRAGS][N_S][4], uint32_t sV_j) {
 #pragma unroll
     for (int kk = 0; kk < W_C / 16; ++kk) {
@@ -351,7 +318,7 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
       }
 #pragma unroll
       for (int nd = 0; nd < N_O; nd += 2) {
-        uint32_t bv[4];
+        uint32_t bv[4];  // B fragments of d-tiles nd and nd + 1, transposed on the way in
         ldmatrix_x4_trans(bv, sV_j + v_frag + kk * 16 * ROW_BYTES + ((nd ^ y_a) << 4));
 #pragma unroll
         for (int mi = 0; mi < M_FRAGS; ++mi) {
@@ -433,23 +400,23 @@ __global__ void __launch_bounds__(kThreads, 2) flash_forward_grouped(const lab::
     for (int mi = 0; mi < M_FRAGS; ++mi)
 #pragma unroll
       for (int nd = 0; nd < N_O; ++nd) {
-        const int rr = warp_row0 + mi * 16 + g;
-        *reinterpret_cast<uint32_t*>(smem + smem_offset<ROW>(rr, nd) + 4 * t) = pack2<T>(o[mi][nd][0], o[mi][nd][1]);
-        *reinterpret_cast<uint32_t*>(smem + smem_offset<ROW>(rr + 8, nd) + 4 * t) = pack2<T>(o[mi][nd][2], o[mi][nd][3]);
+        const int r0 = warp_row0 + mi * 16 + g;
+        *reinterpret_cast<uint32_t*>(smem + smem_offset<ROW>(r0, nd) + 4 * t) = pack2<T>(o[mi][nd][0], o[mi][nd][1]);
+        *reinterpret_cast<uint32_t*>(smem + smem_offset<ROW>(r0 + 8, nd) + 4 * t) = pack2<T>(o[mi][nd][2], o[mi][nd][3]);
       }
     __syncwarp();
 #pragma unroll
     for (int e = lane; e < 16 * M_FRAGS * CHUNKS; e += 32) {
-      const int rr = warp_row0 + e / CHUNKS, c = e % CHUNKS, row = m0 + rr;
+      const int r = warp_row0 + e / CHUNKS, c = e % CHUNKS, row = m0 + r;
       if (row < rows)
-        *reinterpret_cast<uint4*>(O + (row / gqa_ratio) * p.o_row_stride + (h_kv * gqa_ratio + row % gqa_ratio) * p.o_head_stride + c * 8) =
-            *reinterpret_cast<const uint4*>(smem + smem_offset<ROW>(rr, c));
+        *reinterpret_cast<uint4*>(O + (row / gqa_ratio) * p.o_row_stride +
+                                  (h_kv * gqa_ratio + row % gqa_ratio) * p.o_head_stride + c * 8) =
+            *reinterpret_cast<const uint4*>(smem + smem_offset<ROW>(r, c));
     }
   }
 }
 
 using KernelFn = void (*)(const lab::AttnParams, int, float*, float*);
-
 // The kernel for a plan: one instantiation per tile shape, stage count and ALiBi on or off.
 template <class T, int D, bool ALIBI>
 KernelFn kernel_for(const TilePlan& t) {
@@ -461,36 +428,25 @@ KernelFn kernel_for(const TilePlan& t) {
 
 template <class T, int D>
 struct Forward {
-  static TilePlan plan(const lab::AttnParams& p) {
-    return plan_tile(int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv), D, int(sizeof(T)),
-                     lab::device_limits().smem_per_block);
-  }
-  // Sets the kernel's shared-memory limit (once per device); returns how many blocks an SM holds.
-  static int configure(const TilePlan& t, KernelFn kernel) {
-    return lab::configure_kernel((const void*)kernel, kThreads, t.smem_bytes, kSupport.chapter);
-  }
   static KernelFn kernel(const lab::AttnParams& p, const TilePlan& t) {
     return p.alibi_slopes ? kernel_for<T, D, true>(t) : kernel_for<T, D, false>(t);
   }
-
   // Split-KV: a GQA decoding batch has few blocks (batch x heads_kv: 64 at batch 8, GQA 32/8) over
   // few bytes. Aim for one full wave of resident blocks (2 per SM at d = 128), so every block
   // starts at once and none waits for a second wave; chunks keep at least 4 tiles.
   static int splits(const lab::AttnParams& p) {
-    const TilePlan t = plan(p);
-    const int64_t work = (int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv) + t.B_r - 1) / t.B_r * p.heads_kv * p.batch;
-    const int resident = std::max(1, configure(t, kernel(p, t)));
-    return ch04::choose_num_splits(p.num_splits, work, p.seqlen_kv, 4 * 64, resident * lab::device_limits().sm_count);
+    const TilePlan t = plan_tile(p);
+    // Sets the kernel's shared-memory limit (once per device); returns how many blocks an SM holds.
+    const int resident = lab::configure_kernel((const void*)kernel(p, t), kThreads, t.smem_bytes, kSupport.chapter);
+    return ch04::choose_num_splits(p.num_splits, t.row_tiles * p.heads_kv * p.batch, p.seqlen_kv, 4 * 64,
+                                   std::max(1, resident) * lab::device_limits().sm_count);
   }
-
   static void run(const lab::AttnParams& p, cudaStream_t stream) {
-    const int splits = Forward::splits(p);
+    const int splits = Forward::splits(p);  // configures the kernel, too
     const ch04::Partials part = ch04::partials_in_workspace(p, splits, kSupport.chapter);
-    const TilePlan t = plan(p);
-    const KernelFn k = kernel(p, t);
-    configure(t, k);
-    const int64_t row_tiles = (int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv) + t.B_r - 1) / t.B_r;
-    k<<<dim3(unsigned(row_tiles * splits), p.heads_kv, p.batch), kThreads, t.smem_bytes, stream>>>(p, splits, part.o, part.lse);
+    const TilePlan t = plan_tile(p);
+    kernel(p, t)<<<dim3(unsigned(t.row_tiles * splits), p.heads_kv, p.batch), kThreads, t.smem_bytes, stream>>>(
+        p, splits, part.o, part.lse);
     LAB_LAUNCH_CHECK();
     if (splits > 1) ch04::combine_splits(p, splits, part.o, part.lse, stream);
   }
@@ -507,9 +463,7 @@ int num_splits_for(const lab::AttnParams& p) {
   check_launch_limits(p, kSupport);
   return dispatch<Splits>(p);
 }
-
 size_t workspace_bytes(const lab::AttnParams& p) { return ch04::partials_bytes(p, num_splits_for(p)); }
-
 void forward(const lab::AttnParams& p, cudaStream_t stream) {
   check_launch_limits(p, kSupport);
   dispatch<Forward>(p, stream);

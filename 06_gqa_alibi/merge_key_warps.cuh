@@ -1,5 +1,6 @@
-// 06 step 3: the epilogue of the decoding tile (kernel.cu includes it; a unit of its own, so that
-// step 3's diff reads in two parts).
+// 06 steps 3 and 4: the epilogue of the decoding tile (kernel_decode_tile.cu and kernel.cu include
+// it; a unit of its own, so that step 3's diff reads in two parts). Step 3 passes splits = 1; step
+// 4's split-KV writes the fp32 partials and lse_s below instead of O.
 #pragma once
 
 #include <cmath>

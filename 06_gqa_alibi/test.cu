@@ -1,6 +1,6 @@
 // Tests of 06_gqa_alibi (every step) against the fp64 reference: GQA ratios, ALiBi, varlen
 // (hybrid) batches, decoding with splits, NaN, the tile choice and the refusals. A case a step does
-// not support (ALiBi and varlen before step 2, num_splits before step 3) runs on the steps that do.
+// not support (ALiBi and varlen before step 2, num_splits before step 4) runs on the steps that do.
 #include <cuda_fp16.h>
 
 #include <cmath>
@@ -99,15 +99,18 @@ TEST_CASE("06_gqa_alibi: decoding, group ratios 1, 2, 4, 8 and MQA, with splits"
         for (const lab::Variant& v : ch().variants)
           if (runs(v, s)) LAB_REQUIRE_PASS(lab::run_and_check(v, s));
       }
-  // A few query tokens (speculative decoding), causal, GQA: rows are (token, head) pairs.
-  for (int sq : {2, 3, 16, 17}) {
-    lab::ProblemSpec s;
-    s.batch = 2, s.heads_q = 32, s.heads_kv = 8, s.seqlen_q = sq, s.seqlen_kv = 2000, s.head_dim = 128;
-    s.causal = true, s.lse = true, s.num_splits = 5, s.seed = lab::test_seed() + sq;
-    INFO(lab::describe(s));
-    for (const lab::Variant& v : ch().variants)
-      if (runs(v, s)) LAB_REQUIRE_PASS(lab::run_and_check(v, s));
-  }
+  // A few query tokens (speculative decoding), causal, GQA: rows are (token, head) pairs; up to 8
+  // tokens (32 packed rows) the decoding tile holds them all. Without splits every step runs.
+  for (int sq : {2, 3, 8, 16, 17})
+    for (int splits : {5, 0}) {
+      lab::ProblemSpec s;
+      s.batch = 2, s.heads_q = 32, s.heads_kv = 8, s.seqlen_q = sq, s.seqlen_kv = 2000, s.head_dim = 128;
+      s.causal = true, s.lse = true, s.num_splits = splits,
+      s.seed = lab::test_seed() + sq + (splits ? 0 : 1000);
+      INFO(lab::describe(s));
+      for (const lab::Variant& v : ch().variants)
+        if (runs(v, s)) LAB_REQUIRE_PASS(lab::run_and_check(v, s));
+    }
 }
 
 TEST_CASE("06_gqa_alibi: the same input gives bit-identical output twice", "[gpu]") {
@@ -178,7 +181,7 @@ TEST_CASE("06_gqa_alibi refuses what it does not support, naming the field", "[c
   refused(bad, "o is a null pointer");
 }
 
-TEST_CASE("06_gqa_alibi: steps 1 and 2 refuse what only a later step computes, by name", "[cpu]") {
+TEST_CASE("06_gqa_alibi: steps 1 to 3 refuse what only a later step computes, by name", "[cpu]") {
   lab::AttnParams p;
   p.batch = 2, p.heads_q = 32, p.heads_kv = 8, p.seqlen_q = 1, p.seqlen_kv = 1024, p.head_dim = 128;
   p.softmax_scale = 0.088f;
@@ -193,6 +196,7 @@ TEST_CASE("06_gqa_alibi: steps 1 and 2 refuse what only a later step computes, b
   CHECK(lab::unsupported_reason(bad, ch06::kSupportAlibi).empty());
   bad = p, bad.num_splits = 4;
   CHECK(lab::unsupported_reason(bad, ch06::kSupportAlibi).find("num_splits") != std::string::npos);
+  CHECK(lab::unsupported_reason(bad, ch06::kSupportDecodeTile).find("num_splits") != std::string::npos);
   CHECK(lab::unsupported_reason(bad, ch06::kSupport).empty());
   bad = p, bad.cu_seqlens_q = bad.cu_seqlens_kv = reinterpret_cast<const int*>(buf);
   CHECK(lab::unsupported_reason(bad, ch06::kSupportGqa).find("varlen") != std::string::npos);
@@ -205,6 +209,7 @@ TEST_CASE("06_gqa_alibi: the tile fits the GPU's shared memory per block (LAB_SM
   for (size_t limit : {hopper, a100}) {
     const ch06::TilePlan t = ch06::plan_tile(4, 128, 2, limit);
     CHECK((t.key_warps && t.m_frags == 1 && t.stages == 3 && t.B_r == 16 && t.smem_bytes == 102400));
+    CHECK(t.row_tiles == 1);
     const ch06::TilePlan u = ch06::plan_tile(32, 128, 2, limit);
     CHECK((u.key_warps && u.m_frags == 2 && u.stages == 3 && u.B_r == 32 && u.smem_bytes == 106496));
   }
@@ -217,7 +222,8 @@ TEST_CASE("06_gqa_alibi: the tile fits the GPU's shared memory per block (LAB_SM
   CHECK(ch06::plan_tile(8, 64, 2, rtx).stages == 3);
   for (size_t limit : {hopper, a100, rtx}) {
     const ch06::TilePlan p = ch06::plan_tile(33, 128, 2, limit);
-    CHECK((!p.key_warps && p.B_r == 128 && p.stages == 2 && p.smem_bytes == 98304));
+    CHECK((!p.key_warps && p.B_r == 128 && p.stages == 2 && p.smem_bytes == 98304 && p.row_tiles == 1));
+    CHECK(ch06::plan_tile(516, 128, 2, limit).row_tiles == 5);  // 4 tiles of 128 rows and 4 rows
   }
   // Nothing fits: refused by name, with what it needs and what the GPU allows.
   try {

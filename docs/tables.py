@@ -162,7 +162,8 @@ def prefill_gqa(ceil):
              "chapter's MHA without ALiBi). " + header(ceil), "",
              "| step | mask | MHA 32/32 | GQA 32/8 | MQA 32/1 | MHA + ALiBi | GQA 32/8 + ALiBi | MQA + ALiBi |",
              "|---|---|---|---|---|---|---|---|"]
-    for name in ("03_flash_v2/fa2", "03_flash_v2/overlap", "06_gqa_alibi/gqa", "06_gqa_alibi/alibi", "06_gqa_alibi"):
+    for name in ("03_flash_v2/fa2", "03_flash_v2/overlap", "06_gqa_alibi/gqa", "06_gqa_alibi/alibi",
+                 "06_gqa_alibi/decode_tile", "06_gqa_alibi"):
         for causal in (False, True):
             base = t.get((name, 32, causal, False))
             cells = []
@@ -538,7 +539,7 @@ def render(name, lab, torch, ceil):
         return decode_grid(lab, torch, ceil, ["04_flash_decoding", "05_decoding_cuda_core"])
     if name == "decode:06_gqa_alibi":
         return decode_grid(lab, torch, ceil, ["04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi/gqa",
-                                              "06_gqa_alibi/alibi", "06_gqa_alibi"])
+                                              "06_gqa_alibi/alibi", "06_gqa_alibi/decode_tile", "06_gqa_alibi"])
     if name == "prefill_gqa":
         return prefill_gqa(ceil)
     if name == "hybrid":
