@@ -261,6 +261,9 @@ int launch(const lab::AttnParams& p, cudaStream_t stream, bool run) {
   const int splits = splits_for<S, SCALE_GROUP, D, U>(p);
   if (!run) return splits;
   const ch04::Partials part = ch04::partials_in_workspace(p, splits, kSupport.chapter);
+  // Refuses by name on a GPU this build has no code for (07 is built for sm_80 and newer).
+  lab::configure_kernel(reinterpret_cast<const void*>(decode_split<S, SCALE_GROUP, D, U>), kThreads, 0,
+                        kSupport.chapter);
   decode_split<S, SCALE_GROUP, D, U>
       <<<dim3(splits, p.heads_q, p.batch), kThreads, 0, stream>>>(p, splits, part.o, part.lse);
   LAB_LAUNCH_CHECK();

@@ -77,6 +77,18 @@ int configure_kernel(const void* kernel, int threads, size_t smem_bytes, const c
   const auto key = std::make_tuple(kernel, d.device, smem_bytes, threads);
   auto it = configured.find(key);
   if (it != configured.end()) return it->second;
+  // A build whose architecture list has no code this GPU can run (a chapter compiled for sm_80+ or
+  // sm_90a only, on an older GPU): refused by name, not as "no kernel image is available" later.
+  cudaFuncAttributes attr;
+  const cudaError_t found = cudaFuncGetAttributes(&attr, kernel);
+  if (found == cudaErrorNoKernelImageForDevice || found == cudaErrorInvalidDeviceFunction) {
+    (void)cudaGetLastError();
+    throw InvalidArgument(std::string(who) + ": this build has no code for this GPU (sm_" +
+                          std::to_string(d.cc_major * 10 + d.cc_minor) +
+                          "); configure with -DCMAKE_CUDA_ARCHITECTURES=native or include " +
+                          std::to_string(d.cc_major * 10 + d.cc_minor) + " in the list");
+  }
+  LAB_CUDA_CHECK(found);
   LAB_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)));
   int blocks = 0;
   LAB_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem_bytes));

@@ -33,7 +33,8 @@ size_t parse_smem_cap(const std::string& text);  // the parser, for tests
 // Raises `kernel`'s dynamic shared-memory limit to `smem_bytes` (once per kernel, device and size)
 // and returns how many blocks of `threads` threads an SM holds. Throws InvalidArgument naming
 // `who` when smem_bytes exceeds device_limits().smem_per_block: launchers refuse such shapes in
-// their support checks first; this is the backstop, so no launch fails as a bare CUDA error.
+// their support checks first; this is the backstop, so no launch fails as a bare CUDA error. A build
+// without code for this GPU's architecture is refused by name here too.
 int configure_kernel(const void* kernel, int threads, size_t smem_bytes, const char* who);
 
 // Throws InvalidArgument("<who>: needs sm_80 or newer (<what>); this GPU is sm_75") when the
