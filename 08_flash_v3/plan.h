@@ -23,16 +23,24 @@ namespace ch08 {
 // head_dim 64 and 128; fp16 and bf16; causal; GQA/MQA; lse. On a compute capability 9.0 GPU only.
 extern const lab::Support kSupport;
 
-enum class Step { wgmma, tma };
+enum class Step { wgmma, tma, ws, pingpong };
 
-// B_r query rows per block (one warpgroup: 4 warps x 16 rows, the M = 64 of wgmma), B_c keys per
-// K/V tile, how many K/V tiles are in shared memory at once (stages), and threads per block.
-// B_c makes both products one wgmma shape each: S = Q K^T is m64 n(B_c) k16, O += P V is
-// m64 n(d) k16; B_c = 128 at d = 64 and 64 at d = 128 keep each K/V tile at 16 KB.
+// B_r query rows per block (64 per consumer warpgroup: 4 warps x 16 rows, the M = 64 of wgmma),
+// B_c keys per K/V tile, how many K/V tiles are in shared memory at once (stages), and threads per
+// block. S = Q K^T is m64 n(B_c) k16 and O += P V is m64 n(d) k16 per consumer warpgroup.
+//   wgmma, tma: one warpgroup; B_c = 128 at d = 64 and 64 at d = 128 (16 KB K/V tiles; S and O
+//               fit the 255 registers of a 128-thread block), two K/V stages: 73 / 81 KB.
+//   ws:         a producer and two consumer warpgroups (384 threads, one block per SM); the
+//               consumers' 240 registers hold S and O of a 64 x 128 tile at d = 128 (64 + 64 fp32),
+//               so B_c = 128 at both head dims; two stages: 81 KB at d = 64, 161 KB at d = 128.
+//   pingpong:   as ws, with 3 stages: a slot is held until P V of its tile is done, one iteration
+//               later than in ws; 113 KB at d = 64, 225 KB at d = 128.
 struct Tiles {
   int B_r, B_c, stages, threads;
 };
-constexpr CH08_HD Tiles tiles_for(Step, int head_dim) {
+constexpr CH08_HD Tiles tiles_for(Step step, int head_dim) {
+  if (step == Step::ws) return Tiles{128, 128, 2, 384};
+  if (step == Step::pingpong) return Tiles{128, 128, 3, 384};
   return head_dim == 64 ? Tiles{64, 128, 2, 128} : Tiles{64, 64, 2, 128};
 }
 

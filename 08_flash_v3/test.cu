@@ -105,8 +105,9 @@ TEST_CASE("08_flash_v3: the same input gives bit-identical output twice", "[gpu]
 }
 
 TEST_CASE("08_flash_v3: a small case for the sanitizers", "[gpu][sanitize]") {
-  // memcheck, racecheck and synccheck: mbarrier phases and TMA writes over several ring rounds
-  // (T_c = 5 > 2 stages at d = 128), tails in both sequence dimensions.
+  // memcheck, racecheck and synccheck: mbarrier phases and TMA writes over more than one round of
+  // the ring (seqlen_kv 300 at d = 128: 5 tiles of 64 keys, 4 of 128 in ws and pingpong with
+  // seqlen_kv 450), named barriers of pingpong, tails in both sequence dimensions.
   if (!runs_here()) return;
   for (const lab::Variant& v : ch().variants) {
     lab::ProblemSpec s;
@@ -115,6 +116,8 @@ TEST_CASE("08_flash_v3: a small case for the sanitizers", "[gpu][sanitize]") {
     INFO(v.name);
     LAB_REQUIRE_PASS(lab::run_and_check(v, s));
     s.head_dim = 128, s.causal = false, s.seqlen_q = 70, s.seqlen_kv = 300;
+    LAB_REQUIRE_PASS(lab::run_and_check(v, s));
+    s.causal = true, s.seqlen_q = 200, s.seqlen_kv = 450;  // 2 query tiles of 128, 4 key tiles
     LAB_REQUIRE_PASS(lab::run_and_check(v, s));
   }
 }
@@ -160,7 +163,7 @@ TEST_CASE("08_flash_v3 refuses every GPU but compute capability 9.0, by name", "
   const lab::AttnParams p = host_params(128, DType::bf16);
   for (auto cc : {std::pair<int, int>{8, 0}, {8, 6}, {8, 9}, {10, 0}, {12, 0}, {9, 1}}) {
     INFO(cc.first << "." << cc.second);
-    for (ch08::Step step : {ch08::Step::wgmma, ch08::Step::tma}) {
+    for (ch08::Step step : {ch08::Step::wgmma, ch08::Step::tma, ch08::Step::ws, ch08::Step::pingpong}) {
       const std::string why = refusal([&] { ch08::plan_launch(step, p, cc.first, cc.second, 227 * 1024); });
       CHECK(why == "08_flash_v3: needs a GPU of compute capability 9.0 (sm_90a: H100, H200, GH200); this GPU is " +
                        std::to_string(cc.first) + "." + std::to_string(cc.second));
@@ -175,19 +178,23 @@ TEST_CASE("08_flash_v3 refuses every GPU but compute capability 9.0, by name", "
 }
 
 TEST_CASE("08_flash_v3 plans its launches from the arithmetic", "[cpu]") {
-  for (ch08::Step step : {ch08::Step::wgmma, ch08::Step::tma})
+  for (ch08::Step step : {ch08::Step::wgmma, ch08::Step::tma, ch08::Step::ws, ch08::Step::pingpong})
     for (int d : {64, 128}) {
-      INFO("head_dim " << d);
+      INFO("step " << int(step) << ", head_dim " << d);
       const lab::AttnParams p = host_params(d);
       const ch08::LaunchPlan plan = ch08::plan_launch(step, p, 9, 0, 227 * 1024);
-      CHECK(plan.tiles.B_r == 64);
-      CHECK(plan.tiles.threads == 128);
-      CHECK(plan.tiles.B_c == (d == 64 ? 128 : 64));
-      CHECK(plan.tiles.stages == 2);
-      // Q_i (64 x d) and two K/V pairs (B_c x d each), 2 bytes per element, + 1 KB alignment:
-      // 72 KB + 1 KB at d = 64, 80 KB + 1 KB at d = 128; two blocks fit in an SM's 227 KB.
-      CHECK(plan.smem == (d == 64 ? 73 * 1024 : 81 * 1024));
-      CHECK(plan.grid_x == (1000 + 63) / 64);
+      const bool pp = step == ch08::Step::pingpong, ws = step == ch08::Step::ws || pp;
+      CHECK(plan.tiles.B_r == (ws ? 128 : 64));  // 64 rows per consumer warpgroup
+      CHECK(plan.tiles.threads == (ws ? 384 : 128));
+      CHECK(plan.tiles.B_c == (d == 64 || ws ? 128 : 64));
+      CHECK(plan.tiles.stages == (pp ? 3 : 2));
+      // Q_i (B_r x d) and `stages` K/V pairs (B_c x d each), 2 bytes per element, + 1 KB alignment:
+      // one warpgroup: 72 KB + 1 KB at d = 64, 80 KB + 1 KB at d = 128 (two blocks per SM);
+      // ws: 80 KB + 1 KB at d = 64, 160 KB + 1 KB at d = 128 (one block per SM);
+      // pingpong: 112 KB + 1 KB at d = 64, 224 KB + 1 KB at d = 128 (under the 227 KB a block may have).
+      const int kb = pp ? (d == 64 ? 113 : 225) : ws ? (d == 64 ? 81 : 161) : (d == 64 ? 73 : 81);
+      CHECK(plan.smem == size_t(kb) * 1024);
+      CHECK(plan.grid_x == (1000 + plan.tiles.B_r - 1) / plan.tiles.B_r);
       CHECK(plan.grid_y == 4);
       CHECK(plan.grid_z == 2);
       // LAB_SMEM_CAP below the plan is refused by name, before any launch.

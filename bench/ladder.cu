@@ -20,7 +20,11 @@
 #include "05_decoding_cuda_core/kernel.h"
 #include "06_gqa_alibi/kernel.h"
 #include "07_kv_quant/kernel.h"
+#ifdef LAB_HAVE_08_FLASH_V3
+#include "08_flash_v3/kernel.h"
+#endif
 #include "common/cuda_check.h"
+#include "common/device.h"
 #include "common/driver.h"
 
 namespace {
@@ -30,7 +34,14 @@ namespace {
 std::vector<lab::Chapter> all_chapters() {
   lab::Chapter c01 = ch01::chapter();
   std::reverse(c01.variants.begin(), c01.variants.end());  // cublas, then naive
-  return {c01, ch02::chapter(), ch03::chapter(), ch04::chapter(), ch05::chapter(), ch06::chapter(), ch07::chapter()};
+  std::vector<lab::Chapter> out = {c01, ch02::chapter(), ch03::chapter(), ch04::chapter(), ch05::chapter(), ch06::chapter(), ch07::chapter()};
+#ifdef LAB_HAVE_08_FLASH_V3
+  // Hopper only (sm_90a code): on another GPU it would refuse every shape, so it is left out.
+  const lab::DeviceLimits& d = lab::device_limits();
+  if (ch08::device_reason(d.cc_major, d.cc_minor).empty()) out.push_back(ch08::chapter());
+  else std::printf("08_flash_v3 left out: %s\n", ch08::device_reason(d.cc_major, d.cc_minor).c_str());
+#endif
+  return out;
 }
 
 struct Config {

@@ -19,6 +19,9 @@
 #include "06_gqa_alibi/kernel.h"
 #include "07_kv_quant/kernel.h"
 #include "07_kv_quant/quantize.h"
+#ifdef LAB_HAVE_08_FLASH_V3
+#include "08_flash_v3/kernel.h"
+#endif
 #include "common/cuda_check.h"
 #include "common/driver.h"
 
@@ -73,6 +76,9 @@ const std::vector<Registered>& registry() {
       {ch05::chapter(), ""},
       {ch06::chapter(), ""},
       {kv_quant_chapter(), ""},
+#ifdef LAB_HAVE_08_FLASH_V3
+      {ch08::chapter(), "pingpong"},  // built only for sm_90a; refuses other GPUs by name
+#endif
   };
   return chapters;
 }
