@@ -29,9 +29,11 @@ void forward(const lab::AttnParams& p, cudaStream_t stream);        // step 4
 LaunchPlan plan_on_this_gpu(Step step, const lab::AttnParams& p);
 
 inline lab::Chapter chapter() {
-  return {"08_flash_v3", {{"wgmma", forward_wgmma, &kSupport, nullptr}, {"tma", forward_tma, &kSupport, nullptr},
-                          {"ws", forward_ws, &kSupport, nullptr},
-                          {"pingpong", forward, &kSupport, nullptr}}};
+  return {"08_flash_v3",
+          {{"wgmma", forward_wgmma, &kSupport, nullptr},
+           {"tma", forward_tma, &kSupport, nullptr},
+           {"ws", forward_ws, &kSupport, nullptr},
+           {"pingpong", forward, &kSupport, nullptr}}};
 }
 
 }  // namespace ch08

@@ -50,7 +50,8 @@ template <int D, int ROWS>
 __device__ __forceinline__ void load_tile_tma(uint32_t smem, const CUtensorMap* map, uint32_t bar, int row0,
                                               int head, int batch) {
 #pragma unroll
-  for (int cb = 0; cb < D / 64; ++cb) tma_load_4d(smem + cb * ROWS * 128, map, bar, cb * 64, row0, head, batch);
+  for (int cb = 0; cb < D / 64; ++cb)
+    tma_load_4d(smem + cb * ROWS * 128, map, bar, cb * 64, row0, head, batch);
 }
 
 // Pairwise (tree) reductions over the n8 blocks of one row: depth log2(N) instead of N.
@@ -69,7 +70,8 @@ __device__ __forceinline__ float tree_reduce(const float (&v)[N], F op) {
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads)
     flash_forward_tma(const lab::AttnParams p, const __grid_constant__ CUtensorMap tmap_q,
-                      const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v) {
+                      const __grid_constant__ CUtensorMap tmap_k,
+                      const __grid_constant__ CUtensorMap tmap_v) {
   constexpr Tiles TILES = tiles_for(Step::tma, D);
   constexpr int B_r = TILES.B_r, B_c = TILES.B_c, STAGES = TILES.stages;
   constexpr int N_S = B_c / 8, N_O = D / 8;  // n8 blocks of S and O in a thread's two rows
@@ -105,7 +107,8 @@ __global__ void __launch_bounds__(kThreads)
   // Prologue: thread 0 sets up the barriers, then asks for Q_i and the first STAGES K/V tiles.
   if (threadIdx.x == 0) {
     mbar_init(smem_addr(&q_full), 1);
-    for (int s = 0; s < STAGES; ++s) mbar_init(smem_addr(&full[s]), 1), mbar_init(smem_addr(&empty[s]), kThreads);
+    for (int s = 0; s < STAGES; ++s)
+      mbar_init(smem_addr(&full[s]), 1), mbar_init(smem_addr(&empty[s]), kThreads);
     mbar_init_fence();
   }
   __syncthreads();  // the barriers exist before anyone waits on them
@@ -124,7 +127,7 @@ __global__ void __launch_bounds__(kThreads)
   // S = Q_i K_j^T: one wgmma per 16 columns of d. Both operands K-major, 128-byte swizzled: rows of
   // 128 bytes, 8-row groups 1024 bytes apart (SBO; LBO is unused for this layout); the k-th 16
   // columns of a 64-column block start 32 k bytes into it, and block kk / 4 starts ROWS x 128 on.
-  auto compute_scores = [&](float (&s)[B_c / 2], uint32_t sK_j) {
+  auto compute_scores = [&](float(&s)[B_c / 2], uint32_t sK_j) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -139,7 +142,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // Mask keys past the end of the sequence and, with causal, right of the diagonal. Only the
   // last tile and the tiles crossing the diagonal need it.
-  auto mask_scores = [&](float (&s)[B_c / 2], int n0) {
+  auto mask_scores = [&](float(&s)[B_c / 2], int n0) {
     if (n0 + B_c > sk || (p.causal && n0 + B_c - 1 > m0 + diag)) {
 #pragma unroll
       for (int i = 0; i < N_S; ++i)
@@ -154,7 +157,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // Online softmax in the exp2 domain, as in 03: m_i is the running max of raw scores, P =
   // 2^(s c - m_i c) with c = scale log2(e); O_i and l_i are rescaled by 2^((m_old - m_new) c).
-  auto online_softmax = [&](float (&s)[B_c / 2]) {
+  auto online_softmax = [&](float(&s)[B_c / 2]) {
     float alpha_of[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -186,7 +189,7 @@ __global__ void __launch_bounds__(kThreads)
   // MN-major (d contiguous): 8-key groups 1024 bytes apart (SBO), 64-column blocks B_c x 128
   // bytes apart (LBO); the kk-th 16 keys start 16 rows (2048 bytes) on. P is packed before the
   // fence: a register written between wgmmas makes ptxas insert a fence there (warning C7519).
-  auto accumulate_pv = [&](const float (&s)[B_c / 2], uint32_t sV_j) {
+  auto accumulate_pv = [&](const float(&s)[B_c / 2], uint32_t sV_j) {
     uint32_t a[B_c / 16][4];
 #pragma unroll
     for (int kk = 0; kk < B_c / 16; ++kk)
@@ -203,7 +206,7 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int j = 0; j < T_c; ++j) {
     const int n0 = j * B_c, slot = j % STAGES;
-    const uint32_t parity = (j / STAGES) & 1;  // the round of the ring tile j is in
+    const uint32_t parity = (j / STAGES) & 1;   // the round of the ring tile j is in
     mbar_wait(smem_addr(&full[slot]), parity);  // K_j, V_j have landed
     const uint32_t sK_j = sK + slot * KV_TILE, sV_j = sV + slot * KV_TILE;
     float s[B_c / 2];
@@ -232,14 +235,16 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < N_O; ++i) o[4 * i + 2 * r] *= inv_l, o[4 * i + 2 * r + 1] *= inv_l;
     const int row = m0 + warp_row0 + g + 8 * r;
     if (p.lse && t == 0 && row < sq)
-      p.lse[(int64_t(b) * p.heads_q + h) * sq + row] = l > 0.f ? m_i[r] * p.softmax_scale + logf(l) : -INFINITY;
+      p.lse[(int64_t(b) * p.heads_q + h) * sq + row] =
+          l > 0.f ? m_i[r] * p.softmax_scale + logf(l) : -INFINITY;
   }
   // Stage this warp's 16 rows of O in its own rows of the Q tile, then 16-byte coalesced stores.
 #pragma unroll
   for (int i = 0; i < N_O; ++i) {
     const int r0 = warp_row0 + g;
     *reinterpret_cast<uint32_t*>(smem + sw128_offset(B_r, r0, i) + 4 * t) = pack2<T>(o[4 * i], o[4 * i + 1]);
-    *reinterpret_cast<uint32_t*>(smem + sw128_offset(B_r, r0 + 8, i) + 4 * t) = pack2<T>(o[4 * i + 2], o[4 * i + 3]);
+    *reinterpret_cast<uint32_t*>(smem + sw128_offset(B_r, r0 + 8, i) + 4 * t) =
+        pack2<T>(o[4 * i + 2], o[4 * i + 3]);
   }
   __syncwarp();
 #pragma unroll
@@ -270,8 +275,10 @@ void launch(const LaunchPlan& plan, const lab::AttnParams& p, cudaStream_t strea
 template <class T>
 void dispatch_head_dim(const LaunchPlan& plan, const lab::AttnParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: return launch<T, 64>(plan, p, stream);
-    case 128: return launch<T, 128>(plan, p, stream);
+    case 64:
+      return launch<T, 64>(plan, p, stream);
+    case 128:
+      return launch<T, 128>(plan, p, stream);
   }
 }
 
@@ -279,8 +286,10 @@ void dispatch_head_dim(const LaunchPlan& plan, const lab::AttnParams& p, cudaStr
 
 void forward_tma(const lab::AttnParams& p, cudaStream_t stream) {
   const LaunchPlan plan = plan_on_this_gpu(Step::tma, p);
-  if (p.dtype == lab::DType::fp16) dispatch_head_dim<__half>(plan, p, stream);
-  else dispatch_head_dim<__nv_bfloat16>(plan, p, stream);
+  if (p.dtype == lab::DType::fp16)
+    dispatch_head_dim<__half>(plan, p, stream);
+  else
+    dispatch_head_dim<__nv_bfloat16>(plan, p, stream);
 }
 
 }  // namespace ch08

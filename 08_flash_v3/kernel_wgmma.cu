@@ -52,7 +52,8 @@ constexpr int kThreads = 128;  // one warpgroup
 // ROWS x D tile from global rows `row_stride` apart into the swizzled layout, 16 bytes per
 // cp.async; rows at or past `valid_rows` are zero-filled (src-size 0), never read.
 template <class T, int D, int ROWS>
-__device__ __forceinline__ void load_tile_async(uint32_t smem, const T* g, int64_t row_stride, int valid_rows) {
+__device__ __forceinline__ void load_tile_async(uint32_t smem, const T* g, int64_t row_stride,
+                                                int valid_rows) {
   constexpr int CHUNKS = D / 8;
   static_assert((ROWS * CHUNKS) % kThreads == 0, "tile must split evenly over the threads");
 #pragma unroll
@@ -121,7 +122,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_wgmma(const lab::AttnP
   // S = Q_i K_j^T: one wgmma per 16 columns of d. Both operands K-major, 128-byte swizzled: rows of
   // 128 bytes, 8-row groups 1024 bytes apart (SBO; LBO is unused for this layout); the k-th 16
   // columns of a 64-column block start 32 k bytes into it, and block kk / 4 starts ROWS x 128 on.
-  auto compute_scores = [&](float (&s)[B_c / 2], uint32_t sK_j) {
+  auto compute_scores = [&](float(&s)[B_c / 2], uint32_t sK_j) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -136,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_wgmma(const lab::AttnP
 
   // Mask keys past the end of the sequence and, with causal, right of the diagonal. Only the
   // last tile and the tiles crossing the diagonal need it.
-  auto mask_scores = [&](float (&s)[B_c / 2], int n0) {
+  auto mask_scores = [&](float(&s)[B_c / 2], int n0) {
     if (n0 + B_c > sk || (p.causal && n0 + B_c - 1 > m0 + diag)) {
 #pragma unroll
       for (int i = 0; i < N_S; ++i)
@@ -151,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_wgmma(const lab::AttnP
 
   // Online softmax in the exp2 domain, as in 03: m_i is the running max of raw scores, P =
   // 2^(s c - m_i c) with c = scale log2(e); O_i and l_i are rescaled by 2^((m_old - m_new) c).
-  auto online_softmax = [&](float (&s)[B_c / 2]) {
+  auto online_softmax = [&](float(&s)[B_c / 2]) {
     float alpha_of[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -183,7 +184,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_wgmma(const lab::AttnP
   // MN-major (d contiguous): 8-key groups 1024 bytes apart (SBO), 64-column blocks B_c x 128
   // bytes apart (LBO); the kk-th 16 keys start 16 rows (2048 bytes) on. P is packed before the
   // fence: a register written between wgmmas makes ptxas insert a fence there (warning C7519).
-  auto accumulate_pv = [&](const float (&s)[B_c / 2], uint32_t sV_j) {
+  auto accumulate_pv = [&](const float(&s)[B_c / 2], uint32_t sV_j) {
     uint32_t a[B_c / 16][4];
 #pragma unroll
     for (int kk = 0; kk < B_c / 16; ++kk)
@@ -231,14 +232,16 @@ __global__ void __launch_bounds__(kThreads) flash_forward_wgmma(const lab::AttnP
     for (int i = 0; i < N_O; ++i) o[4 * i + 2 * r] *= inv_l, o[4 * i + 2 * r + 1] *= inv_l;
     const int row = m0 + warp_row0 + g + 8 * r;
     if (p.lse && t == 0 && row < sq)
-      p.lse[(int64_t(b) * p.heads_q + h) * sq + row] = l > 0.f ? m_i[r] * p.softmax_scale + logf(l) : -INFINITY;
+      p.lse[(int64_t(b) * p.heads_q + h) * sq + row] =
+          l > 0.f ? m_i[r] * p.softmax_scale + logf(l) : -INFINITY;
   }
   // Stage this warp's 16 rows of O in its own rows of the Q tile, then 16-byte coalesced stores.
 #pragma unroll
   for (int i = 0; i < N_O; ++i) {
     const int r0 = warp_row0 + g;
     *reinterpret_cast<uint32_t*>(smem + sw128_offset(B_r, r0, i) + 4 * t) = pack2<T>(o[4 * i], o[4 * i + 1]);
-    *reinterpret_cast<uint32_t*>(smem + sw128_offset(B_r, r0 + 8, i) + 4 * t) = pack2<T>(o[4 * i + 2], o[4 * i + 3]);
+    *reinterpret_cast<uint32_t*>(smem + sw128_offset(B_r, r0 + 8, i) + 4 * t) =
+        pack2<T>(o[4 * i + 2], o[4 * i + 3]);
   }
   __syncwarp();
 #pragma unroll
@@ -261,8 +264,10 @@ void launch(const LaunchPlan& plan, const lab::AttnParams& p, cudaStream_t strea
 template <class T>
 void dispatch_head_dim(const LaunchPlan& plan, const lab::AttnParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: return launch<T, 64>(plan, p, stream);
-    case 128: return launch<T, 128>(plan, p, stream);
+    case 64:
+      return launch<T, 64>(plan, p, stream);
+    case 128:
+      return launch<T, 128>(plan, p, stream);
   }
 }
 
@@ -270,8 +275,10 @@ void dispatch_head_dim(const LaunchPlan& plan, const lab::AttnParams& p, cudaStr
 
 void forward_wgmma(const lab::AttnParams& p, cudaStream_t stream) {
   const LaunchPlan plan = plan_on_this_gpu(Step::wgmma, p);
-  if (p.dtype == lab::DType::fp16) dispatch_head_dim<__half>(plan, p, stream);
-  else dispatch_head_dim<__nv_bfloat16>(plan, p, stream);
+  if (p.dtype == lab::DType::fp16)
+    dispatch_head_dim<__half>(plan, p, stream);
+  else
+    dispatch_head_dim<__nv_bfloat16>(plan, p, stream);
 }
 
 }  // namespace ch08

@@ -46,27 +46,26 @@ LaunchPlan plan_launch(Step step, const lab::AttnParams& p, int cc_major, int cc
   plan.tiles = tiles_for(step, p.head_dim);
   plan.smem = smem_bytes(plan.tiles, p.head_dim);
   if (plan.smem > smem_per_block)
-    throw lab::InvalidArgument("08_flash_v3: needs " + std::to_string(plan.smem) +
-                               " bytes of shared memory per block at head_dim = " +
-                               std::to_string(p.head_dim) + "; this GPU allows " +
-                               std::to_string(smem_per_block) + " (LAB_SMEM_CAP?)");
+    throw lab::InvalidArgument(
+        "08_flash_v3: needs " + std::to_string(plan.smem) +
+        " bytes of shared memory per block at head_dim = " + std::to_string(p.head_dim) +
+        "; this GPU allows " + std::to_string(smem_per_block) + " (LAB_SMEM_CAP?)");
   plan.grid_x = (p.seqlen_q + plan.tiles.B_r - 1) / plan.tiles.B_r;
   plan.grid_y = p.heads_q;
   plan.grid_z = p.batch;
   return plan;
 }
 
-TmaTile tma_tile(const char* tensor, lab::DType dtype, const void* base, int head_dim, int seqlen,
-                 int heads, int batch, int64_t row_stride, int64_t head_stride, int64_t batch_stride,
-                 int box_rows) {
+TmaTile tma_tile(const char* tensor, lab::DType dtype, const void* base, int head_dim, int seqlen, int heads,
+                 int batch, int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows) {
   const std::string who = std::string("08_flash_v3: tensor map of ") + tensor + ": ";
   auto refuse = [&](const std::string& what) { throw lab::InvalidArgument(who + what); };
   const int64_t elem = lab::dtype_bytes(dtype);
-  if (reinterpret_cast<uintptr_t>(base) % 16 != 0) refuse(std::string(tensor) + " pointer is not 16-byte aligned");
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0)
+    refuse(std::string(tensor) + " pointer is not 16-byte aligned");
   if (head_dim <= 0 || head_dim % 64 != 0)
     refuse("head_dim = " + std::to_string(head_dim) + " is not a multiple of the 64-element (128-byte) box");
-  if (box_rows < 1 || box_rows > 256)
-    refuse("box_rows = " + std::to_string(box_rows) + " is outside 1..256");
+  if (box_rows < 1 || box_rows > 256) refuse("box_rows = " + std::to_string(box_rows) + " is outside 1..256");
   const struct {
     const char* name;
     int value;
@@ -87,7 +86,8 @@ TmaTile tma_tile(const char* tensor, lab::DType dtype, const void* base, int hea
   }
   t.dtype = dtype == lab::DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   t.base = base;
-  t.dims[0] = uint64_t(head_dim), t.dims[1] = uint64_t(seqlen), t.dims[2] = uint64_t(heads), t.dims[3] = uint64_t(batch);
+  t.dims[0] = uint64_t(head_dim), t.dims[1] = uint64_t(seqlen), t.dims[2] = uint64_t(heads),
+  t.dims[3] = uint64_t(batch);
   // 64 elements x 2 bytes = 128 bytes: the widest inner box SWIZZLE_128B allows.
   t.box[0] = 64, t.box[1] = uint32_t(box_rows), t.box[2] = 1, t.box[3] = 1;
   return t;
@@ -108,9 +108,11 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_function() {
     void* p = nullptr;
     cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
     // The CUDA 12.0 signature of the symbol, whatever driver runs it.
-    LAB_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found));
+    LAB_CUDA_CHECK(
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found));
     if (found != cudaDriverEntryPointSuccess || !p)
-      throw lab::CudaError("08_flash_v3: the driver has no cuTensorMapEncodeTiled (CUDA 12.0 or newer needed)");
+      throw lab::CudaError(
+          "08_flash_v3: the driver has no cuTensorMapEncodeTiled (CUDA 12.0 or newer needed)");
     fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
   });
   return fn;
@@ -124,7 +126,8 @@ CUtensorMap encode_tma_tile(const TmaTile& t) {
                                        t.box, t.element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, t.swizzle,
                                        CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS)
-    throw lab::CudaError("08_flash_v3: cuTensorMapEncodeTiled failed with CUresult " + std::to_string(int(r)));
+    throw lab::CudaError("08_flash_v3: cuTensorMapEncodeTiled failed with CUresult " +
+                         std::to_string(int(r)));
   return map;
 }
 

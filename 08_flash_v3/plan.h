@@ -110,9 +110,8 @@ struct TmaTile {
 // Pure: computes and checks the parameters (16-byte aligned base and strides, strides below 2^40,
 // dimensions in 1 .. 2^32, box rows in 1 .. 256, head_dim a multiple of the 64-element box);
 // throws lab::InvalidArgument naming `tensor` ("q", "k", "v") and the field.
-TmaTile tma_tile(const char* tensor, lab::DType dtype, const void* base, int head_dim, int seqlen,
-                 int heads, int batch, int64_t row_stride, int64_t head_stride, int64_t batch_stride,
-                 int box_rows);
+TmaTile tma_tile(const char* tensor, lab::DType dtype, const void* base, int head_dim, int seqlen, int heads,
+                 int batch, int64_t row_stride, int64_t head_stride, int64_t batch_stride, int box_rows);
 
 // Encodes one, through cuTensorMapEncodeTiled reached with cudaGetDriverEntryPointByVersion (the
 // driver's own entry point, so nothing new is linked). Throws lab::CudaError if the driver refuses.

@@ -11,7 +11,10 @@
 using lab::DType;
 
 namespace {
-const lab::Chapter& ch() { static lab::Chapter c = ch08::chapter(); return c; }
+const lab::Chapter& ch() {
+  static lab::Chapter c = ch08::chapter();
+  return c;
+}
 
 // A valid problem with fake (aligned, never dereferenced) pointers, for the host-side checks.
 lab::AttnParams host_params(int head_dim = 64, DType dtype = DType::fp16) {
@@ -165,8 +168,9 @@ TEST_CASE("08_flash_v3 refuses every GPU but compute capability 9.0, by name", "
     INFO(cc.first << "." << cc.second);
     for (ch08::Step step : {ch08::Step::wgmma, ch08::Step::tma, ch08::Step::ws, ch08::Step::pingpong}) {
       const std::string why = refusal([&] { ch08::plan_launch(step, p, cc.first, cc.second, 227 * 1024); });
-      CHECK(why == "08_flash_v3: needs a GPU of compute capability 9.0 (sm_90a: H100, H200, GH200); this GPU is " +
-                       std::to_string(cc.first) + "." + std::to_string(cc.second));
+      CHECK(why ==
+            "08_flash_v3: needs a GPU of compute capability 9.0 (sm_90a: H100, H200, GH200); this GPU is " +
+                std::to_string(cc.first) + "." + std::to_string(cc.second));
     }
   }
   CHECK(ch08::device_reason(9, 0).empty());
@@ -255,19 +259,24 @@ TEST_CASE("08_flash_v3: tensor-map parameters", "[cpu]") {
   CHECK(t.box[3] == 1);
   CHECK(t.swizzle == CU_TENSOR_MAP_SWIZZLE_128B);
   for (uint32_t e : t.element_strides) CHECK(e == 1);
-  CHECK(ch08::tma_tile("q", DType::fp16, buf, 64, 5, 1, 1, 64, 64, 320, 64).dtype == CU_TENSOR_MAP_DATA_TYPE_FLOAT16);
+  CHECK(ch08::tma_tile("q", DType::fp16, buf, 64, 5, 1, 1, 64, 64, 320, 64).dtype ==
+        CU_TENSOR_MAP_DATA_TYPE_FLOAT16);
 
   auto why = [&](auto&& f) { return refusal([&] { f(); }); };
   CHECK(why([&] { ch08::tma_tile("v", DType::fp16, buf, 128, 10, 2, 1, 260, 128, 2600, 64); }) ==
         "08_flash_v3: tensor map of v: v_row_stride = 260 elements is not a multiple of 16 bytes below 2^40");
   CHECK(why([&] { ch08::tma_tile("q", DType::fp16, buf + 8, 64, 10, 2, 1, 128, 64, 1280, 64); }) ==
         "08_flash_v3: tensor map of q: q pointer is not 16-byte aligned");
-  CHECK(why([&] { ch08::tma_tile("k", DType::fp16, buf, 96, 10, 2, 1, 192, 96, 1920, 64); })
-            .find("head_dim = 96") != std::string::npos);
-  CHECK(why([&] { ch08::tma_tile("k", DType::fp16, buf, 64, 10, 2, 1, 128, 64, 1280, 257); })
-            .find("box_rows = 257") != std::string::npos);
-  CHECK(why([&] { ch08::tma_tile("k", DType::fp16, buf, 64, 0, 2, 1, 128, 64, 1280, 64); })
-            .find("seqlen = 0") != std::string::npos);
-  CHECK(why([&] { ch08::tma_tile("k", DType::fp16, buf, 64, 10, 2, 1, 128, 64, int64_t(1) << 39, 64); })
-            .find("k_batch_stride") != std::string::npos);
+  CHECK(why([&] {
+          ch08::tma_tile("k", DType::fp16, buf, 96, 10, 2, 1, 192, 96, 1920, 64);
+        }).find("head_dim = 96") != std::string::npos);
+  CHECK(why([&] {
+          ch08::tma_tile("k", DType::fp16, buf, 64, 10, 2, 1, 128, 64, 1280, 257);
+        }).find("box_rows = 257") != std::string::npos);
+  CHECK(why([&] {
+          ch08::tma_tile("k", DType::fp16, buf, 64, 0, 2, 1, 128, 64, 1280, 64);
+        }).find("seqlen = 0") != std::string::npos);
+  CHECK(why([&] {
+          ch08::tma_tile("k", DType::fp16, buf, 64, 10, 2, 1, 128, 64, int64_t(1) << 39, 64);
+        }).find("k_batch_stride") != std::string::npos);
 }
