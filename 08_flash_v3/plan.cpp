@@ -107,9 +107,14 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_function() {
   std::call_once(once, [] {
     void* p = nullptr;
     cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    // The CUDA 12.0 signature of the symbol, whatever driver runs it.
+    // The CUDA 12.0 signature of the symbol, whatever driver runs it (cudaGetDriverEntryPoint,
+    // deprecated in CUDA 13, on toolkits older than 12.5, which lack the ByVersion form).
+#if CUDART_VERSION >= 12050
     LAB_CUDA_CHECK(
         cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found));
+#else
+    LAB_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &found));
+#endif
     if (found != cudaDriverEntryPointSuccess || !p)
       throw lab::CudaError(
           "08_flash_v3: the driver has no cuTensorMapEncodeTiled (CUDA 12.0 or newer needed)");
