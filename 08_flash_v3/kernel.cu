@@ -145,8 +145,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t a = sw128_desc(sQ + (kk / 4) * B_r * 128 + wg_row0 * 128 + (kk % 4) * 32, 16, 1024);
-      const uint64_t bk = sw128_desc(sK_j + (kk / 4) * B_c * 128 + (kk % 4) * 32, 16, 1024);
+      const uint64_t a = kmajor_desc(sQ + wg_row0 * 128, B_r, kk);
+      const uint64_t bk = kmajor_desc(sK_j, B_c, kk);
       wgmma_ss<T, B_c>(s, a, bk, kk > 0);
     }
     wgmma_commit();
@@ -213,8 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto issue_pv = [&](const uint32_t(&a)[B_c / 16][4], uint32_t sV_j) {
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < B_c / 16; ++kk)
-      wgmma_rs<T, D>(o, a[kk], sw128_desc(sV_j + kk * 16 * 128, B_c * 128, 1024));
+    for (int kk = 0; kk < B_c / 16; ++kk) wgmma_rs<T, D>(o, a[kk], mn_major_desc(sV_j, B_c, kk));
     wgmma_commit();
   };
 

@@ -131,8 +131,8 @@ __global__ void __launch_bounds__(kThreads)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t a = sw128_desc(sQ + (kk / 4) * B_r * 128 + (kk % 4) * 32, 16, 1024);
-      const uint64_t bk = sw128_desc(sK_j + (kk / 4) * B_c * 128 + (kk % 4) * 32, 16, 1024);
+      const uint64_t a = kmajor_desc(sQ, B_r, kk);
+      const uint64_t bk = kmajor_desc(sK_j, B_c, kk);
       wgmma_ss<T, B_c>(s, a, bk, kk > 0);
     }
     wgmma_commit();
@@ -197,8 +197,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int q = 0; q < 4; ++q) a[kk][q] = pack2<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < B_c / 16; ++kk)
-      wgmma_rs<T, D>(o, a[kk], sw128_desc(sV_j + kk * 16 * 128, B_c * 128, 1024));
+    for (int kk = 0; kk < B_c / 16; ++kk) wgmma_rs<T, D>(o, a[kk], mn_major_desc(sV_j, B_c, kk));
     wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(o);

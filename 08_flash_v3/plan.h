@@ -73,6 +73,21 @@ constexpr CH08_HD uint64_t sw128_desc(uint32_t start, uint32_t lbo_bytes, uint32
          uint64_t((sbo_bytes & 0x3FFFF) >> 4) << 32 | uint64_t(1) << 62;
 }
 
+// The descriptors of the two products (the kernels' only uses of sw128_desc), tested on the CPU
+// against the canonical layouts of the PTX ISA (test.cu):
+//   K-major (Q_i as A, K_j as B of S = Q K^T): rows of 128 bytes, 8-row groups SBO = 1024 bytes
+//   apart; the leading byte offset is unused for this layout (16, i.e. 1); the k16-th 16 columns
+//   start 32 k16 bytes into their 64-column block, and block k16 / 4 starts rows x 128 bytes on.
+constexpr CH08_HD uint64_t kmajor_desc(uint32_t tile, int rows, int k16) {
+  return sw128_desc(tile + (k16 / 4) * rows * 128 + (k16 % 4) * 32, 16, 1024);
+}
+//   MN-major (V_j as B of O += P V, [keys, d] with d contiguous, imm-trans-b = 1): keys
+//   16 k16 .. 16 k16 + 15 start 16 rows (2048 bytes) on; 8-key groups SBO = 1024 bytes apart;
+//   64-column blocks LBO = rows x 128 bytes apart.
+constexpr CH08_HD uint64_t mn_major_desc(uint32_t tile, int rows, int k16) {
+  return sw128_desc(tile + k16 * 16 * 128, rows * 128, 1024);
+}
+
 // ---- the launch plan ----
 
 // "" when a GPU of this compute capability runs the chapter; else why not, by name. The kernels

@@ -239,6 +239,59 @@ TEST_CASE("08_flash_v3: the wgmma descriptor and the 128-byte swizzle", "[cpu]")
   CHECK(std::count(seen.begin(), seen.end(), 1) == int(seen.size()));
 }
 
+namespace {
+// The descriptor's fields, as the tensor cores read them.
+struct Desc {
+  uint32_t start, lbo, sbo;
+};
+Desc decode(uint64_t d) {
+  CHECK((d >> 62) == 1);        // 128-byte swizzle
+  CHECK(((d >> 49) & 7) == 0);  // base offset
+  return {uint32_t(d & 0x3FFF) << 4, uint32_t((d >> 16) & 0x3FFF) << 4, uint32_t((d >> 32) & 0x3FFF) << 4};
+}
+// 128-byte swizzle of a shared-memory byte address: the 16-byte chunk (bits 4-6) XOR the row of
+// the 1024-byte pattern (bits 7-9).
+uint32_t swizzle128(uint32_t a) { return a ^ (((a >> 7) & 7) << 4); }
+}  // namespace
+
+TEST_CASE("08_flash_v3: the descriptors address the tiles as they are stored", "[cpu]") {
+  // The canonical 128-byte-swizzled layouts of the PTX ISA (wgmma "Shared Memory Matrix Layout";
+  // CUTLASS writes them as ((8,m),(T,2)):((8T,SBO),(1,T)) for K-major and
+  // ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)) for MN-major, T = 8 16-bit elements), then the swizzle,
+  // against where sw128_offset (what TMA and the cp.async copies write) put each element.
+  const uint32_t base = 5 * 1024;  // any 1024-byte aligned tile
+  for (int d : {64, 128})
+    for (int rows : {64, 128}) {
+      INFO("d " << d << ", rows " << rows);
+      auto stored = [&](int r, int col) {
+        return base + ch08::sw128_offset(rows, r, col / 8) + (col % 8) * 2;
+      };
+      // K-major (Q_i, K_j): operand row m, column k of the k16-th 16-column slice.
+      for (int k16 = 0; k16 < d / 16; ++k16) {
+        const Desc a = decode(ch08::kmajor_desc(base, rows, k16));
+        for (int m = 0; m < rows; ++m)
+          for (int k = 0; k < 16; ++k) {
+            const uint32_t addr = a.start + (m / 8) * a.sbo + (m % 8) * 128 + (k / 8) * 16 + (k % 8) * 2;
+            if (swizzle128(addr) != stored(m, 16 * k16 + k))
+              FAIL("K-major k16 " << k16 << " m " << m << " k " << k);
+          }
+      }
+      // MN-major (V_j): key k of the k16-th 16 keys, column n of d (two 64-column blocks at d 128).
+      for (int k16 = 0; k16 < rows / 16; ++k16) {
+        const Desc v = decode(ch08::mn_major_desc(base, rows, k16));
+        for (int k = 0; k < 16; ++k)
+          for (int n = 0; n < d; ++n) {
+            const uint32_t addr = v.start + (n / 64) * v.lbo + (n % 64) * 2 + (k % 8) * 128 + (k / 8) * v.sbo;
+            if (swizzle128(addr) != stored(16 * k16 + k, n))
+              FAIL("MN-major k16 " << k16 << " k " << k << " n " << n);
+          }
+      }
+    }
+  // Consumer 2's rows of Q_i (ws, pingpong) start 64 rows into each 128-row column block.
+  const Desc q2 = decode(ch08::kmajor_desc(base + 64 * 128, 128, 5));
+  CHECK(q2.start == base + 128 * 128 + 64 * 128 + 32);
+}
+
 TEST_CASE("08_flash_v3: tensor-map parameters", "[cpu]") {
   alignas(16) static char buf[64];
   // [batch 3, seqlen 1000, heads 8, d 128] bf16, contiguous: strides 8 x 128 x 2 = 2 KB per row,
