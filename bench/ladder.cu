@@ -36,7 +36,11 @@
 #if LAB_HAVE_07_KV_QUANT
 #include "07_kv_quant/kernel.h"
 #endif
+#if LAB_HAVE_08_FLASH_V3
+#include "08_flash_v3/kernel.h"
+#endif
 #include "common/cuda_check.h"
+#include "common/device.h"
 #include "common/driver.h"
 
 namespace {
@@ -67,6 +71,13 @@ std::vector<lab::Chapter> all_chapters() {
 #endif
 #if LAB_HAVE_07_KV_QUANT
   all.push_back(ch07::chapter());
+#endif
+#if LAB_HAVE_08_FLASH_V3
+  // Hopper only (sm_90a code): on another GPU it would refuse every shape, so it is left out.
+  const lab::DeviceLimits& d = lab::device_limits();
+  const std::string why = ch08::device_reason(d.cc_major, d.cc_minor);
+  if (why.empty()) all.push_back(ch08::chapter());
+  else std::printf("08_flash_v3 left out: %s\n", why.c_str());
 #endif
   return all;
 }

@@ -35,6 +35,9 @@
 #include "07_kv_quant/kernel.h"
 #include "07_kv_quant/quantize.h"
 #endif
+#if LAB_HAVE_08_FLASH_V3
+#include "08_flash_v3/kernel.h"
+#endif
 #include "common/cuda_check.h"
 #include "common/driver.h"
 
@@ -109,6 +112,9 @@ const std::vector<Registered>& registry() {
 #endif
 #if LAB_HAVE_07_KV_QUANT
       {kv_quant_chapter(), ""},
+#endif
+#if LAB_HAVE_08_FLASH_V3
+      {ch08::chapter(), "pingpong"},  // built only for sm_90a; refuses other GPUs by name
 #endif
   };
   return chapters;

@@ -57,6 +57,14 @@ STEPS = [
     ("07_kv_quant/int8_head", ["07_kv_quant/kernel.cu"],
      "07_kv_quant/dequant_int8_head", "rewrite", "decode",
      "the fast kernel: two heads per block, 256-thread blocks, dp4a q.k, pointer stepping"),
+    ("08_flash_v3/wgmma", ["08_flash_v3/kernel_wgmma.cu"], "03_flash_v2/fa2", "rewrite", "prefill",
+     "Hopper's wgmma: one warpgroup, Q, K, V in 128-byte-swizzled shared memory, P from registers"),
+    ("08_flash_v3/tma", ["08_flash_v3/kernel_tma.cu"], "08_flash_v3/wgmma", "", "prefill",
+     "K_j, V_j by the tensor memory accelerator into a ring of stages guarded by mbarriers"),
+    ("08_flash_v3/ws", ["08_flash_v3/kernel_ws.cu"], "08_flash_v3/tma", "", "prefill",
+     "warp specialization: a producer warpgroup issues TMA, two consumers compute, setmaxnreg"),
+    ("08_flash_v3/pingpong", ["08_flash_v3/kernel.cu"], "08_flash_v3/ws", "", "prefill",
+     "pingpong: named barriers order the consumers' GEMMs so one's softmax hides under the other's"),
 ]
 
 

@@ -11,6 +11,9 @@
     kc, vc, ks, vs = lab.quantize_kv(k, v, "int8_head")               # codes and fp16 scales
     o = lab.forward(q[:, -1:], kc, vc, chapter="07", kv_scheme="int8_head", k_scale=ks, v_scale=vs)
 
+    # 08_flash_v3 (Hopper: wgmma, TMA): in the library when built for sm_90; compute capability 9.0 only
+    o = lab.forward(q, k, v, chapter="08", causal=True)              # its default step "pingpong"
+
 Tensors use FlashAttention's layout: q, out [batch, seqlen_q, heads_q, head_dim], k, v
 [batch, seqlen_kv, heads_kv, head_dim] (varlen: [total, heads, head_dim]; paged KV: k, v
 [num_pages, page_size, heads_kv, head_dim]), any strides but a contiguous head_dim. The call is

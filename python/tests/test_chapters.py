@@ -112,6 +112,10 @@ def test_lists_the_chapters_and_one_default_each():
     assert defaults["01_naive"] == "naive" and defaults["03_flash_v2"] == "fa2"
     assert lab.support("03")["head_dims"] == [32, 64, 96, 128, 256]
     assert lab.support("01", "cublas")["lse"] is False and lab.support("01")["lse"] is True
+    if "08_flash_v3" in chapters:  # built only when the CUDA architectures include 90
+        assert chapters["08_flash_v3"] == ["wgmma", "tma", "ws", "pingpong"]
+        assert defaults["08_flash_v3"] == "pingpong"
+        assert lab.support("08")["head_dims"] == [64, 128]
 
 
 def c_struct_fields(name):
@@ -364,7 +368,23 @@ def poisoned_like(torch, q):
     return torch.full_like(q, float("nan"))  # unwritten elements stay NaN and fail the check
 
 
+# Chapters whose kernels exist for one GPU generation only: elsewhere they must refuse by name.
+NEEDS_COMPUTE_CAPABILITY = {"08_flash_v3": (9, 0)}  # sm_90a code (wgmma, TMA)
+
+
+def skip_unless_it_runs_here(torch, entry):
+    """On a GPU the chapter is not built for, check that it refuses by name, then skip."""
+    need = NEEDS_COMPUTE_CAPABILITY.get(entry["chapter"])
+    if need is None or torch.cuda.get_device_capability() == need:
+        return
+    q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.float16)
+    with pytest.raises(lab.InvalidArgument, match=r"needs a GPU of compute capability %d\.%d" % need):
+        lab.forward(q, q, q, chapter=entry["chapter"], variant=entry["variant"])
+    pytest.skip(f"{entry['chapter']} runs on compute capability {need[0]}.{need[1]} only (its refusal was checked)")
+
+
 def run_and_check(torch, entry, dtype, b, hq, hkv, sq, sk, d, causal, dist="normal", lse=None, layout="bshd"):
+    skip_unless_it_runs_here(torch, entry)
     support = entry["support"]
     lse = support["lse"] if lse is None else lse
     std = 3.0 if dist == "large_logits" else 1.0  # scale * q.k with a spread near 9: peaked softmax rows

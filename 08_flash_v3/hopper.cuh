@@ -1,0 +1,243 @@
+// The Hopper (sm_90a) PTX instructions chapter 08 is built from, one small wrapper each, with the
+// reason it exists. The PTX ISA is the reference: "Asynchronous Warpgroup Level Matrix Multiply-
+// Accumulate" (wgmma), "cp.async.bulk.tensor" (TMA), "mbarrier", "setmaxnreg", "bar/barrier".
+//
+//   wgmma.mma_async   D[64 x N] (+)= A[64 x 16] B[16 x N], fp16/bf16 in, fp32 accumulators, issued
+//                     by a warpgroup (4 warps, 128 threads) and run asynchronously. A and B come
+//                     from shared memory through 64-bit descriptors (SS), or A from registers (RS).
+//   cp.async.bulk.tensor  one thread asks the tensor memory accelerator (TMA) for a whole tile;
+//                     the bytes that land are counted on an mbarrier.
+//   mbarrier          a shared-memory barrier with a phase bit: a phase completes when its expected
+//                     arrivals and transaction bytes are all in; waiters name the phase's parity.
+//
+// Accumulator layout of m64nNk16 (fp32), warp w of the warpgroup, lane = 4 g + t:
+//   d[4 i + 0, 1] = D[16 w + g    ][8 i + 2 t, + 1]      i = 0 .. N/8 - 1
+//   d[4 i + 2, 3] = D[16 w + g + 8][8 i + 2 t, + 1]
+// The RS form's A registers for rows 16 w .. 16 w + 15 are mma.m16n8k16's A fragment, so the S
+// accumulators of keys 16 kk .. 16 kk + 15 (d[8 kk .. 8 kk + 7]) packed in pairs are P's A operand.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap (the type only)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace ch08 {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---- wgmma: issue, order, wait ----
+
+// Orders this thread's earlier register writes (accumulators, A fragments) before the wgmmas that
+// follow read them: wgmma reads registers asynchronously, so plain data dependences are not enough.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+// Closes the wgmmas issued since the last commit into one group that wgmma_wait can name.
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+// Waits until at most N committed groups are still running; their accumulators are then valid.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// The compiler does not know that wgmma_wait is what makes the accumulators valid: an empty asm
+// that "rewrites" each one after the wait keeps every later read of them below it.
+template <int N>
+__device__ __forceinline__ void fence_accumulators(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// clang-format off
+#define CH08_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define CH08_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define CH08_F8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
+  "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define CH08_D32 CH08_F8(0), CH08_F8(8), CH08_F8(16), CH08_F8(24)
+#define CH08_D64 CH08_D32, CH08_F8(32), CH08_F8(40), CH08_F8(48), CH08_F8(56)
+// clang-format on
+
+// S = Q K^T (SS): D[64 x N] = A B (+ D when accumulate != 0), both operands K-major in shared
+// memory (Q_i rows and K_j rows, head_dim contiguous). The trailing immediates are imm-scale-a = 1,
+// imm-scale-b = 1 (no negation), imm-trans-a = 0, imm-trans-b = 0 (K-major, as stored); the
+// predicate p is scale-d: false on the first k-step, so S needs no zeroing.
+template <class T, int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
+  static_assert(N == 64 || N == 128, "S tiles are 64 or 128 keys wide");
+  if constexpr (N == 64 && std::is_same_v<T, __half>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " CH08_ACC32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : CH08_D32
+        : "l"(a), "l"(b), "r"(accumulate));
+  } else if constexpr (N == 64) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " CH08_ACC32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : CH08_D32
+        : "l"(a), "l"(b), "r"(accumulate));
+  } else if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " CH08_ACC64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : CH08_D64
+        : "l"(a), "l"(b), "r"(accumulate));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " CH08_ACC64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : CH08_D64
+        : "l"(a), "l"(b), "r"(accumulate));
+  }
+}
+
+// O += P V (RS): A = P from registers (4 x 32 bits: 8 fp16/bf16 per thread), B = V_j in shared
+// memory as stored, [keys, d] with d contiguous: MN-major, hence imm-trans-b = 1. RS has no
+// imm-trans-a (registers have no major-ness); imm-scale-a = imm-scale-b = 1; scale-d is a true
+// predicate (always accumulate into O_i).
+template <class T, int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {
+  static_assert(N == 64 || N == 128, "O tiles are 64 or 128 wide (head_dim)");
+  if constexpr (N == 64 && std::is_same_v<T, __half>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " CH08_ACC32
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : CH08_D32
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  } else if constexpr (N == 64) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " CH08_ACC32
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : CH08_D32
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  } else if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " CH08_ACC64
+        ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : CH08_D64
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " CH08_ACC64
+        ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+        : CH08_D64
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  }
+}
+
+#undef CH08_ACC32
+#undef CH08_ACC64
+#undef CH08_F8
+#undef CH08_D32
+#undef CH08_D64
+
+// ---- proxies ----
+
+// wgmma and TMA access shared memory through the async proxy; writes made by ordinary stores or
+// cp.async (the generic proxy) become visible to them only after this fence (then a barrier).
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// ---- mbarrier ----
+
+// One 8-byte barrier in shared memory expecting `count` arrivals per phase; the phase starts at 0.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes the inits visible to the other threads and to the TMA unit (which arrives through
+// complete_tx) before anyone uses the barriers; a __syncthreads follows it.
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// Arrives and raises the phase's transaction count by `bytes`: the phase then also waits for that
+// many bytes of TMA copies, which count down as they land (complete_tx).
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// One arrival (a consumer saying it is done with a stage), with release semantics.
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Waits until the phase of parity `parity` has completed (acquire: the data it guarded is
+// visible). Right after init the barrier is in phase 0, so waiting for parity 1 returns at once
+// (the phase "before" 0 counts as completed) and waiting for parity 0 blocks until phase 0 ends.
+// try_wait may give up after a hardware time limit, hence the loop.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// ---- TMA: tile loads described by a tensor map ----
+// `map` is the generic address of a __grid_constant__ kernel parameter; coordinates are element
+// indices, innermost dimension first, and may run past the tensor (those elements read as zero).
+// The copy's bytes count down the transaction count of `bar`.
+
+// A 2D box (e.g. [rows, d] of a matrix).
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0,
+                                            int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, "
+      "%4}], [%2];\n" ::"r"(dst),
+      "l"(map), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+// A 3D box (e.g. [rows, d] of one head of a [seqlen, heads, d] tensor).
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0,
+                                            int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, "
+      "%5}], [%2];\n" ::"r"(dst),
+      "l"(map), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+// A 4D box: {column, row, head, batch} of a [batch, seqlen, heads, d] tensor (what 08 reads).
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0,
+                                            int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, "
+      "%5, %6}], [%2];\n" ::"r"(dst),
+      "l"(map), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+
+// ---- warp specialization (for the producer/consumer steps) ----
+
+// A producer warpgroup that only issues TMA needs few registers; it gives them back so that the
+// consumer warpgroups can raise theirs (all warps of a warpgroup execute it together).
+template <int REGS>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+template <int REGS>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+// Named barriers 1..15 (0 is __syncthreads): `threads` threads meet without stopping the rest of
+// the block; arrive signals without waiting (a warpgroup telling the other it may go).
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+}  // namespace ch08
