@@ -5,7 +5,8 @@
 
 A reference is a backticked `FILE:N` or `FILE:N-M` (FILE relative to the document's chapter, or to
 the repository root), or the shorthand `:N` / `:N-M` for the file last named in the same section (bullets and
-paragraphs) or table cell (in a table, the file named in the column's header; a header that starts
+paragraphs) or table cell (in a table, the file named in the column's header, else in an earlier
+cell of the row; a header that starts
 with a chapter number, "03 `kernel.cu`", means that chapter's file). Every reference carries an
 anchor, one short backticked name or code fragment:
     `kernel.cu:55` `compute_scores`        the span right after the reference, or
@@ -171,17 +172,20 @@ def check(root=ROOT, docs=None):
             if header is None:
                 header = row
                 continue
+            row_file = None  # a file named in an earlier cell of the row ("where | what" tables)
             for col, cell in enumerate(row):
-                default, chapter = None, None
+                default, chapter = row_file, None
                 if col < len(header):
                     h = header[col]
                     f = [s for s in SPAN.findall(h) if FILE.match(s)]
-                    default = f[0] if f else None
+                    default = f[0] if f else row_file
                     n = re.match(r"(\d\d)\b", h)
                     if n:
                         hits = glob.glob(os.path.join(root, n.group(1) + "_*"))
                         chapter = hits[0] if hits else None
-                check_segment(rel, no, cell, default, chapter, lines_of, errors, count)
+                last = check_segment(rel, no, cell, default, chapter, lines_of, errors, count)
+                if last != default:
+                    row_file = last
     return errors, count[0]
 
 
