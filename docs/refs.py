@@ -4,7 +4,7 @@
     python3 docs/refs.py        exit 1 if a reference can no longer be right (CI: tables.py --check runs it)
 
 A reference is a backticked `FILE:N` or `FILE:N-M` (FILE relative to the document's chapter, or to
-the repository root), or the shorthand `:N` / `:N-M` for the file last named in the same section (bullets and
+the repository root), or the shorthand `:N` / `:N-M` for the file the last full reference named in the same section (bullets and
 paragraphs) or table cell (in a table, the file named in the column's header, else in an earlier
 cell of the row; a header that starts
 with a chapter number, "03 `kernel.cu`", means that chapter's file). Every reference carries an
@@ -23,7 +23,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "[0-9][0-9]_*/README.md", "[0-9][0-9]_*/LAB.md", "docs/NOTES-[0-9][0-9].md"]
 
-SPAN = re.compile(r"`([^`\n]+)`")
+SPAN = re.compile(r"`([^`]+)`")
 REF = re.compile(r"^(?:(?P<file>[\w./-]+\.(?:cu|cuh|h|cpp|py|sh)))?:(?P<a>\d+)(?:-(?P<b>\d+))?$")
 FILE = re.compile(r"[\w./-]+\.(?:cu|cuh|h|cpp|py|sh)$")
 BARE = re.compile(r"(?<![\w`/:.])(?:[\w./-]+\.(?:cu|cuh|h|cpp))?:\d{2,}(?:-\d+)?(?![\w`])")
@@ -101,9 +101,6 @@ def check_segment(doc, no, text, default_file, chapter_dir, lines_of, errors, co
     current = default_file
     for i, sp in enumerate(spans):
         content = sp.group(1)
-        if FILE.match(content) and not REF.match(content):
-            current = content
-            continue
         r = REF.match(content)
         if not r:
             continue
