@@ -84,16 +84,17 @@ def cells(row):
     return [c.strip() for c in row.strip().strip("|").split("|")]
 
 
-def resolve(doc, name, chapter_dir):
-    """The file a reference names: next to the document, in the table column's chapter, or from the root."""
-    for base in (chapter_dir, os.path.dirname(doc), ROOT):
+def resolve(doc_dir, root, name, chapter_dir):
+    """The file a reference names: in the table column's chapter, next to the document, or from the root."""
+    for base in (chapter_dir, doc_dir, root):
         if base and os.path.isfile(os.path.join(base, name)):
             return os.path.join(base, name)
     return None
 
 
-def check_segment(doc, no, text, default_file, chapter_dir, lines_of, errors, count):
+def check_segment(ctx, no, text, default_file, chapter_dir, errors, count):
     """Every reference in one bullet, paragraph or table cell; returns the file last named."""
+    doc, doc_dir, root, lines_of = ctx
     spans = list(SPAN.finditer(text))
     outside = SPAN.sub(lambda m: " " * len(m.group(0)), text)
     for m in BARE.finditer(outside):
@@ -112,14 +113,14 @@ def check_segment(doc, no, text, default_file, chapter_dir, lines_of, errors, co
             continue
         if r.group("file"):
             current = name
-        path = resolve(doc, name, chapter_dir)
+        path = resolve(doc_dir, root, name, chapter_dir)
         if not path:
             errors.append(f"{label}: file {name} not found")
             continue
         a, b = int(r.group("a")), int(r.group("b") or r.group("a"))
         lines = lines_of(path)
         if not (1 <= a <= b <= len(lines)):
-            errors.append(f"{label}: {os.path.relpath(path, ROOT)} has {len(lines)} lines")
+            errors.append(f"{label}: {os.path.relpath(path, root)} has {len(lines)} lines")
             continue
         anchor = None
         after = spans[i + 1] if i + 1 < len(spans) else None
@@ -133,7 +134,7 @@ def check_segment(doc, no, text, default_file, chapter_dir, lines_of, errors, co
             errors.append(f"{label}: no anchor (a backticked name right after it, or `name` (`:N`) before it)")
             continue
         if not any(anchor in line for line in lines[a - 1:b]):
-            errors.append(f"{label}: expected `{anchor}` on {os.path.relpath(path, ROOT)}:{a}"
+            errors.append(f"{label}: expected `{anchor}` on {os.path.relpath(path, root)}:{a}"
                           + (f"-{b}" if b != a else ""))
     return current
 
@@ -153,6 +154,7 @@ def check(root=ROOT, docs=None):
         with open(doc, encoding="utf-8") as f:
             text = f.read()
         rel = os.path.relpath(doc, root)
+        ctx = (rel, os.path.dirname(os.path.abspath(doc)), root, lines_of)
         header, section_file = None, None
         for no, kind, body in blocks(text):
             if kind == "heading":
@@ -161,7 +163,7 @@ def check(root=ROOT, docs=None):
             if kind == "text":
                 # A bullet's shorthand may lean on the file the section last named.
                 header = None
-                section_file = check_segment(rel, no, body, section_file, None, lines_of, errors, count)
+                section_file = check_segment(ctx, no, body, section_file, None, errors, count)
                 continue
             row = cells(body)
             if all(re.fullmatch(r":?-+:?", c) for c in row):
@@ -180,7 +182,7 @@ def check(root=ROOT, docs=None):
                     if n:
                         hits = glob.glob(os.path.join(root, n.group(1) + "_*"))
                         chapter = hits[0] if hits else None
-                last = check_segment(rel, no, cell, default, chapter, lines_of, errors, count)
+                last = check_segment(ctx, no, cell, default, chapter, errors, count)
                 if last != default:
                     row_file = last
     return errors, count[0]
