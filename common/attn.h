@@ -90,7 +90,7 @@ struct AttnParams {
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
 
-  // Optional KV quantization descriptor (see KvQuant above). Appended last so that code written
+  // Optional KV quantization descriptor (KvQuant, common/kv_quant.h). Appended last so that code written
   // before it keeps its meaning: the default (none) is the 16-bit cache every chapter reads.
   KvQuant kv_quant;
 };
