@@ -233,10 +233,10 @@ __global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, fl
   }
 }
 
-template <class T, int D, bool SHARE_KV>
-void launch(const lab::AttnParams& p, cudaStream_t stream) {
-  constexpr size_t smem = smem_bytes<D, SHARE_KV>();
-  auto kernel = flash_v1<T, D, SHARE_KV>;
+template <class T, int D>
+void launch(const lab::AttnParams& p, cudaStream_t stream, bool share_kv) {
+  const size_t smem = share_kv ? smem_bytes<D, true>() : smem_bytes<D, false>();
+  auto kernel = share_kv ? flash_v1<T, D, true> : flash_v1<T, D, false>;
   // Refuses by name (InvalidArgument) where the device, or LAB_SMEM_CAP, allows less shared memory
   // than even plan_for's shared K_j/V_j buffer needs (83,200 bytes at head_dim 128).
   lab::configure_kernel(reinterpret_cast<const void*>(kernel), kThreads, smem,
@@ -257,21 +257,6 @@ void launch(const lab::AttnParams& p, cudaStream_t stream) {
   LAB_LAUNCH_CHECK();
 }
 
-template <class T, int D>
-void launch(const lab::AttnParams& p, cudaStream_t stream, bool share_kv) {
-  if (share_kv) launch<T, D, true>(p, stream);
-  else launch<T, D, false>(p, stream);
-}
-
-void run(const lab::AttnParams& p, cudaStream_t stream, size_t smem_per_block) {
-  const bool share = plan_for(p.head_dim, smem_per_block).share_kv;
-  const bool fp16 = p.dtype == lab::DType::fp16;
-  if (p.head_dim <= 64)
-    fp16 ? launch<__half, 64>(p, stream, share) : launch<__nv_bfloat16, 64>(p, stream, share);
-  else
-    fp16 ? launch<__half, 128>(p, stream, share) : launch<__nv_bfloat16, 128>(p, stream, share);
-}
-
 }  // namespace
 
 Plan plan_for(int head_dim, size_t smem_per_block) {
@@ -290,8 +275,7 @@ size_t workspace_bytes(const lab::AttnParams& p) {
   return rows * (size_t(p.head_dim) + 2) * sizeof(float);
 }
 
-namespace {
-void check(const lab::AttnParams& p) {
+void forward_with_smem_cap(const lab::AttnParams& p, cudaStream_t stream, size_t smem_cap) {
   lab::check_params(p, kSupport);
   if (!p.workspace || p.workspace_bytes < workspace_bytes(p))
     throw lab::InvalidArgument("02_flash_v1: workspace of " + std::to_string(workspace_bytes(p)) +
@@ -304,17 +288,13 @@ void check(const lab::AttnParams& p) {
   if (p.seqlen_q > 65535 * B_r)
     throw lab::InvalidArgument("02_flash_v1: seqlen_q = " + std::to_string(p.seqlen_q) +
                                " is not supported (supported: 1.." + std::to_string(65535 * B_r) + ")");
+  // V_j shares K_j's buffer where the device (or the cap) allows less than separate buffers need.
+  const bool share = plan_for(p.head_dim, std::min(smem_cap, lab::device_limits().smem_per_block)).share_kv;
+  const bool fp16 = p.dtype == lab::DType::fp16;
+  if (p.head_dim <= 64) fp16 ? launch<__half, 64>(p, stream, share) : launch<__nv_bfloat16, 64>(p, stream, share);
+  else fp16 ? launch<__half, 128>(p, stream, share) : launch<__nv_bfloat16, 128>(p, stream, share);
 }
-}  // namespace
 
-void forward(const lab::AttnParams& p, cudaStream_t stream) {
-  check(p);
-  run(p, stream, lab::device_limits().smem_per_block);
-}
-
-void forward_with_smem_cap(const lab::AttnParams& p, cudaStream_t stream, size_t smem_cap) {
-  check(p);
-  run(p, stream, std::min(smem_cap, lab::device_limits().smem_per_block));
-}
+void forward(const lab::AttnParams& p, cudaStream_t stream) { forward_with_smem_cap(p, stream, SIZE_MAX); }
 
 }  // namespace ch02
