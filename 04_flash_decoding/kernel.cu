@@ -425,14 +425,11 @@ int num_splits_for(const lab::AttnParams& p) {
 
 size_t workspace_bytes(const lab::AttnParams& p) { return partials_bytes(p, num_splits_for(p)); }
 
-void forward(const lab::AttnParams& p, cudaStream_t stream) {
-  check_split_kv_launch(p, kSupport);
-  run(p, stream, lab::device_limits().smem_per_block);
-}
-
 void forward_with_smem_cap(const lab::AttnParams& p, cudaStream_t stream, size_t smem_cap) {
   check_split_kv_launch(p, kSupport);
   run(p, stream, std::min(smem_cap, lab::device_limits().smem_per_block));
 }
+
+void forward(const lab::AttnParams& p, cudaStream_t stream) { forward_with_smem_cap(p, stream, SIZE_MAX); }
 
 }  // namespace ch04
