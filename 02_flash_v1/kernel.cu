@@ -289,10 +289,13 @@ void forward_with_smem_cap(const lab::AttnParams& p, cudaStream_t stream, size_t
     throw lab::InvalidArgument("02_flash_v1: seqlen_q = " + std::to_string(p.seqlen_q) +
                                " is not supported (supported: 1.." + std::to_string(65535 * B_r) + ")");
   // V_j shares K_j's buffer where the device (or the cap) allows less than separate buffers need.
-  const bool share = plan_for(p.head_dim, std::min(smem_cap, lab::device_limits().smem_per_block)).share_kv;
+  const size_t smem_per_block = std::min(smem_cap, lab::device_limits().smem_per_block);
+  const bool share = plan_for(p.head_dim, smem_per_block).share_kv;
   const bool fp16 = p.dtype == lab::DType::fp16;
-  if (p.head_dim <= 64) fp16 ? launch<__half, 64>(p, stream, share) : launch<__nv_bfloat16, 64>(p, stream, share);
-  else fp16 ? launch<__half, 128>(p, stream, share) : launch<__nv_bfloat16, 128>(p, stream, share);
+  if (p.head_dim <= 64)
+    fp16 ? launch<__half, 64>(p, stream, share) : launch<__nv_bfloat16, 64>(p, stream, share);
+  else
+    fp16 ? launch<__half, 128>(p, stream, share) : launch<__nv_bfloat16, 128>(p, stream, share);
 }
 
 void forward(const lab::AttnParams& p, cudaStream_t stream) { forward_with_smem_cap(p, stream, SIZE_MAX); }

@@ -397,12 +397,6 @@ void launch_by_head_dim(const lab::AttnParams& p, cudaStream_t stream, int stage
   }
 }
 
-void run(const lab::AttnParams& p, cudaStream_t stream, size_t smem_per_block) {
-  const int stages = plan_for(p.head_dim, smem_per_block).stages;
-  if (p.dtype == lab::DType::fp16) launch_by_head_dim<__half>(p, stream, stages);
-  else launch_by_head_dim<__nv_bfloat16>(p, stream, stages);
-}
-
 }  // namespace
 
 Plan plan_for(int head_dim, size_t smem_per_block) {
@@ -427,7 +421,10 @@ size_t workspace_bytes(const lab::AttnParams& p) { return partials_bytes(p, num_
 
 void forward_with_smem_cap(const lab::AttnParams& p, cudaStream_t stream, size_t smem_cap) {
   check_split_kv_launch(p, kSupport);
-  run(p, stream, std::min(smem_cap, lab::device_limits().smem_per_block));
+  // One K/V stage per warp where the device (or the cap) allows less than two need.
+  const int stages = plan_for(p.head_dim, std::min(smem_cap, lab::device_limits().smem_per_block)).stages;
+  if (p.dtype == lab::DType::fp16) launch_by_head_dim<__half>(p, stream, stages);
+  else launch_by_head_dim<__nv_bfloat16>(p, stream, stages);
 }
 
 void forward(const lab::AttnParams& p, cudaStream_t stream) { forward_with_smem_cap(p, stream, SIZE_MAX); }
