@@ -55,21 +55,26 @@ template <class T>
 __device__ float to_float(T x) { return float(x); }
 
 // Shared memory for head_dim up to D: Q_i and K_j rows padded to D + 1 floats (the S loop reads
-// 16 different rows at the same column: an odd stride spreads them over the banks).
-template <int D>
+// 16 different rows at the same column: an odd stride spreads them over the banks). SHARE_KV: V_j
+// has no buffer of its own (see the kernel).
+template <int D, bool SHARE_KV>
 constexpr size_t smem_bytes() {
-  return sizeof(float) * (size_t(B_r) * (D + 1) + size_t(B_c) * (D + 1) + size_t(B_c) * D +
-                          size_t(B_r) * (B_c + 1) + 2 * B_r);
+  return sizeof(float) * (size_t(B_r) * (D + 1) + size_t(B_c) * (D + 1) +
+                          (SHARE_KV ? 0 : size_t(B_c) * D) + size_t(B_r) * (B_c + 1) + 2 * B_r);
 }
 
-template <class T, int D>
+// SHARE_KV (where a block may not have the 115,968 bytes of head_dim 128, e.g. 99 KB on
+// sm_86/89/120): K_j is not needed once S_ij = Q_i K_j^T is in shared memory, so V_j is loaded
+// into K_j's buffer then, and K_j again for the next Q_i: 83,200 bytes, for K_j and V_j read for
+// every (i, j) pair instead of once per K_j.
+template <class T, int D, bool SHARE_KV>
 __global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, float* O_acc,
                                                      float* l_acc, float* m_acc, int tiles_per_block) {
   extern __shared__ float smem[];
   float* Qs = smem;                       // [B_r][D + 1]
   float* Ks = Qs + B_r * (D + 1);         // [B_c][D + 1]
-  float* Vs = Ks + B_c * (D + 1);         // [B_c][D]
-  float* Ss = Vs + B_c * D;               // [B_r][B_c + 1]: S_ij, then P~_ij
+  float* Vs = SHARE_KV ? Ks : Ks + B_c * (D + 1);             // [B_c][D]
+  float* Ss = Ks + B_c * (D + 1) + (SHARE_KV ? 0 : B_c * D);  // [B_r][B_c + 1]: S_ij, then P~_ij
   float* row_alpha = Ss + B_r * (B_c + 1);  // per row: l_i e^(m_i - m_new) / l_new
   float* row_beta = row_alpha + B_r;        // per row: e^(m~ - m_new) / l_new
 
@@ -107,12 +112,13 @@ __global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, fl
   for (int j = 0; j < T_c; ++j) {  // outer loop over K_j, V_j (Algorithm 1, line 5)
     const int n0 = j * B_c;
     __syncthreads();  // every thread is done with the previous K_j, V_j
-    for (int e = tid; e < B_c * d; e += kThreads) {
-      const int r = e / d, c = e % d;
-      const bool valid = n0 + r < sk;
-      Ks[r * (D + 1) + c] = valid ? to_float(K[(n0 + r) * p.k_row_stride + c]) : 0.f;
-      Vs[r * D + c] = valid ? to_float(V[(n0 + r) * p.v_row_stride + c]) : 0.f;
-    }
+    if constexpr (!SHARE_KV)
+      for (int e = tid; e < B_c * d; e += kThreads) {
+        const int r = e / d, c = e % d;
+        const bool valid = n0 + r < sk;
+        Ks[r * (D + 1) + c] = valid ? to_float(K[(n0 + r) * p.k_row_stride + c]) : 0.f;
+        Vs[r * D + c] = valid ? to_float(V[(n0 + r) * p.v_row_stride + c]) : 0.f;
+      }
 
     for (int i = i_begin; i < i_end; ++i) {  // inner loop over Q_i (line 7)
       if (j > last_tile(i)) continue;         // causal: K_j is entirely right of Q_i's diagonal
@@ -123,6 +129,11 @@ __global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, fl
         const int r = e / d, c = e % d;
         Qs[r * (D + 1) + c] = m0 + r < sq ? to_float(Q[(m0 + r) * p.q_row_stride + c]) : 0.f;
       }
+      if constexpr (SHARE_KV)  // K_j, over the previous Q_i's V_j
+        for (int e = tid; e < B_c * d; e += kThreads) {
+          const int r = e / d, c = e % d;
+          Ks[r * (D + 1) + c] = n0 + r < sk ? to_float(K[(n0 + r) * p.k_row_stride + c]) : 0.f;
+        }
       __syncthreads();
 
       // S_ij = scale * Q_i K_j^T (line 9): each thread a 4 x 4 micro-tile, rows ty + 16y, cols tx + 16x.
@@ -141,6 +152,11 @@ __global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, fl
           Ss[(ty + 16 * y) * (B_c + 1) + tx + 16 * x] = masked ? -INFINITY : p.softmax_scale * acc[y][x];
         }
       __syncthreads();
+      if constexpr (SHARE_KV)  // V_j over K_j: every thread is done with K_j (the barrier above)
+        for (int e = tid; e < B_c * d; e += kThreads) {
+          const int r = e / d, c = e % d;
+          Vs[r * D + c] = n0 + r < sk ? to_float(V[(n0 + r) * p.v_row_stride + c]) : 0.f;
+        }
 
       // Row statistics of this tile (line 10) and the new running statistics (line 11).
       // Four threads per row, 16 columns each.
@@ -185,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, fl
           // LAB-END(rescale)
         }
       }
-      __syncthreads();
+      __syncthreads();  // and V_j has landed, where it shares K_j's buffer
 
       // O_i = diag(alpha) O_i + diag(beta) P~_ij V_j (line 12); O_i read from and written to HBM.
       constexpr int X = D / 16;
@@ -218,11 +234,11 @@ __global__ void __launch_bounds__(kThreads) flash_v1(const lab::AttnParams p, fl
 }
 
 template <class T, int D>
-void launch(const lab::AttnParams& p, cudaStream_t stream) {
-  constexpr size_t smem = smem_bytes<D>();
-  auto kernel = flash_v1<T, D>;
+void launch(const lab::AttnParams& p, cudaStream_t stream, bool share_kv) {
+  const size_t smem = share_kv ? smem_bytes<D, true>() : smem_bytes<D, false>();
+  auto kernel = share_kv ? flash_v1<T, D, true> : flash_v1<T, D, false>;
   // Refuses by name (InvalidArgument) where the device, or LAB_SMEM_CAP, allows less shared memory
-  // (head_dim above 64 asks for 115,968 bytes: more than sm_86/89/120 give a block).
+  // than even plan_for's shared K_j/V_j buffer needs (83,200 bytes at head_dim 128).
   lab::configure_kernel(reinterpret_cast<const void*>(kernel), kThreads, smem,
                         D > 64 ? "02_flash_v1 (head_dim 65..128)" : "02_flash_v1");
   const int sms = lab::device_limits().sm_count;
@@ -243,12 +259,23 @@ void launch(const lab::AttnParams& p, cudaStream_t stream) {
 
 }  // namespace
 
+Plan plan_for(int head_dim, size_t smem_per_block) {
+  const auto bytes = [head_dim](bool share) {
+    if (head_dim <= 64) return share ? smem_bytes<64, true>() : smem_bytes<64, false>();
+    return share ? smem_bytes<128, true>() : smem_bytes<128, false>();
+  };
+  // Separate K_j and V_j buffers where they fit; else the shared one, which the launcher refuses
+  // by name if even that does not fit.
+  const bool share = bytes(false) > smem_per_block;
+  return {share, bytes(share)};
+}
+
 size_t workspace_bytes(const lab::AttnParams& p) {
   const size_t rows = size_t(p.batch) * p.heads_q * p.seqlen_q;
   return rows * (size_t(p.head_dim) + 2) * sizeof(float);
 }
 
-void forward(const lab::AttnParams& p, cudaStream_t stream) {
+void forward_with_smem_cap(const lab::AttnParams& p, cudaStream_t stream, size_t smem_cap) {
   lab::check_params(p, kSupport);
   if (!p.workspace || p.workspace_bytes < workspace_bytes(p))
     throw lab::InvalidArgument("02_flash_v1: workspace of " + std::to_string(workspace_bytes(p)) +
@@ -261,9 +288,16 @@ void forward(const lab::AttnParams& p, cudaStream_t stream) {
   if (p.seqlen_q > 65535 * B_r)
     throw lab::InvalidArgument("02_flash_v1: seqlen_q = " + std::to_string(p.seqlen_q) +
                                " is not supported (supported: 1.." + std::to_string(65535 * B_r) + ")");
+  // V_j shares K_j's buffer where the device (or the cap) allows less than separate buffers need.
+  const size_t smem_per_block = std::min(smem_cap, lab::device_limits().smem_per_block);
+  const bool share = plan_for(p.head_dim, smem_per_block).share_kv;
   const bool fp16 = p.dtype == lab::DType::fp16;
-  if (p.head_dim <= 64) fp16 ? launch<__half, 64>(p, stream) : launch<__nv_bfloat16, 64>(p, stream);
-  else fp16 ? launch<__half, 128>(p, stream) : launch<__nv_bfloat16, 128>(p, stream);
+  if (p.head_dim <= 64)
+    fp16 ? launch<__half, 64>(p, stream, share) : launch<__nv_bfloat16, 64>(p, stream, share);
+  else
+    fp16 ? launch<__half, 128>(p, stream, share) : launch<__nv_bfloat16, 128>(p, stream, share);
 }
+
+void forward(const lab::AttnParams& p, cudaStream_t stream) { forward_with_smem_cap(p, stream, SIZE_MAX); }
 
 }  // namespace ch02

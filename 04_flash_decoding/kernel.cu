@@ -79,13 +79,20 @@ constexpr int kTile = kWarps * B_c;   // keys per block tile; split chunks are m
 
 // Shared-memory stages per warp: double buffering, as in 03 (slice i + 1 loads while slice i is
 // computed). Measured on H100 against 3 stages: as fast or faster, because 2 stages (68 KB at
-// d = 128) let 3 blocks share an SM where 3 stages (100 KB) fit 2.
+// d = 128) let 3 blocks share an SM where 3 stages (100 KB) fit 2. Where a block may not have the
+// 136 KB of 2 stages at d = 256 (99 KB on sm_86/89/120), plan_for picks 1 stage: each slice then
+// loads, lands and is computed in turn, with no load in flight under the math.
 constexpr int kStages = 2;
 
 template <int D> constexpr int row_elems() { return (D + 63) / 64 * 64; }
-template <int D> constexpr int smem_bytes() {
+template <int D, int NST> constexpr int smem_bytes() {
   // Q_i, then per warp NST stages of a K slice and a V slice (2-byte elements).
-  return (B_r + kWarps * kStages * 2 * B_c) * row_elems<D>() * 2;
+  return (B_r + kWarps * NST * 2 * B_c) * row_elems<D>() * 2;
+}
+// After the loop the same shared memory holds the warps' merge: 2 x kWarps + 2 rows of B_r floats
+// (m, l), then each warp's O, [kWarps][B_r][D + 4] floats.
+template <int D> constexpr int merge_bytes() {
+  return ((2 * kWarps + 2) * B_r + kWarps * B_r * (D + 4)) * 4;
 }
 
 // Chunk c of row r sits at chunk c ^ (r % 8), as in 03.
@@ -109,10 +116,11 @@ __device__ __forceinline__ void load_rows_async(uint32_t smem, const T* g, int64
   }
 }
 
-template <class T, int D>
+template <class T, int D, int NST>
 __global__ void __launch_bounds__(kThreads) flash_decode_split(const lab::AttnParams p, int splits,
                                                                float* o_partial, float* lse_partial) {
-  constexpr int ROW = row_elems<D>(), NST = kStages;
+  static_assert(merge_bytes<D>() <= smem_bytes<D, NST>(), "the warps' merge must fit the stages");
+  constexpr int ROW = row_elems<D>();
   constexpr int N_O = D / 8;  // n8 tiles of O
   constexpr uint32_t ROW_BYTES = ROW * sizeof(T), SLICE = B_c * ROW_BYTES;
 
@@ -333,13 +341,13 @@ __global__ void __launch_bounds__(kThreads) flash_decode_split(const lab::AttnPa
   }
 }
 
-template <class T, int D>
+template <class T, int D, int NST>
 void allow_large_smem() {
   lab::require_compute_capability(8, 0, "04_flash_decoding", "mma.sync, ldmatrix, cp.async and bf16");
   // Refuses by name (InvalidArgument) where the device, or LAB_SMEM_CAP, allows less shared memory
-  // (head_dim 256 asks for 139,264 bytes: more than sm_86/89/120 give a block).
-  lab::configure_kernel(reinterpret_cast<const void*>(flash_decode_split<T, D>), kThreads,
-                        size_t(smem_bytes<D>()),
+  // than even plan_for's 1 stage needs (73,728 bytes at head_dim 256).
+  lab::configure_kernel(reinterpret_cast<const void*>(flash_decode_split<T, D, NST>), kThreads,
+                        size_t(smem_bytes<D, NST>()),
                         D > 128 ? "04_flash_decoding (head_dim 256)" : "04_flash_decoding");
 }
 
@@ -353,15 +361,22 @@ int splits_for(const lab::AttnParams& p) {
   return choose_num_splits(p.num_splits, work, p.seqlen_kv, 4 * kTile, sms);
 }
 
-template <class T, int D>
+template <class T, int D, int NST>
 void launch(const lab::AttnParams& p, cudaStream_t stream) {
   const int splits = splits_for<T, D>(p);
   const Partials part = partials_in_workspace(p, splits, kSupport.chapter);
   const dim3 grid(splits * ((p.seqlen_q + B_r - 1) / B_r), p.heads_q, p.batch);
-  allow_large_smem<T, D>();
-  flash_decode_split<T, D><<<grid, kThreads, smem_bytes<D>(), stream>>>(p, splits, part.o, part.lse);
+  allow_large_smem<T, D, NST>();
+  flash_decode_split<T, D, NST>
+      <<<grid, kThreads, smem_bytes<D, NST>(), stream>>>(p, splits, part.o, part.lse);
   LAB_LAUNCH_CHECK();
   if (splits > 1) combine_splits(p, splits, part.o, part.lse, stream);
+}
+
+template <class T, int D>
+void launch(const lab::AttnParams& p, cudaStream_t stream, int stages) {
+  if (stages == kStages) launch<T, D, kStages>(p, stream);
+  else launch<T, D, 1>(p, stream);
 }
 
 template <class T>
@@ -374,15 +389,28 @@ int splits_by_head_dim(const lab::AttnParams& p) {
 }
 
 template <class T>
-void launch_by_head_dim(const lab::AttnParams& p, cudaStream_t stream) {
+void launch_by_head_dim(const lab::AttnParams& p, cudaStream_t stream, int stages) {
   switch (p.head_dim) {
-    case 64: return launch<T, 64>(p, stream);
-    case 128: return launch<T, 128>(p, stream);
-    default: return launch<T, 256>(p, stream);
+    case 64: return launch<T, 64>(p, stream, stages);
+    case 128: return launch<T, 128>(p, stream, stages);
+    default: return launch<T, 256>(p, stream, stages);
   }
 }
 
 }  // namespace
+
+Plan plan_for(int head_dim, size_t smem_per_block) {
+  const auto bytes = [head_dim](int stages) {
+    const bool two = stages == kStages;
+    if (head_dim <= 64) return size_t(two ? smem_bytes<64, kStages>() : smem_bytes<64, 1>());
+    if (head_dim <= 128) return size_t(two ? smem_bytes<128, kStages>() : smem_bytes<128, 1>());
+    return size_t(two ? smem_bytes<256, kStages>() : smem_bytes<256, 1>());
+  };
+  // Double buffering where it fits; else 1 stage, which the launcher refuses by name if even that
+  // does not fit.
+  const int stages = bytes(kStages) <= smem_per_block ? kStages : 1;
+  return {stages, bytes(stages)};
+}
 
 int num_splits_for(const lab::AttnParams& p) {
   check_split_kv_launch(p, kSupport);
@@ -391,10 +419,14 @@ int num_splits_for(const lab::AttnParams& p) {
 
 size_t workspace_bytes(const lab::AttnParams& p) { return partials_bytes(p, num_splits_for(p)); }
 
-void forward(const lab::AttnParams& p, cudaStream_t stream) {
+void forward_with_smem_cap(const lab::AttnParams& p, cudaStream_t stream, size_t smem_cap) {
   check_split_kv_launch(p, kSupport);
-  if (p.dtype == lab::DType::fp16) launch_by_head_dim<__half>(p, stream);
-  else launch_by_head_dim<__nv_bfloat16>(p, stream);
+  // One K/V stage per warp where the device (or the cap) allows less than two need.
+  const int stages = plan_for(p.head_dim, std::min(smem_cap, lab::device_limits().smem_per_block)).stages;
+  if (p.dtype == lab::DType::fp16) launch_by_head_dim<__half>(p, stream, stages);
+  else launch_by_head_dim<__nv_bfloat16>(p, stream, stages);
 }
+
+void forward(const lab::AttnParams& p, cudaStream_t stream) { forward_with_smem_cap(p, stream, SIZE_MAX); }
 
 }  // namespace ch04

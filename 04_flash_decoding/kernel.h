@@ -32,6 +32,18 @@ int num_splits_for(const lab::AttnParams& p);
 size_t workspace_bytes(const lab::AttnParams& p);
 void forward(const lab::AttnParams& p, cudaStream_t stream);
 
+// The launch configuration for `head_dim` where a block may have `smem_per_block` bytes of shared
+// memory (lab::device_limits().smem_per_block): K/V stages per warp (2, or 1 where 2 do not fit)
+// and the bytes they ask. Pure, for the CPU tests.
+struct Plan {
+  int stages = 0;
+  size_t smem_bytes = 0;
+};
+Plan plan_for(int head_dim, size_t smem_per_block);
+// forward() as it runs with LAB_SMEM_CAP = smem_cap: the configuration a GPU allowing only that
+// much would get (the tests run 1 stage on any GPU this way).
+void forward_with_smem_cap(const lab::AttnParams& p, cudaStream_t stream, size_t smem_cap);
+
 // ---- shared with 05_decoding_cuda_core (combine.cu) ----
 
 // How many chunks to split each sequence's keys into: the fewest whose blocks fill their last wave

@@ -14,6 +14,20 @@ using lab::DType;
 namespace {
 const lab::Variant& variant() { static lab::Chapter c = ch04::chapter(); return c.variants[0]; }
 
+// 04 with 1 K/V stage per warp, on any GPU: capped at exactly what 1 stage asks (plan_for at a
+// limit of 0 returns the 1-stage plan), as on sm_86/89/120 at head_dim 256 (99 KB).
+void forward_one_stage(const lab::AttnParams& p, cudaStream_t stream) {
+  ch04::forward_with_smem_cap(p, stream, ch04::plan_for(p.head_dim, 0).smem_bytes);
+}
+const lab::Variant& one_stage() {
+  static lab::Variant v = [] {
+    lab::Variant w = variant();
+    w.forward = forward_one_stage;
+    return w;
+  }();
+  return v;
+}
+
 // Runs the chapter on `spec` and returns O (as bits) and lse, after checking against the reference.
 struct Result { std::vector<uint16_t> o; std::vector<float> lse; };
 Result run_checked(const lab::ProblemSpec& spec) {
@@ -39,6 +53,24 @@ TEST_CASE("04_flash_decoding matches the reference on awkward decode shapes", "[
         INFO(lab::describe(s));
         LAB_REQUIRE_PASS(lab::run_and_check(variant(), s));
       }
+}
+
+TEST_CASE("04_flash_decoding: 1 K/V stage per warp (the 99 KB plan at d256) matches the reference", "[gpu]") {
+  for (DType t : {DType::fp16, DType::bf16})
+    for (int d : {64, 128, 256})
+      for (const lab::ProblemSpec& s : lab::awkward_decode_shapes(d, t)) {
+        INFO(lab::describe(s));
+        LAB_REQUIRE_PASS(lab::run_and_check(one_stage(), s));
+      }
+  for (int splits : {1, 8})
+    for (lab::NanIn where : {lab::NanIn::q, lab::NanIn::k, lab::NanIn::v}) {
+      lab::ProblemSpec s;
+      s.batch = 2, s.heads_q = 4, s.heads_kv = 2, s.seqlen_q = 5, s.seqlen_kv = 1000, s.head_dim = 256;
+      s.causal = true, s.cache_seqlens = {1000, 300}, s.page_size = 64, s.num_splits = splits;
+      s.seed = lab::test_seed();
+      INFO(lab::describe(s));
+      lab::check_nan_rule(one_stage(), s, where);
+    }
 }
 
 TEST_CASE("04_flash_decoding: a few query tokens per sequence (speculative decoding)", "[gpu]") {
@@ -148,6 +180,30 @@ TEST_CASE("04_flash_decoding: the split heuristic", "[cpu]") {
   CHECK(ch04::choose_num_splits(0, 1, 1 << 30, 256, 100000) == ch04::kMaxSplits);
   // The caller's count wins.
   CHECK(ch04::choose_num_splits(5, 4096, 4096, 256, 132) == 5);
+}
+
+TEST_CASE("04_flash_decoding: the launch plan follows the shared memory a block may have", "[cpu]") {
+  const size_t k99 = 99 * 1024, k163 = 163 * 1024, k227 = 227 * 1024;
+  // Hopper (227 KB) and A100 (163 KB): double buffering at every head_dim.
+  for (size_t limit : {k227, k163}) {
+    CHECK(ch04::plan_for(64, limit).stages == 2);
+    CHECK(ch04::plan_for(64, limit).smem_bytes == 34816u);
+    CHECK(ch04::plan_for(128, limit).stages == 2);
+    CHECK(ch04::plan_for(128, limit).smem_bytes == 69632u);
+    CHECK(ch04::plan_for(256, limit).stages == 2);
+    CHECK(ch04::plan_for(256, limit).smem_bytes == 139264u);
+  }
+  // 99 KB (sm_86/89/120): 64 and 128 as they are; 256 with 1 stage, which fits.
+  CHECK(ch04::plan_for(64, k99).stages == 2);
+  CHECK(ch04::plan_for(128, k99).stages == 2);
+  CHECK(ch04::plan_for(256, k99).stages == 1);
+  CHECK(ch04::plan_for(256, k99).smem_bytes == 73728u);
+  // Exactly at 2 stages' size: they fit; one byte less: 1 stage.
+  CHECK(ch04::plan_for(256, 139264).stages == 2);
+  CHECK(ch04::plan_for(256, 139263).stages == 1);
+  // Below even 1 stage: the 1-stage plan, which the launcher refuses by name.
+  CHECK(ch04::plan_for(128, 0).stages == 1);
+  CHECK(ch04::plan_for(128, 0).smem_bytes == 36864u);
 }
 
 TEST_CASE("04_flash_decoding refuses what it does not support, naming the field", "[cpu]") {
