@@ -21,6 +21,16 @@ extern const lab::Support kSupport;
 extern const lab::Support kSupportLoopOrder;
 
 void forward_loop_order(const lab::AttnParams& p, cudaStream_t stream);  // step 0
+// Step 0's launch configuration for `head_dim` where a block may have `smem_per_block` bytes of
+// shared memory (lab::device_limits().smem_per_block), as 02's plan_for: whether V_j shares K_j's
+// buffer (where separate ones do not fit) and the bytes it asks. Pure, for the CPU tests.
+struct Plan {
+  bool share_kv = false;
+  size_t smem_bytes = 0;
+};
+Plan plan_loop_order(int head_dim, size_t smem_per_block);
+// Step 0 as it runs with LAB_SMEM_CAP = smem_cap (the tests run the shared buffer on any GPU).
+void forward_loop_order_with_smem_cap(const lab::AttnParams& p, cudaStream_t stream, size_t smem_cap);
 
 void forward_mma(const lab::AttnParams& p, cudaStream_t stream);  // step 1
 void forward(const lab::AttnParams& p, cudaStream_t stream);      // step 2

@@ -60,23 +60,27 @@ __device__ float to_float(T x) { return float(x); }
 // Shared memory for head_dim up to D: K_j rows padded to D + 1 floats (the S loop reads 16
 // different rows at the same column: an odd stride spreads them over the banks). Q_i rows are not
 // padded: a warp reads Q_i at 2 addresses at a time (broadcasts), and the 256 bytes saved make
-// d = 128 fit twice in a Hopper SM (2 x (115,712 + 1,024 reserved) = 228 KB).
-template <int D>
+// d = 128 fit twice in a Hopper SM (2 x (115,712 + 1,024 reserved) = 228 KB). SHARE_KV: V_j
+// has no buffer of its own (see the kernel).
+template <int D, bool SHARE_KV>
 constexpr size_t smem_bytes() {
-  return sizeof(float) * (size_t(B_r) * D + size_t(B_c) * (D + 1) + size_t(B_c) * D +
-                          size_t(B_r) * (B_c + 1) + 2 * B_r);
+  return sizeof(float) * (size_t(B_r) * D + size_t(B_c) * (D + 1) +
+                          (SHARE_KV ? 0 : size_t(B_c) * D) + size_t(B_r) * (B_c + 1) + 2 * B_r);
 }
 
 // At d = 128 the shared memory fits two blocks per SM; the bound (at most 128 registers per
 // thread) keeps the registers from limiting them to one. At d <= 64 (0: no bound) ptxas stays
 // under the 85 registers of three blocks by itself; a bound of 3 made it spill.
-template <class T, int D>
+// SHARE_KV (where a block may not have the 115,712 bytes of head_dim 128, e.g. 99 KB on
+// sm_86/89/120): as in 02, V_j is loaded into K_j's buffer once S_ij is computed: 82,944 bytes.
+// One Q_i per block, so K_j and V_j are still read once; V_j's load now waits for S_ij.
+template <class T, int D, bool SHARE_KV>
 __global__ void __launch_bounds__(kThreads, D <= 64 ? 0 : 2) flash_loop_order(const lab::AttnParams p) {
   extern __shared__ float smem[];
   float* Qs = smem;                       // [B_r][D]
   float* Ks = Qs + B_r * D;               // [B_c][D + 1]
-  float* Vs = Ks + B_c * (D + 1);         // [B_c][D]
-  float* Ss = Vs + B_c * D;               // [B_r][B_c + 1]: S_ij, then P~_ij
+  float* Vs = SHARE_KV ? Ks : Ks + B_c * (D + 1);             // [B_c][D]
+  float* Ss = Ks + B_c * (D + 1) + (SHARE_KV ? 0 : B_c * D);  // [B_r][B_c + 1]: S_ij, then P~_ij
   float* row_alpha = Ss + B_r * (B_c + 1);  // per row: l_i e^(m_i - m_new) / l_new
   float* row_beta = row_alpha + B_r;        // per row: e^(m~ - m_new) / l_new
 
@@ -107,12 +111,18 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 0 : 2) flash_loop_order(co
   for (int j = 0; j < T_c; ++j) {  // the loop over K_j, V_j, inside the block
     const int n0 = j * B_c;
     __syncthreads();  // every thread is done with the previous K_j, V_j, S and row factors
-    for (int e = tid; e < B_c * d; e += kThreads) {
-      const int r = e / d, c = e % d;
-      const bool valid = n0 + r < sk;
-      Ks[r * (D + 1) + c] = valid ? to_float(K[(n0 + r) * p.k_row_stride + c]) : 0.f;
-      Vs[r * D + c] = valid ? to_float(V[(n0 + r) * p.v_row_stride + c]) : 0.f;
-    }
+    if constexpr (!SHARE_KV)
+      for (int e = tid; e < B_c * d; e += kThreads) {
+        const int r = e / d, c = e % d;
+        const bool valid = n0 + r < sk;
+        Ks[r * (D + 1) + c] = valid ? to_float(K[(n0 + r) * p.k_row_stride + c]) : 0.f;
+        Vs[r * D + c] = valid ? to_float(V[(n0 + r) * p.v_row_stride + c]) : 0.f;
+      }
+    if constexpr (SHARE_KV)  // K_j, over the previous V_j
+      for (int e = tid; e < B_c * d; e += kThreads) {
+        const int r = e / d, c = e % d;
+        Ks[r * (D + 1) + c] = n0 + r < sk ? to_float(K[(n0 + r) * p.k_row_stride + c]) : 0.f;
+      }
     __syncthreads();
 
     // S_ij = scale * Q_i K_j^T: each thread a 4 x 4 micro-tile, rows ty + 16y, cols tx + 16x.
@@ -131,6 +141,11 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 0 : 2) flash_loop_order(co
         Ss[(ty + 16 * y) * (B_c + 1) + tx + 16 * x] = masked ? -INFINITY : p.softmax_scale * acc[y][x];
       }
     __syncthreads();
+    if constexpr (SHARE_KV)  // V_j over K_j: every thread is done with K_j (the barrier above)
+      for (int e = tid; e < B_c * d; e += kThreads) {
+        const int r = e / d, c = e % d;
+        Vs[r * D + c] = n0 + r < sk ? to_float(V[(n0 + r) * p.v_row_stride + c]) : 0.f;
+      }
 
     // Row statistics of this tile and the new running statistics, kept in registers.
     // Four threads per row, 16 columns each.
@@ -163,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 0 : 2) flash_loop_order(co
       if (q4 == 0 && row < sq && j == T_c - 1 && p.lse)
         p.lse[size_t(bh) * sq + row] = l_new == 0.f ? -INFINITY : m_new + logf(l_new);
     }
-    __syncthreads();
+    __syncthreads();  // and V_j has landed, where it shares K_j's buffer
 
     // O_i = diag(alpha) O_i + diag(beta) P~_ij V_j, in registers.
     float pv[4][X] = {};
@@ -193,9 +208,11 @@ __global__ void __launch_bounds__(kThreads, D <= 64 ? 0 : 2) flash_loop_order(co
 }
 
 template <class T, int D>
-void launch(const lab::AttnParams& p, cudaStream_t stream) {
-  constexpr size_t smem = smem_bytes<D>();
-  auto kernel = flash_loop_order<T, D>;
+void launch(const lab::AttnParams& p, cudaStream_t stream, bool share_kv) {
+  const size_t smem = share_kv ? smem_bytes<D, true>() : smem_bytes<D, false>();
+  auto kernel = share_kv ? flash_loop_order<T, D, true> : flash_loop_order<T, D, false>;
+  // Refuses by name (InvalidArgument) where the device, or LAB_SMEM_CAP, allows less shared memory
+  // than even plan_loop_order's shared K_j/V_j buffer needs (82,944 bytes at head_dim 128).
   lab::configure_kernel(reinterpret_cast<const void*>(kernel), kThreads, smem, "03_flash_v2/loop_order");
   // One block per (batch, head, query tile): T_r * heads_q * batch blocks, no workspace.
   const int T_r = (p.seqlen_q + B_r - 1) / B_r;
@@ -206,14 +223,34 @@ void launch(const lab::AttnParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-void forward_loop_order(const lab::AttnParams& p, cudaStream_t stream) {
+Plan plan_loop_order(int head_dim, size_t smem_per_block) {
+  const auto bytes = [head_dim](bool share) {
+    if (head_dim <= 64) return share ? smem_bytes<64, true>() : smem_bytes<64, false>();
+    return share ? smem_bytes<128, true>() : smem_bytes<128, false>();
+  };
+  // Separate K_j and V_j buffers where they fit; else the shared one, which the launcher refuses
+  // by name if even that does not fit.
+  const bool share = bytes(false) > smem_per_block;
+  return {share, bytes(share)};
+}
+
+void forward_loop_order_with_smem_cap(const lab::AttnParams& p, cudaStream_t stream, size_t smem_cap) {
   lab::check_params(p, kSupportLoopOrder);
   if (p.seqlen_q > 65535 * B_r)
     throw lab::InvalidArgument("03_flash_v2/loop_order: seqlen_q = " + std::to_string(p.seqlen_q) +
                                " is not supported (supported: 1.." + std::to_string(65535 * B_r) + ")");
+  // V_j shares K_j's buffer where the device (or the cap) allows less than separate buffers need.
+  const size_t smem_per_block = std::min(smem_cap, lab::device_limits().smem_per_block);
+  const bool share = plan_loop_order(p.head_dim, smem_per_block).share_kv;
   const bool fp16 = p.dtype == lab::DType::fp16;
-  if (p.head_dim <= 64) fp16 ? launch<__half, 64>(p, stream) : launch<__nv_bfloat16, 64>(p, stream);
-  else fp16 ? launch<__half, 128>(p, stream) : launch<__nv_bfloat16, 128>(p, stream);
+  if (p.head_dim <= 64)
+    fp16 ? launch<__half, 64>(p, stream, share) : launch<__nv_bfloat16, 64>(p, stream, share);
+  else
+    fp16 ? launch<__half, 128>(p, stream, share) : launch<__nv_bfloat16, 128>(p, stream, share);
+}
+
+void forward_loop_order(const lab::AttnParams& p, cudaStream_t stream) {
+  forward_loop_order_with_smem_cap(p, stream, SIZE_MAX);
 }
 
 }  // namespace ch03

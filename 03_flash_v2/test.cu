@@ -14,6 +14,19 @@ namespace {
 const lab::Chapter& ch() { static lab::Chapter c = ch03::chapter(); return c; }
 const lab::Variant& loop_order() { return ch().variants[0]; }
 
+// Step 0 as it runs where a block may have only 99 KB of shared memory (sm_86/89/120), on any GPU.
+void forward_loop_order_99k(const lab::AttnParams& p, cudaStream_t stream) {
+  ch03::forward_loop_order_with_smem_cap(p, stream, 99 * 1024);
+}
+const lab::Variant& loop_order_99k() {
+  static lab::Variant v = [] {
+    lab::Variant w = loop_order();
+    w.forward = forward_loop_order_99k;
+    return w;
+  }();
+  return v;
+}
+
 // A small problem whose tensors all point at one dummy buffer: a refusal happens before any read.
 alignas(16) char refusal_buffer[64];
 lab::AttnParams refusal_params(int head_dim) {
@@ -117,6 +130,54 @@ TEST_CASE("03_flash_v2 step 0 (loop_order): a NaN in q or K makes the rows that 
         }
       }
   }
+}
+
+TEST_CASE("03_flash_v2 step 0 (loop_order): the launch plan follows the shared memory a block may have",
+          "[cpu]") {
+  // Hopper (227 KB) and A100 (163 KB) hold separate K_j and V_j buffers at every head_dim.
+  for (size_t limit : {size_t(227) * 1024, size_t(163) * 1024})
+    for (int d : {1, 64, 65, 128}) {
+      INFO("limit " << limit << ", head_dim " << d);
+      const ch03::Plan plan = ch03::plan_loop_order(d, limit);
+      CHECK_FALSE(plan.share_kv);
+      CHECK(plan.smem_bytes == (d <= 64 ? 66560u : 115712u));
+    }
+  // 99 KB (sm_86/89/120): head_dim 65..128 shares K_j's buffer with V_j; 64 and below fit as they are.
+  const size_t k99 = 99 * 1024;
+  for (int d : {65, 100, 128}) {
+    const ch03::Plan plan = ch03::plan_loop_order(d, k99);
+    CHECK(plan.share_kv);
+    CHECK(plan.smem_bytes == 82944u);
+    CHECK(plan.smem_bytes <= k99);
+  }
+  CHECK_FALSE(ch03::plan_loop_order(64, k99).share_kv);
+  // Exactly at the default's size: it fits; one byte less: shared.
+  CHECK_FALSE(ch03::plan_loop_order(128, 115712).share_kv);
+  CHECK(ch03::plan_loop_order(128, 115711).share_kv);
+  CHECK_FALSE(ch03::plan_loop_order(64, 66560).share_kv);
+  CHECK(ch03::plan_loop_order(64, 66559).share_kv);
+  CHECK(ch03::plan_loop_order(64, 66559).smem_bytes == 50176u);
+  // Below even the shared buffer: the shared plan, which the launcher refuses by name.
+  CHECK(ch03::plan_loop_order(128, 64 * 1024).share_kv);
+  CHECK(ch03::plan_loop_order(128, 64 * 1024).smem_bytes == 82944u);
+}
+
+TEST_CASE("03_flash_v2 step 0 (loop_order): V_j in K_j's buffer (the 99 KB plan) matches the reference",
+          "[gpu]") {
+  for (DType t : {DType::fp16, DType::bf16})
+    for (int d : {72, 128})
+      for (lab::ProblemSpec s : lab::awkward_prefill_shapes(d, t)) {
+        INFO(lab::describe(s));
+        LAB_REQUIRE_PASS(lab::run_and_check(loop_order_99k(), s));
+      }
+  for (bool causal : {true, false})
+    for (lab::NanIn where : {lab::NanIn::q, lab::NanIn::k, lab::NanIn::v}) {
+      lab::ProblemSpec s;
+      s.batch = 2, s.heads_q = 2, s.heads_kv = 2, s.seqlen_q = 130, s.seqlen_kv = causal ? 130 : 200;
+      s.head_dim = 128, s.causal = causal, s.seed = lab::test_seed();
+      INFO(lab::describe(s));
+      lab::check_nan_rule(loop_order_99k(), s, where);
+    }
 }
 
 TEST_CASE("03_flash_v2: long sequences, checked on sampled rows", "[gpu]") {
