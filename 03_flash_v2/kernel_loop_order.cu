@@ -239,6 +239,10 @@ void forward_loop_order_with_smem_cap(const lab::AttnParams& p, cudaStream_t str
   if (p.seqlen_q > 65535 * B_r)
     throw lab::InvalidArgument("03_flash_v2/loop_order: seqlen_q = " + std::to_string(p.seqlen_q) +
                                " is not supported (supported: 1.." + std::to_string(65535 * B_r) + ")");
+  if (int64_t(p.batch) * p.heads_q > 0x7fffffff)  // (batch, head) pairs on grid.x
+    throw lab::InvalidArgument(
+        "03_flash_v2/loop_order: batch * heads_q = " + std::to_string(int64_t(p.batch) * p.heads_q) +
+        " is not supported (supported: up to 2147483647, the grid.x limit)");
   // V_j shares K_j's buffer where the device (or the cap) allows less than separate buffers need.
   const size_t smem_per_block = std::min(smem_cap, lab::device_limits().smem_per_block);
   const bool share = plan_loop_order(p.head_dim, smem_per_block).share_kv;

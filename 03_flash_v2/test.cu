@@ -245,6 +245,13 @@ TEST_CASE("03_flash_v2 step 0 (loop_order) refuses what it does not support, nam
   q.seqlen_q = 65535 * 64 + 1;
   lab::set_contiguous_strides(q);
   CHECK(refusal(ch03::forward_loop_order, q).find("seqlen_q = 4194241") != std::string::npos);
+  // (batch, head) pairs on grid.x, counted in 64 bits.
+  q = refusal_params(64);
+  q.batch = 1 << 16, q.heads_q = q.heads_kv = 1 << 15, q.seqlen_q = q.seqlen_kv = 1;
+  lab::set_contiguous_strides(q);
+  CHECK(refusal(ch03::forward_loop_order, q) ==
+        "03_flash_v2/loop_order: batch * heads_q = 2147483648 is not supported (supported: up to "
+        "2147483647, the grid.x limit)");
 }
 
 TEST_CASE("03_flash_v2: the NaN rule, a NaN in q, k or v, in every step", "[gpu]") {
