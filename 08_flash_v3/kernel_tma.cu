@@ -229,13 +229,13 @@ __global__ void __launch_bounds__(kThreads)
     float l = l_i[r];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv_l = l > 0.f ? 1.f / l : 0.f;
+    const float inv_l = l != 0.f ? 1.f / l : 0.f;
 #pragma unroll
     for (int i = 0; i < N_O; ++i) o[4 * i + 2 * r] *= inv_l, o[4 * i + 2 * r + 1] *= inv_l;
     const int row = m0 + warp_row0 + g + 8 * r;
     if (p.lse && t == 0 && row < sq)
       p.lse[(int64_t(b) * p.heads_q + h) * sq + row] =
-          l > 0.f ? m_i[r] * p.softmax_scale + logf(l) : -INFINITY;
+          l != 0.f ? m_i[r] * p.softmax_scale + logf(l) : -INFINITY;
   }
   // Stage this warp's 16 rows of O in its own rows of the Q tile, then 16-byte coalesced stores.
 #pragma unroll
