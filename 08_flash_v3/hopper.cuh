@@ -44,12 +44,23 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-// The compiler does not know that wgmma_wait is what makes the accumulators valid: an empty asm
-// that "rewrites" each one after the wait keeps every later read of them below it.
+// Register fences. The "memory" clobber of wgmma_fence/commit/wait orders memory, not registers,
+// and the compiler does not know that wgmma reads and writes its registers after the instruction
+// issues: an empty asm that "reads and rewrites" each register pins the arithmetic on it (O's
+// rescale, P's packing, S's reads) to its side of the fence, before wgmma_fence and after
+// wgmma_wait, as CUTLASS's warpgroup_fence_operand does.
 template <int N>
 __device__ __forceinline__ void fence_accumulators(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// The same for the RS form's A fragments (P packed as fp16/bf16 pairs), K / 16 of 4 registers.
+template <int K>
+__device__ __forceinline__ void fence_fragments(uint32_t (&a)[K][4]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) asm volatile("" : "+r"(a[k][q])::"memory");
 }
 
 // clang-format off

@@ -142,6 +142,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // columns of a 64-column block start 32 k bytes into it, and block kk / 4 starts ROWS x 128 on.
   // A consumer's 64 rows of Q_i start 64 x 128 bytes into each block (a multiple of 1024).
   auto issue_scores = [&](float(&s)[B_c / 2], uint32_t sK_j) {
+    fence_accumulators(s);  // the reads of the last S (P's packing) stay above the wgmmas
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -210,7 +211,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int q = 0; q < 4; ++q) a[kk][q] = pack2<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
   };
-  auto issue_pv = [&](const uint32_t(&a)[B_c / 16][4], uint32_t sV_j) {
+  auto issue_pv = [&](uint32_t(&a)[B_c / 16][4], uint32_t sV_j) {
+    fence_accumulators(o);  // O's rescale and P's packing stay above the fence
+    fence_fragments(a);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < B_c / 16; ++kk) wgmma_rs<T, D>(o, a[kk], mn_major_desc(sV_j, B_c, kk));
@@ -252,6 +255,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       online_softmax(s, alpha_of);
       wgmma_wait<0>();  // P_{j-1} V_{j-1} is done: slot j - 1 is free, O_i may be touched
       fence_accumulators(o);
+      fence_fragments(pa);  // P_{j-1}'s registers stay live until here, then pack_p rewrites them
       mbar_arrive(smem_addr(&empty[prev]));
       rescale_o(alpha_of);
       pack_p(s, pa);
@@ -261,6 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (c == 0) your_turn();  // consumer 2's last batch has no one to hand the turn to
     wgmma_wait<0>();
     fence_accumulators(o);
+    fence_fragments(pa);
     mbar_arrive(smem_addr(&empty[(T_c - 1) % STAGES]));
   }
 

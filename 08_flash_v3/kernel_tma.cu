@@ -128,6 +128,7 @@ __global__ void __launch_bounds__(kThreads)
   // 128 bytes, 8-row groups 1024 bytes apart (SBO; LBO is unused for this layout); the k-th 16
   // columns of a 64-column block start 32 k bytes into it, and block kk / 4 starts ROWS x 128 on.
   auto compute_scores = [&](float(&s)[B_c / 2], uint32_t sK_j) {
+    fence_accumulators(s);  // the reads of the last S (P's packing) stay above the wgmmas
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -195,12 +196,15 @@ __global__ void __launch_bounds__(kThreads)
     for (int kk = 0; kk < B_c / 16; ++kk)
 #pragma unroll
       for (int q = 0; q < 4; ++q) a[kk][q] = pack2<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
+    fence_accumulators(o);  // O's rescale and P's packing stay above the fence
+    fence_fragments(a);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < B_c / 16; ++kk) wgmma_rs<T, D>(o, a[kk], mn_major_desc(sV_j, B_c, kk));
     wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(o);
+    fence_fragments(a);  // P's registers stay live (unreused) until the wgmmas reading them are done
   };
 
   for (int j = 0; j < T_c; ++j) {
