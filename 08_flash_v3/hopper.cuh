@@ -22,6 +22,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdio>  // printf of LAB_MBAR_TIMEOUT
 #include <type_traits>
 
 namespace ch08 {
@@ -185,15 +186,28 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 // Waits until the phase of parity `parity` has completed (acquire: the data it guarded is
 // visible). Right after init the barrier is in phase 0, so waiting for parity 1 returns at once
 // (the phase "before" 0 counts as completed) and waiting for parity 0 blocks until phase 0 ends.
-// try_wait may give up after a hardware time limit, hence the loop.
+// try_wait may give up after a hardware time limit, hence the loop. Built with -DLAB_MBAR_TIMEOUT
+// (a debug switch; without it this code is not compiled at all), a wait still open after 2^28
+// tries names its barrier and traps: a wrong parity or arrival count fails loudly, not as a hang.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
+#ifdef LAB_MBAR_TIMEOUT
+  uint32_t tries = 0;
+#endif
   do {
     asm volatile(
         "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
         : "r"(bar), "r"(parity)
         : "memory");
+#ifdef LAB_MBAR_TIMEOUT
+    if (!done && ++tries == (1u << 28)) {
+      printf("08_flash_v3: mbarrier wait timed out: barrier at shared 0x%x, parity %u, block (%d, %d, %d), "
+             "thread %d\n",
+             bar, parity, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x);
+      __trap();
+    }
+#endif
   } while (!done);
 }
 
