@@ -202,9 +202,10 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
         : "memory");
 #ifdef LAB_MBAR_TIMEOUT
     if (!done && ++tries == (1u << 28)) {
-      printf("08_flash_v3: mbarrier wait timed out: barrier at shared 0x%x, parity %u, block (%d, %d, %d), "
-             "thread %d\n",
-             bar, parity, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x);
+      printf(
+          "08_flash_v3: mbarrier wait timed out: barrier at shared 0x%x, parity %u, block (%d, %d, %d), "
+          "thread %d\n",
+          bar, parity, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x);
       __trap();
     }
 #endif

@@ -44,6 +44,14 @@ using ch03::softmax_alpha;
 
 constexpr int kThreads = 384, kConsumerThreads = 256;  // a producer and two consumer warpgroups
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+// setmaxnreg.inc blocks until the block's register pool can pay for it, and the pool is what the
+// block launched with (at most 65536 / kThreads per thread, in steps of 8; ptxas -v: 168): budgets
+// past it would leave the consumers waiting forever.
+static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0 && kProducerRegs >= 24 && kConsumerRegs <= 256,
+              "setmaxnreg takes multiples of 8 in [24, 256]");
+static_assert((kThreads - kConsumerThreads) * kProducerRegs + kConsumerThreads * kConsumerRegs <=
+                  65536 / kThreads / 8 * 8 * kThreads,
+              "the producer's and the consumers' registers must fit in the block's pool");
 
 // A ROWS x D tile at (row0, head, batch) of a tensor map: one TMA box per 64-column block.
 template <int D, int ROWS>
@@ -296,10 +304,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncwarp();
 #pragma unroll
   for (int e = lane; e < 16 * N_O; e += 32) {
-    const int r = warp_row0 + e / N_O, c = e % N_O;
+    const int r = warp_row0 + e / N_O, chunk = e % N_O;
     if (m0 + r < sq)
-      *reinterpret_cast<uint4*>(O + r * p.o_row_stride + c * 8) =
-          *reinterpret_cast<const uint4*>(smem + sw128_offset(B_r, r, c));
+      *reinterpret_cast<uint4*>(O + r * p.o_row_stride + chunk * 8) =
+          *reinterpret_cast<const uint4*>(smem + sw128_offset(B_r, r, chunk));
   }
 }
 

@@ -252,10 +252,10 @@ __global__ void __launch_bounds__(kThreads)
   __syncwarp();
 #pragma unroll
   for (int e = lane; e < 16 * N_O; e += 32) {
-    const int r = warp_row0 + e / N_O, c = e % N_O;
+    const int r = warp_row0 + e / N_O, chunk = e % N_O;
     if (m0 + r < sq)
-      *reinterpret_cast<uint4*>(O + r * p.o_row_stride + c * 8) =
-          *reinterpret_cast<const uint4*>(smem + sw128_offset(B_r, r, c));
+      *reinterpret_cast<uint4*>(O + r * p.o_row_stride + chunk * 8) =
+          *reinterpret_cast<const uint4*>(smem + sw128_offset(B_r, r, chunk));
   }
 }
 
