@@ -257,13 +257,18 @@ template <int REGS>
 __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
 }
-// Named barriers 1..15 (0 is __syncthreads): `threads` threads meet without stopping the rest of
-// the block; arrive signals without waiting (a warpgroup telling the other it may go).
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+// Named barriers 1..15 (0 is __syncthreads): THREADS threads meet without stopping the rest of
+// the block; arrive signals without waiting (a warpgroup telling the other it may go). The id is
+// an immediate: with an id in a register ptxas must reserve all 16 barriers.
+template <int ID, int THREADS>
+__device__ __forceinline__ void named_barrier_sync() {
+  static_assert(ID >= 1 && ID <= 15 && THREADS % 32 == 0, "ids 1..15, whole warps");
+  asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(THREADS) : "memory");
 }
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+template <int ID, int THREADS>
+__device__ __forceinline__ void named_barrier_arrive() {
+  static_assert(ID >= 1 && ID <= 15 && THREADS % 32 == 0, "ids 1..15, whole warps");
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(ID), "n"(THREADS) : "memory");
 }
 
 }  // namespace ch08

@@ -231,8 +231,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Pingpong: consumer c waits on barrier 3 + c for its turn and hands the turn to the other
   // (barrier 3 + 1 - c) once its wgmmas are issued; 256 threads: one warpgroup syncs, one arrives.
   const int c = wg - 1;
-  auto my_turn = [&] { named_barrier_sync(3 + c, 2 * 128); };
-  auto your_turn = [&] { named_barrier_arrive(3 + 1 - c, 2 * 128); };
+  auto my_turn = [&] { c == 0 ? named_barrier_sync<3, 2 * 128>() : named_barrier_sync<4, 2 * 128>(); };
+  auto your_turn = [&] { c == 0 ? named_barrier_arrive<4, 2 * 128>() : named_barrier_arrive<3, 2 * 128>(); };
 
   // Batches of wgmmas, each issued in this consumer's turn: S_0; then S_j with P_{j-1} V_{j-1}
   // for j = 1 .. T_c - 1; then P_{T_c-1} V_{T_c-1}. Both consumers have T_c + 1 of them.
@@ -278,7 +278,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // O_i / l_i, and lse_i = m_i * scale + log(l_i). Rows that saw no key write 0 and -inf.
-  named_barrier_sync(1 + (wg - 1), 128);  // this warpgroup's wgmmas have read its rows of Q_i
+  // This warpgroup's wgmmas have read its rows of Q_i (barrier 1 or 2, one per consumer).
+  wg == 1 ? named_barrier_sync<1, 128>() : named_barrier_sync<2, 128>();
   T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + m0 * p.o_row_stride;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {

@@ -240,7 +240,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // O_i / l_i, and lse_i = m_i * scale + log(l_i). Rows that saw no key write 0 and -inf.
-  named_barrier_sync(1 + (wg - 1), 128);  // this warpgroup's wgmmas have read its rows of Q_i
+  // This warpgroup's wgmmas have read its rows of Q_i (barrier 1 or 2, one per consumer).
+  wg == 1 ? named_barrier_sync<1, 128>() : named_barrier_sync<2, 128>();
   T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + m0 * p.o_row_stride;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
