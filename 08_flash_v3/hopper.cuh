@@ -22,6 +22,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdio>  // printf of LAB_MBAR_TIMEOUT
 #include <type_traits>
 
 namespace ch08 {
@@ -44,12 +45,23 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-// The compiler does not know that wgmma_wait is what makes the accumulators valid: an empty asm
-// that "rewrites" each one after the wait keeps every later read of them below it.
+// Register fences. The "memory" clobber of wgmma_fence/commit/wait orders memory, not registers,
+// and the compiler does not know that wgmma reads and writes its registers after the instruction
+// issues: an empty asm that "reads and rewrites" each register pins the arithmetic on it (O's
+// rescale, P's packing, S's reads) to its side of the fence, before wgmma_fence and after
+// wgmma_wait, as CUTLASS's warpgroup_fence_operand does.
 template <int N>
 __device__ __forceinline__ void fence_accumulators(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// The same for the RS form's A fragments (P packed as fp16/bf16 pairs), K / 16 of 4 registers.
+template <int K>
+__device__ __forceinline__ void fence_fragments(uint32_t (&a)[K][4]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) asm volatile("" : "+r"(a[k][q])::"memory");
 }
 
 // clang-format off
@@ -174,15 +186,29 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 // Waits until the phase of parity `parity` has completed (acquire: the data it guarded is
 // visible). Right after init the barrier is in phase 0, so waiting for parity 1 returns at once
 // (the phase "before" 0 counts as completed) and waiting for parity 0 blocks until phase 0 ends.
-// try_wait may give up after a hardware time limit, hence the loop.
+// try_wait may give up after a hardware time limit, hence the loop. Built with -DLAB_MBAR_TIMEOUT
+// (a debug switch; without it this code is not compiled at all), a wait still open after 2^28
+// tries names its barrier and traps: a wrong parity or arrival count fails loudly, not as a hang.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
+#ifdef LAB_MBAR_TIMEOUT
+  uint32_t tries = 0;
+#endif
   do {
     asm volatile(
         "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
         : "r"(bar), "r"(parity)
         : "memory");
+#ifdef LAB_MBAR_TIMEOUT
+    if (!done && ++tries == (1u << 28)) {
+      printf(
+          "08_flash_v3: mbarrier wait timed out: barrier at shared 0x%x, parity %u, block (%d, %d, %d), "
+          "thread %d\n",
+          bar, parity, blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x);
+      __trap();
+    }
+#endif
   } while (!done);
 }
 
@@ -231,13 +257,18 @@ template <int REGS>
 __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
 }
-// Named barriers 1..15 (0 is __syncthreads): `threads` threads meet without stopping the rest of
-// the block; arrive signals without waiting (a warpgroup telling the other it may go).
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+// Named barriers 1..15 (0 is __syncthreads): THREADS threads meet without stopping the rest of
+// the block; arrive signals without waiting (a warpgroup telling the other it may go). The id is
+// an immediate: with an id in a register ptxas must reserve all 16 barriers.
+template <int ID, int THREADS>
+__device__ __forceinline__ void named_barrier_sync() {
+  static_assert(ID >= 1 && ID <= 15 && THREADS % 32 == 0, "ids 1..15, whole warps");
+  asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "n"(THREADS) : "memory");
 }
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+template <int ID, int THREADS>
+__device__ __forceinline__ void named_barrier_arrive() {
+  static_assert(ID >= 1 && ID <= 15 && THREADS % 32 == 0, "ids 1..15, whole warps");
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(ID), "n"(THREADS) : "memory");
 }
 
 }  // namespace ch08

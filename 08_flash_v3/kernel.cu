@@ -44,6 +44,14 @@ using ch03::softmax_alpha;
 
 constexpr int kThreads = 384, kConsumerThreads = 256;  // a producer and two consumer warpgroups
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+// setmaxnreg.inc blocks until the block's register pool can pay for it, and the pool is what the
+// block launched with (at most 65536 / kThreads per thread, in steps of 8; ptxas -v: 168): budgets
+// past it would leave the consumers waiting forever.
+static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0 && kProducerRegs >= 24 && kConsumerRegs <= 256,
+              "setmaxnreg takes multiples of 8 in [24, 256]");
+static_assert((kThreads - kConsumerThreads) * kProducerRegs + kConsumerThreads * kConsumerRegs <=
+                  65536 / kThreads / 8 * 8 * kThreads,
+              "the producer's and the consumers' registers must fit in the block's pool");
 
 // A ROWS x D tile at (row0, head, batch) of a tensor map: one TMA box per 64-column block.
 template <int D, int ROWS>
@@ -142,6 +150,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // columns of a 64-column block start 32 k bytes into it, and block kk / 4 starts ROWS x 128 on.
   // A consumer's 64 rows of Q_i start 64 x 128 bytes into each block (a multiple of 1024).
   auto issue_scores = [&](float(&s)[B_c / 2], uint32_t sK_j) {
+    fence_accumulators(s);  // the reads of the last S (P's packing) stay above the wgmmas
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -210,7 +219,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int q = 0; q < 4; ++q) a[kk][q] = pack2<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
   };
-  auto issue_pv = [&](const uint32_t(&a)[B_c / 16][4], uint32_t sV_j) {
+  auto issue_pv = [&](uint32_t(&a)[B_c / 16][4], uint32_t sV_j) {
+    fence_accumulators(o);  // O's rescale and P's packing stay above the fence
+    fence_fragments(a);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < B_c / 16; ++kk) wgmma_rs<T, D>(o, a[kk], mn_major_desc(sV_j, B_c, kk));
@@ -220,8 +231,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Pingpong: consumer c waits on barrier 3 + c for its turn and hands the turn to the other
   // (barrier 3 + 1 - c) once its wgmmas are issued; 256 threads: one warpgroup syncs, one arrives.
   const int c = wg - 1;
-  auto my_turn = [&] { named_barrier_sync(3 + c, 2 * 128); };
-  auto your_turn = [&] { named_barrier_arrive(3 + 1 - c, 2 * 128); };
+  auto my_turn = [&] { c == 0 ? named_barrier_sync<3, 2 * 128>() : named_barrier_sync<4, 2 * 128>(); };
+  auto your_turn = [&] { c == 0 ? named_barrier_arrive<4, 2 * 128>() : named_barrier_arrive<3, 2 * 128>(); };
 
   // Batches of wgmmas, each issued in this consumer's turn: S_0; then S_j with P_{j-1} V_{j-1}
   // for j = 1 .. T_c - 1; then P_{T_c-1} V_{T_c-1}. Both consumers have T_c + 1 of them.
@@ -252,6 +263,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       online_softmax(s, alpha_of);
       wgmma_wait<0>();  // P_{j-1} V_{j-1} is done: slot j - 1 is free, O_i may be touched
       fence_accumulators(o);
+      fence_fragments(pa);  // P_{j-1}'s registers stay live until here, then pack_p rewrites them
       mbar_arrive(smem_addr(&empty[prev]));
       rescale_o(alpha_of);
       pack_p(s, pa);
@@ -261,24 +273,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (c == 0) your_turn();  // consumer 2's last batch has no one to hand the turn to
     wgmma_wait<0>();
     fence_accumulators(o);
+    fence_fragments(pa);
     mbar_arrive(smem_addr(&empty[(T_c - 1) % STAGES]));
   }
 
   // O_i / l_i, and lse_i = m_i * scale + log(l_i). Rows that saw no key write 0 and -inf.
-  named_barrier_sync(1 + (wg - 1), 128);  // this warpgroup's wgmmas have read its rows of Q_i
+  // This warpgroup's wgmmas have read its rows of Q_i (barrier 1 or 2, one per consumer).
+  wg == 1 ? named_barrier_sync<1, 128>() : named_barrier_sync<2, 128>();
   T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + m0 * p.o_row_stride;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = l_i[r];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv_l = l > 0.f ? 1.f / l : 0.f;
+    const float inv_l = l != 0.f ? 1.f / l : 0.f;
 #pragma unroll
     for (int i = 0; i < N_O; ++i) o[4 * i + 2 * r] *= inv_l, o[4 * i + 2 * r + 1] *= inv_l;
     const int row = m0 + warp_row0 + g + 8 * r;
     if (p.lse && t == 0 && row < sq)
       p.lse[(int64_t(b) * p.heads_q + h) * sq + row] =
-          l > 0.f ? m_i[r] * p.softmax_scale + logf(l) : -INFINITY;
+          l != 0.f ? m_i[r] * p.softmax_scale + logf(l) : -INFINITY;
   }
   // Stage this warp's 16 rows of O in its own rows of the Q tile, then 16-byte coalesced stores.
 #pragma unroll
@@ -291,10 +305,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncwarp();
 #pragma unroll
   for (int e = lane; e < 16 * N_O; e += 32) {
-    const int r = warp_row0 + e / N_O, c = e % N_O;
+    const int r = warp_row0 + e / N_O, chunk = e % N_O;
     if (m0 + r < sq)
-      *reinterpret_cast<uint4*>(O + r * p.o_row_stride + c * 8) =
-          *reinterpret_cast<const uint4*>(smem + sw128_offset(B_r, r, c));
+      *reinterpret_cast<uint4*>(O + r * p.o_row_stride + chunk * 8) =
+          *reinterpret_cast<const uint4*>(smem + sw128_offset(B_r, r, chunk));
   }
 }
 

@@ -123,6 +123,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_wgmma(const lab::AttnP
   // 128 bytes, 8-row groups 1024 bytes apart (SBO; LBO is unused for this layout); the k-th 16
   // columns of a 64-column block start 32 k bytes into it, and block kk / 4 starts ROWS x 128 on.
   auto compute_scores = [&](float(&s)[B_c / 2], uint32_t sK_j) {
+    fence_accumulators(s);  // the reads of the last S (P's packing) stay above the wgmmas
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -190,12 +191,15 @@ __global__ void __launch_bounds__(kThreads) flash_forward_wgmma(const lab::AttnP
     for (int kk = 0; kk < B_c / 16; ++kk)
 #pragma unroll
       for (int q = 0; q < 4; ++q) a[kk][q] = pack2<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
+    fence_accumulators(o);  // O's rescale and P's packing stay above the fence
+    fence_fragments(a);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < B_c / 16; ++kk) wgmma_rs<T, D>(o, a[kk], mn_major_desc(sV_j, B_c, kk));
     wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(o);
+    fence_fragments(a);  // P's registers stay live (unreused) until the wgmmas reading them are done
   };
 
   for (int j = 0; j < T_c; ++j) {
@@ -226,13 +230,13 @@ __global__ void __launch_bounds__(kThreads) flash_forward_wgmma(const lab::AttnP
     float l = l_i[r];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv_l = l > 0.f ? 1.f / l : 0.f;
+    const float inv_l = l != 0.f ? 1.f / l : 0.f;
 #pragma unroll
     for (int i = 0; i < N_O; ++i) o[4 * i + 2 * r] *= inv_l, o[4 * i + 2 * r + 1] *= inv_l;
     const int row = m0 + warp_row0 + g + 8 * r;
     if (p.lse && t == 0 && row < sq)
       p.lse[(int64_t(b) * p.heads_q + h) * sq + row] =
-          l > 0.f ? m_i[r] * p.softmax_scale + logf(l) : -INFINITY;
+          l != 0.f ? m_i[r] * p.softmax_scale + logf(l) : -INFINITY;
   }
   // Stage this warp's 16 rows of O in its own rows of the Q tile, then 16-byte coalesced stores.
 #pragma unroll
@@ -245,10 +249,10 @@ __global__ void __launch_bounds__(kThreads) flash_forward_wgmma(const lab::AttnP
   __syncwarp();
 #pragma unroll
   for (int e = lane; e < 16 * N_O; e += 32) {
-    const int r = warp_row0 + e / N_O, c = e % N_O;
+    const int r = warp_row0 + e / N_O, chunk = e % N_O;
     if (m0 + r < sq)
-      *reinterpret_cast<uint4*>(O + r * p.o_row_stride + c * 8) =
-          *reinterpret_cast<const uint4*>(smem + sw128_offset(B_r, r, c));
+      *reinterpret_cast<uint4*>(O + r * p.o_row_stride + chunk * 8) =
+          *reinterpret_cast<const uint4*>(smem + sw128_offset(B_r, r, chunk));
   }
 }
 

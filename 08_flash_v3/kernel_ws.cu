@@ -42,6 +42,14 @@ using ch03::softmax_alpha;
 
 constexpr int kThreads = 384, kConsumerThreads = 256;  // a producer and two consumer warpgroups
 constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+// setmaxnreg.inc blocks until the block's register pool can pay for it, and the pool is what the
+// block launched with (at most 65536 / kThreads per thread, in steps of 8; ptxas -v: 168): budgets
+// past it would leave the consumers waiting forever.
+static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0 && kProducerRegs >= 24 && kConsumerRegs <= 256,
+              "setmaxnreg takes multiples of 8 in [24, 256]");
+static_assert((kThreads - kConsumerThreads) * kProducerRegs + kConsumerThreads * kConsumerRegs <=
+                  65536 / kThreads / 8 * 8 * kThreads,
+              "the producer's and the consumers' registers must fit in the block's pool");
 
 // A ROWS x D tile at (row0, head, batch) of a tensor map: one TMA box per 64-column block.
 template <int D, int ROWS>
@@ -139,6 +147,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // columns of a 64-column block start 32 k bytes into it, and block kk / 4 starts ROWS x 128 on.
   // A consumer's 64 rows of Q_i start 64 x 128 bytes into each block (a multiple of 1024).
   auto compute_scores = [&](float(&s)[B_c / 2], uint32_t sK_j) {
+    fence_accumulators(s);  // the reads of the last S (P's packing) stay above the wgmmas
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -206,12 +215,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int kk = 0; kk < B_c / 16; ++kk)
 #pragma unroll
       for (int q = 0; q < 4; ++q) a[kk][q] = pack2<T>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
+    fence_accumulators(o);  // O's rescale and P's packing stay above the fence
+    fence_fragments(a);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < B_c / 16; ++kk) wgmma_rs<T, D>(o, a[kk], mn_major_desc(sV_j, B_c, kk));
     wgmma_commit();
     wgmma_wait<0>();
     fence_accumulators(o);
+    fence_fragments(a);  // P's registers stay live (unreused) until the wgmmas reading them are done
   };
 
   for (int j = 0; j < T_c; ++j) {
@@ -228,20 +240,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // O_i / l_i, and lse_i = m_i * scale + log(l_i). Rows that saw no key write 0 and -inf.
-  named_barrier_sync(1 + (wg - 1), 128);  // this warpgroup's wgmmas have read its rows of Q_i
+  // This warpgroup's wgmmas have read its rows of Q_i (barrier 1 or 2, one per consumer).
+  wg == 1 ? named_barrier_sync<1, 128>() : named_barrier_sync<2, 128>();
   T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + m0 * p.o_row_stride;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = l_i[r];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv_l = l > 0.f ? 1.f / l : 0.f;
+    const float inv_l = l != 0.f ? 1.f / l : 0.f;
 #pragma unroll
     for (int i = 0; i < N_O; ++i) o[4 * i + 2 * r] *= inv_l, o[4 * i + 2 * r + 1] *= inv_l;
     const int row = m0 + warp_row0 + g + 8 * r;
     if (p.lse && t == 0 && row < sq)
       p.lse[(int64_t(b) * p.heads_q + h) * sq + row] =
-          l > 0.f ? m_i[r] * p.softmax_scale + logf(l) : -INFINITY;
+          l != 0.f ? m_i[r] * p.softmax_scale + logf(l) : -INFINITY;
   }
   // Stage this warp's 16 rows of O in its own rows of the Q tile, then 16-byte coalesced stores.
 #pragma unroll
@@ -254,10 +267,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncwarp();
 #pragma unroll
   for (int e = lane; e < 16 * N_O; e += 32) {
-    const int r = warp_row0 + e / N_O, c = e % N_O;
+    const int r = warp_row0 + e / N_O, chunk = e % N_O;
     if (m0 + r < sq)
-      *reinterpret_cast<uint4*>(O + r * p.o_row_stride + c * 8) =
-          *reinterpret_cast<const uint4*>(smem + sw128_offset(B_r, r, c));
+      *reinterpret_cast<uint4*>(O + r * p.o_row_stride + chunk * 8) =
+          *reinterpret_cast<const uint4*>(smem + sw128_offset(B_r, r, chunk));
   }
 }
 

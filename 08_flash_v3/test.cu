@@ -107,6 +107,23 @@ TEST_CASE("08_flash_v3: the same input gives bit-identical output twice", "[gpu]
   }
 }
 
+TEST_CASE("08_flash_v3: the NaN rule, a NaN in q, k or v, in every step", "[gpu]") {
+  // fmaxf drops a NaN score, so m_i stays finite and only l_i carries it: the epilogue must test
+  // l != 0 (not l > 0) for lse_i to come out NaN (common/attn.h states the rule).
+  if (!runs_here()) return;
+  for (const lab::Variant& v : ch().variants)
+    for (int d : {64, 128})
+      for (bool causal : {true, false})
+        for (lab::NanIn where : {lab::NanIn::q, lab::NanIn::k, lab::NanIn::v}) {
+          lab::ProblemSpec s;
+          s.batch = 2, s.heads_q = 2, s.heads_kv = 2, s.seqlen_q = 200, s.seqlen_kv = causal ? 200 : 300;
+          s.head_dim = d, s.causal = causal, s.seed = lab::test_seed();
+          INFO(v.name << " " << lab::describe(s));
+          lab::check_nan_rule(v, s, where);
+          lab::check_nan_rule(v, s, where, 0);  // a first tile whose only visible score is NaN
+        }
+}
+
 TEST_CASE("08_flash_v3: a small case for the sanitizers", "[gpu][sanitize]") {
   // memcheck, racecheck and synccheck: mbarrier phases and TMA writes over more than one round of
   // the ring (seqlen_kv 300 at d = 128: 5 tiles of 64 keys, 4 of 128 in ws and pingpong with
@@ -121,6 +138,10 @@ TEST_CASE("08_flash_v3: a small case for the sanitizers", "[gpu][sanitize]") {
     s.head_dim = 128, s.causal = false, s.seqlen_q = 70, s.seqlen_kv = 300;
     LAB_REQUIRE_PASS(lab::run_and_check(v, s));
     s.causal = true, s.seqlen_q = 200, s.seqlen_kv = 450;  // 2 query tiles of 128, 4 key tiles
+    LAB_REQUIRE_PASS(lab::run_and_check(v, s));
+    // Causal with seqlen_q > seqlen_kv: the first query tiles see no key (T_c = 0), so the producer
+    // issues Q alone and pingpong takes no turn; those rows write O = 0 and lse = -inf.
+    s.seqlen_q = 300, s.seqlen_kv = 40;
     LAB_REQUIRE_PASS(lab::run_and_check(v, s));
   }
 }
