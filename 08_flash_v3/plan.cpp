@@ -49,7 +49,8 @@ LaunchPlan plan_launch(Step step, const lab::AttnParams& p, int cc_major, int cc
     throw lab::InvalidArgument(
         "08_flash_v3: needs " + std::to_string(plan.smem) +
         " bytes of shared memory per block at head_dim = " + std::to_string(p.head_dim) +
-        "; this GPU allows " + std::to_string(smem_per_block) + " (LAB_SMEM_CAP?)");
+        "; this GPU allows " + std::to_string(smem_per_block) +
+        (lab::smem_cap_from_env() ? " (LAB_SMEM_CAP)" : ""));
   plan.grid_x = (p.seqlen_q + plan.tiles.B_r - 1) / plan.tiles.B_r;
   plan.grid_y = p.heads_q;
   plan.grid_z = p.batch;
