@@ -61,10 +61,22 @@ def index(rows, name_of):
     return out
 
 
+def mem_ceiling(ceil):
+    """The bandwidth a memory-bound row is a percentage of: the streaming read where the run measured
+    one (ceilings.csv's read_gbps, kv_quant.csv's too), else the copy (runs older than the read ceiling)."""
+    if ceil.get("read_gbps"):
+        return "read", float(ceil["read_gbps"])
+    return "copy", float(ceil["copy_gbps"])
+
+
 def header(ceil):
+    read = f"streaming read {float(ceil['read_gbps']):.0f} GB/s, " if ceil.get("read_gbps") else ""
     return (f"{ceil['gpu']}, CUDA {ceil['cuda']}, measured {ceil['date']}; ceilings measured in the same run: "
-            f"copy {float(ceil['copy_gbps']):.0f} GB/s, fp16 GEMM {float(ceil['gemm_tflops']):.0f} TFLOPS. "
+            f"{read}copy {float(ceil['copy_gbps']):.0f} GB/s, fp16 GEMM {float(ceil['gemm_tflops']):.0f} TFLOPS. "
             f"Source: `docs/results/{os.path.basename(RESULTS)}/`.")
+
+
+MEM_NAME = {"read": "measured streaming-read bandwidth", "copy": "measured copy bandwidth"}
 
 
 def prefill_key(d, s, causal, dtype="fp16"):
@@ -98,8 +110,8 @@ def summary(lab, torch, ceil):
 def decode(lab, torch, ceil):
     cols = [(f"b{b} kv{kv // 1024}k {'MHA' if h == 32 else 'GQA 32/8'}", decode_key(b, h, kv))
             for b, h, kv in ((1, 32, 32768), (8, 32, 4096), (128, 32, 4096), (8, 8, 4096))]
-    copy = float(ceil["copy_gbps"])
-    lines = ["Decode (one query token, d 128, 32 query heads), fp16: GB/s (% of the measured copy bandwidth). "
+    what, copy = mem_ceiling(ceil)
+    lines = [f"Decode (one query token, d 128, 32 query heads), fp16: GB/s (% of the {MEM_NAME[what]}). "
              "Chapters 01-03 are prefill kernels run on decoding shapes, the baseline 04 and 05 start from. "
              + header(ceil), "",
              "| step | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
@@ -116,9 +128,9 @@ def decode(lab, torch, ceil):
 
 def decode_grid(lab, torch, ceil, steps):
     """Every decode-grid shape, MHA and GQA, for `steps` and PyTorch's backends."""
-    copy = float(ceil["copy_gbps"])
+    what, copy = mem_ceiling(ceil)
     lines = ["Decode grid (one query token, d 128, 32 query heads, fp16): GB/s of unique bytes (% of the "
-             "measured copy bandwidth); `sN`: the split count the heuristic chose. **bold**: the fastest of "
+             f"{MEM_NAME[what]}); `sN`: the split count the heuristic chose. **bold**: the fastest of "
              "the decoding chapters shown, at or above cuDNN. " + header(ceil), ""]
     mine = [n for n in steps if not n.startswith("03")]
     for hkv in (32, 8):
@@ -379,8 +391,11 @@ def kvquant():
         return ["(no results yet: run `bench/gpu_check.sh build kvquant` on the GPU and copy "
                 f"`gpu_check_out/kv_quant.csv` to `docs/results/{os.path.basename(RESULTS)}/`)"]
     first = rows[0]
-    src = (f"{first['gpu']}, CUDA {first['cuda']}, measured {first['date']}; copy bandwidth measured in the same "
-           f"run: {float(first['copy_gbps']):.0f} GB/s. Source: `docs/results/{os.path.basename(RESULTS)}/kv_quant.csv`.")
+    what, bw = mem_ceiling(first)
+    src = (f"{first['gpu']}, CUDA {first['cuda']}, measured {first['date']}; {MEM_NAME[what][9:]} measured in the "
+           f"same run: {bw:.0f} GB/s. Source: `docs/results/{os.path.basename(RESULTS)}/kv_quant.csv`.")
+    target = ("1.8x the fp16 variant for every scheme, and the fp16 variant at 95% of the streaming-read bandwidth"
+              if what == "read" else "1.8x the fp16 variant and 85% of the copy bandwidth")
     order = []
     by = {}
     for r in rows:
@@ -406,9 +421,9 @@ def kvquant():
                      f"{e(r['quant_max_abs_normal'])} | {e(r['quant_rel_l2_outliers'])} / "
                      f"{e(r['quant_max_abs_outliers'])} | {e(r['kernel_rel_l2_normal'])} / "
                      f"{e(r['kernel_rel_l2_outliers'])} |")
-    lines += ["", "Speed: decoding time, GB/s of the bytes stored (% of the copy bandwidth) and speedup over this "
-              "chapter's fp16 variant on the same shape (32 heads, d 128, normal K/V, L2 flushed, median). Target "
-              "at batch >= 8 and 4096+ keys: 1.8x the fp16 variant and 85% of the copy bandwidth (**bold**: met).", "",
+    lines += ["", f"Speed: decoding time, GB/s of the bytes stored (% of the {MEM_NAME[what][9:]}) and speedup over "
+              "this chapter's fp16 variant on the same shape (32 heads, d 128, normal K/V, L2 flushed, median). "
+              f"Target at batch >= 8 and 4096+ keys: {target} (**bold**: met).", "",
               "| scheme | " + " | ".join(f"b{b} kv{kv // 1024}k" for b, kv in KVQUANT_SHAPES) + " |",
               "|---|" + "---|" * len(KVQUANT_SHAPES)]
     for v in order:
@@ -446,7 +461,7 @@ def lab_targets(ch):
     srcs = "; ".join(f"{c['gpu']}, CUDA {c['cuda']}, measured {c['date']}" for c in (data[g][2] for g in gpus) if c)
     lines = ["The solution on the shapes `bench/lab check` times, fp16, from the ladder (median, L2 flushed): "
              "TFLOPS for prefill (% of the fp16 GEMM rate measured in the same run), GB/s for decode (% of the "
-             f"measured copy bandwidth). {srcs}. Sources: " + ", ".join(f"`docs/results/{g}/ladder.csv`" for g in gpus)
+             f"streaming read or, in runs older than that ceiling, of the copy measured in the same run). {srcs}. Sources: " + ", ".join(f"`docs/results/{g}/ladder.csv`" for g in gpus)
              + ".", "", "| step | shape | " + " | ".join(g.upper() for g in gpus) + " |", "|---|---|" + "---|" * len(gpus)]
     timed = [(variant, s, variant or ch) for variant, s in tool.TIMED[ch]]
     if ch in LAB_REFERENCE:
@@ -472,7 +487,8 @@ def lab_targets(ch):
             elif s["workload"] == "prefill":
                 cells.append(f"{float(r['tflops']):.1f} TFLOPS ({100 * float(r['tflops']) / float(ceil['gemm_tflops']):.0f}%)")
             else:
-                cells.append(f"{float(r['gbps']):.0f} GB/s ({100 * float(r['gbps']) / float(ceil['copy_gbps']):.0f}%)")
+                what, bw = mem_ceiling(ceil)
+                cells.append(f"{float(r['gbps']):.0f} GB/s ({100 * float(r['gbps']) / bw:.0f}% of {what})")
         h = f"h{s['heads_q']}" + (f"/{s['heads_kv']}" if s["heads_kv"] != s["heads_q"] else "")  # GQA: query/KV heads
         shape = (f"b{s['batch']} {h} s{s['seqlen_q']} d{s['head_dim']} {'causal' if s['causal'] else 'full'}"
                  if s["workload"] == "prefill" else f"b{s['batch']} {h} kv{s['seqlen_kv'] // 1024}k d{s['head_dim']}")
@@ -498,8 +514,8 @@ def lab_targets_kvquant(lines, timed, gpus):
     lines[0] += (" Step 1 (`dequant_*`, the kernel you edit) has not been measured on either GPU yet: its cells "
                  "read -, and `bench/lab check` times it against the solution on your GPU. For scale, the rows "
                  "below it are step 2 (`kernel.cu`) on the same scheme and the fp16 cache, from "
-                 "`docs/results/<gpu>/kv_quant.csv` (GB/s of the bytes stored, % of the copy bandwidth measured "
-                 f"in that run, speedup over fp16; {dates}). The H100's step 2 is an earlier kernel, before the "
+                 "`docs/results/<gpu>/kv_quant.csv` (GB/s of the bytes stored, % of the read or copy bandwidth "
+                 f"measured in that run, speedup over fp16; {dates}). The H100's step 2 is an earlier kernel, before the "
                  "`dp4a` K path.")
     # Step 2 on each timed scheme, then the fp16 cache, once per shape.
     rows = [(v.replace("dequant_", "", 1), s) for v, s in timed] + [("fp16", s) for _, s in timed]
@@ -512,7 +528,8 @@ def lab_targets_kvquant(lines, timed, gpus):
         cells = []
         for g in gpus:
             r = runs[g].get(k)
-            cells.append("-" if r is None else f"{float(r['gbps']):.0f} GB/s ({float(r['pct_peak']):.0f}%)"
+            cells.append("-" if r is None else f"{float(r['gbps']):.0f} GB/s ({float(r['pct_peak']):.0f}% of "
+                         f"{mem_ceiling(r)[0]})"
                          + ("" if v == "fp16" else f", {float(r['speedup_vs_fp16']):.2f}x"))
         what = "fp16 cache" if v == "fp16" else v
         lines.append(f"| step 2 on {what} (kv_quant.csv) | decode b{s['batch']} h{s['heads_q']} "
