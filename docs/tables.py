@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results", "h100")  # the GPU the README numbers come from (see use())
 READMES = ["README.md", "01_naive/README.md", "02_flash_v1/README.md", "03_flash_v2/README.md",
            "04_flash_decoding/README.md", "05_decoding_cuda_core/README.md", "06_gqa_alibi/README.md",
-           "07_kv_quant/README.md", "docs/NOTES-03.md", "docs/NOTES-04.md", "docs/NOTES-06.md"]
+           "07_kv_quant/README.md", "08_flash_v3/README.md", "docs/NOTES-03.md", "docs/NOTES-04.md", "docs/NOTES-06.md"]
 ORDER = ["01_naive/cublas", "01_naive/naive", "02_flash_v1", "03_flash_v2/loop_order", "03_flash_v2/mma",
          "03_flash_v2/fa2", "03_flash_v2/overlap", "04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi"]
 PREFILL_ORDER = ORDER[:7] + ["06_gqa_alibi"]  # 04 and 05 are decoding kernels (seqlen_q <= 64 and 1)
@@ -365,6 +365,69 @@ def compare03(lab, torch, ceil):
     return lines
 
 
+STEPS_08 = ["08_flash_v3/wgmma", "08_flash_v3/tma", "08_flash_v3/ws", "08_flash_v3/pingpong"]
+
+
+def compare08(lab, torch, ceil):
+    """08's steps next to 03's best step and PyTorch's FlashAttention-2 and cuDNN backends, on the same
+    tensors in one process (compare_torch.csv), with the last step's ratio to cuDNN; then bf16 against
+    fp16 at seqlen 4096 from the ladder."""
+    seqs = [512, 1024, 2048, 4096, 8192, 16384]
+    rows = load("compare_torch.csv")
+    if not rows:
+        return ["(no results yet: run bench/gpu_check.sh build compare on a Hopper GPU)"]
+    same = index(rows, lambda r: step(r) if r["chapter"] != "pytorch" else r["variant"])
+    r0 = rows[0]
+    ours03 = [n for n in ORDER if n.startswith("03_flash_v2/")]
+    lines = ["Chapter 08's steps, 03's best step and PyTorch's FlashAttention-2 and cuDNN backends on the same "
+             f"tensors in one process (`bench/compare_torch.py`; {r0.get('gpu')}, PyTorch {r0.get('torch')}, "
+             f"CUDA {r0.get('cuda')}, {r0.get('date')}), fp16 TFLOPS (batch 16k / seqlen, hidden 2048); "
+             "**bold**: at least 0.9x cuDNN. Source: "
+             f"`docs/results/{os.path.basename(RESULTS)}/compare_torch.csv`.", "",
+             "| d | mask | | " + " | ".join(f"s{s}" for s in seqs) + " |", "|---|---|---|" + "---|" * len(seqs)]
+    for d in (64, 128):
+        for causal in (False, True):
+            m = "causal" if causal else "full"
+            ks = [prefill_key(d, s, causal) for s in seqs]
+            cud = [same.get(("cudnn",) + k) for k in ks]
+
+            def cells(rs, bold=False):
+                out = []
+                for r, c in zip(rs, cud):
+                    if r is None:
+                        out.append("-")
+                        continue
+                    v = f"{float(r['tflops']):.0f}"
+                    out.append(f"**{v}**" if bold and c and float(r["tflops"]) >= 0.9 * float(c["tflops"]) else v)
+                return out
+
+            best03 = [max((same.get((n,) + k) for n in ours03 if same.get((n,) + k)),
+                          key=lambda r: float(r["tflops"]), default=None) for k in ks]
+            lines.append(f"| {d} | {m} | 03 best step | " + " | ".join(cells(best03)) + " |")
+            for n in STEPS_08:
+                lines.append(f"| {d} | {m} | 08 {n.split('/')[1]} | " +
+                             " | ".join(cells([same.get((n,) + k) for k in ks], bold=True)) + " |")
+            for name, label in (("flash", "FlashAttention-2"), ("cudnn", "cuDNN")):
+                lines.append(f"| {d} | {m} | {label} | " + " | ".join(cells([same.get((name,) + k) for k in ks])) + " |")
+            last = [same.get((STEPS_08[-1],) + k) for k in ks]
+            lines.append(f"| {d} | {m} | pingpong / cuDNN | " + " | ".join(
+                f"{float(r['tflops']) / float(c['tflops']):.2f}x" if r and c else "-" for r, c in zip(last, cud)) + " |")
+    lines += ["", "bf16 against fp16, seqlen 4096, the ladder of the same GPU (TFLOPS). " + header(ceil), "",
+              "| step | d | mask | fp16 | bf16 | bf16 / fp16 |", "|---|---|---|---|---|---|"]
+    for n in STEPS_08:
+        for d in (64, 128):
+            for causal in (False, True):
+                f = lab.get((n,) + prefill_key(d, 4096, causal))
+                b = lab.get((n,) + prefill_key(d, 4096, causal, "bf16"))
+                if f is None and b is None:
+                    continue
+                fv = f"{float(f['tflops']):.0f}" if f else "-"
+                bv = f"{float(b['tflops']):.0f}" if b else "-"
+                ratio = f"{float(b['tflops']) / float(f['tflops']):.2f}" if f and b else "-"
+                lines.append(f"| {n.split('/')[1]} | {d} | {'causal' if causal else 'full'} | {fv} | {bv} | {ratio} |")
+    return lines
+
+
 def bf16_03(lab, ceil):
     """bf16 against fp16 for 03's tensor-core steps, seqlen 4096, same ladder run."""
     lines = ["bf16 against fp16, seqlen 4096, same ladder run. " + header(ceil)]
@@ -548,6 +611,8 @@ def render(name, lab, torch, ceil):
         return chapter(lab, ceil, name.split(":", 1)[1])
     if name == "compare:03_flash_v2":
         return compare03(lab, torch, ceil)
+    if name == "compare:08_flash_v3":
+        return compare08(lab, torch, ceil)
     if name == "bf16:03_flash_v2":
         return bf16_03(lab, ceil)
     if name == "decode:04_flash_decoding":
