@@ -68,20 +68,19 @@ __device__ __forceinline__ float tree_reduce(const float (&v)[N], F op) {
   if constexpr (N == 1) {
     return v[0];
   } else {
-    float half[N / 2];
+    float half[(N + 1) / 2];  // an odd one out (B_c = 96, 160, 192) moves up unpaired
 #pragma unroll
-    for (int i = 0; i < N / 2; ++i) half[i] = op(v[2 * i], v[2 * i + 1]);
-    return tree_reduce<N / 2>(half, op);
+    for (int i = 0; i < (N + 1) / 2; ++i) half[i] = 2 * i + 1 < N ? op(v[2 * i], v[2 * i + 1]) : v[2 * i];
+    return tree_reduce<(N + 1) / 2>(half, op);
   }
 }
 
-template <class T, int D>
+template <class T, int D, int B_c, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_forward_pingpong(const lab::AttnParams p, const __grid_constant__ CUtensorMap tmap_q,
                            const __grid_constant__ CUtensorMap tmap_k,
                            const __grid_constant__ CUtensorMap tmap_v) {
-  constexpr Tiles TILES = tiles_for(Step::pingpong, D);
-  constexpr int B_r = TILES.B_r, B_c = TILES.B_c, STAGES = TILES.stages;
+  constexpr int B_r = tiles_for(Step::pingpong, D).B_r;
   constexpr int N_S = B_c / 8, N_O = D / 8;  // n8 blocks of S and O in a thread's two rows
   static_assert(B_r == 128, "two consumer warpgroups of 64 rows (one wgmma M) each");
 
@@ -312,8 +311,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <class T, int D>
-void launch(const LaunchPlan& plan, const lab::AttnParams& p, cudaStream_t stream) {
+template <class T, int D, int B_c = tiles_for(Step::pingpong, D).B_c,
+          int STAGES = tiles_for(Step::pingpong, D).stages>
+void launch(LaunchPlan plan, const lab::AttnParams& p, cudaStream_t stream) {
+  // tiles_for's B_c and STAGES, or a tuning sweep's (bench/tune08.cu): shared memory follows them.
+  plan.tiles.B_c = B_c, plan.tiles.stages = STAGES, plan.smem = smem_bytes(plan.tiles, D);
   const Tiles& t = plan.tiles;
   // Tensor maps: [batch, seqlen, heads, d] with d contiguous, boxes of 64 columns x B_r or B_c rows.
   const CUtensorMap tq = encode_tma_tile(tma_tile("q", p.dtype, p.q, D, p.seqlen_q, p.heads_q, p.batch,
@@ -322,7 +324,7 @@ void launch(const LaunchPlan& plan, const lab::AttnParams& p, cudaStream_t strea
                                                   p.k_row_stride, p.k_head_stride, p.k_batch_stride, t.B_c));
   const CUtensorMap tv = encode_tma_tile(tma_tile("v", p.dtype, p.v, D, p.seqlen_kv, p.heads_kv, p.batch,
                                                   p.v_row_stride, p.v_head_stride, p.v_batch_stride, t.B_c));
-  auto kernel = flash_forward_pingpong<T, D>;
+  auto kernel = flash_forward_pingpong<T, D, B_c, STAGES>;
   lab::configure_kernel(reinterpret_cast<const void*>(kernel), kThreads, plan.smem, "08_flash_v3");
   kernel<<<dim3(plan.grid_x, plan.grid_y, plan.grid_z), kThreads, plan.smem, stream>>>(p, tq, tk, tv);
   LAB_LAUNCH_CHECK();
