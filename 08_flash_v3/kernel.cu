@@ -29,6 +29,7 @@
 #include <cmath>
 
 #include "03_flash_v2/tensor_core.cuh"
+#include "08_flash_v3/exp2_fma.cuh"
 #include "08_flash_v3/hopper.cuh"
 #include "08_flash_v3/kernel.h"
 #include "common/cuda_check.h"
@@ -75,7 +76,7 @@ __device__ __forceinline__ float tree_reduce(const float (&v)[N], F op) {
   }
 }
 
-template <class T, int D, int B_c, int STAGES>
+template <class T, int D, int B_c, int STAGES, int EXP_EMU>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_forward_pingpong(const lab::AttnParams p, const __grid_constant__ CUtensorMap tmap_q,
                            const __grid_constant__ CUtensorMap tmap_k,
@@ -175,6 +176,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
+  // EXP_EMU > 0, a tuning option (bench/tune08.cu): the exponentials of one n8 block in EXP_EMU
+  // run on the FMA pipe (exp2_fma.cuh) instead of the SFU.
+  auto exp2_of_block = [](int i, float x) {
+    if constexpr (EXP_EMU > 0) {
+      if (i % EXP_EMU == 0) return exp2_fma(x);
+    }
+    return exp2_approx(x);
+  };
+
   // Online softmax in the exp2 domain, as in 03: m_i is the running max of raw scores, P =
   // 2^(s c - m_i c) with c = scale log2(e); O_i and l_i are rescaled by 2^((m_old - m_new) c).
   // O_i is not touched here (a P V wgmma may still accumulate into it): alpha goes out, and
@@ -193,8 +203,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       m_i[r] = mx;
 #pragma unroll
       for (int i = 0; i < N_S; ++i) {
-        s[4 * i + 2 * r] = exp2_approx(fmaf(s[4 * i + 2 * r], scale_log2, -m_scaled));
-        s[4 * i + 2 * r + 1] = exp2_approx(fmaf(s[4 * i + 2 * r + 1], scale_log2, -m_scaled));
+        s[4 * i + 2 * r] = exp2_of_block(i, fmaf(s[4 * i + 2 * r], scale_log2, -m_scaled));
+        s[4 * i + 2 * r + 1] = exp2_of_block(i, fmaf(s[4 * i + 2 * r + 1], scale_log2, -m_scaled));
         pair[i] = s[4 * i + 2 * r] + s[4 * i + 2 * r + 1];
       }
       l_i[r] = l_i[r] * alpha_of[r] + tree_reduce(pair, [](float u, float v) { return u + v; });
@@ -312,7 +322,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 template <class T, int D, int B_c = tiles_for(Step::pingpong, D).B_c,
-          int STAGES = tiles_for(Step::pingpong, D).stages>
+          int STAGES = tiles_for(Step::pingpong, D).stages, int EXP_EMU = 0>
 void launch(LaunchPlan plan, const lab::AttnParams& p, cudaStream_t stream) {
   // tiles_for's B_c and STAGES, or a tuning sweep's (bench/tune08.cu): shared memory follows them.
   plan.tiles.B_c = B_c, plan.tiles.stages = STAGES, plan.smem = smem_bytes(plan.tiles, D);
@@ -324,7 +334,7 @@ void launch(LaunchPlan plan, const lab::AttnParams& p, cudaStream_t stream) {
                                                   p.k_row_stride, p.k_head_stride, p.k_batch_stride, t.B_c));
   const CUtensorMap tv = encode_tma_tile(tma_tile("v", p.dtype, p.v, D, p.seqlen_kv, p.heads_kv, p.batch,
                                                   p.v_row_stride, p.v_head_stride, p.v_batch_stride, t.B_c));
-  auto kernel = flash_forward_pingpong<T, D, B_c, STAGES>;
+  auto kernel = flash_forward_pingpong<T, D, B_c, STAGES, EXP_EMU>;
   lab::configure_kernel(reinterpret_cast<const void*>(kernel), kThreads, plan.smem, "08_flash_v3");
   kernel<<<dim3(plan.grid_x, plan.grid_y, plan.grid_z), kThreads, plan.smem, stream>>>(p, tq, tk, tv);
   LAB_LAUNCH_CHECK();

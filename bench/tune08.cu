@@ -24,19 +24,17 @@ struct Candidate {
   const void* kernel;
 };
 
-template <int D, int B_c, int STAGES>
+template <int D, int B_c, int STAGES, int EXP_EMU>
 void run(const lab::AttnParams& p, cudaStream_t s) {
-  ch08::launch<__half, D, B_c, STAGES>(ch08::plan_on_this_gpu(ch08::Step::pingpong, p), p, s);
+  ch08::launch<__half, D, B_c, STAGES, EXP_EMU>(ch08::plan_on_this_gpu(ch08::Step::pingpong, p), p, s);
 }
 
-template <int D, int B_c, int STAGES>
+// EXP_EMU > 0: the exponentials of one n8 block of S in EXP_EMU run on the FMA pipe (exp2_fma.cuh).
+template <int D, int B_c, int STAGES, int EXP_EMU = 0>
 Candidate candidate(const char* name) {
-  return {name,
-          D,
-          B_c,
-          STAGES,
-          run<D, B_c, STAGES>,
-          reinterpret_cast<const void*>(ch08::flash_forward_pingpong<__half, D, B_c, STAGES>)};
+  Candidate c{name, D, B_c, STAGES, run<D, B_c, STAGES, EXP_EMU>, nullptr};
+  c.kernel = reinterpret_cast<const void*>(ch08::flash_forward_pingpong<__half, D, B_c, STAGES, EXP_EMU>);
+  return c;
 }
 
 lab::ProblemSpec prefill(int d, bool causal) {
@@ -62,13 +60,24 @@ int main(int argc, char** argv) try {
   // The first of each head_dim is the product's choice (tiles_for). B_c = 192 at d = 64: S 96 fp32
   // registers, P 48, O 32, within the consumers' 240; at d = 128 S and O take 64 each, so B_c stays
   // at 128 or below there.
+  // clang-format off
   const Candidate cands[] = {
-      candidate<64, 128, 3>("d64  Bc128 S3 (plan)"), candidate<64, 128, 2>("d64  Bc128 S2"),
-      candidate<64, 128, 4>("d64  Bc128 S4"),        candidate<64, 160, 3>("d64  Bc160 S3"),
-      candidate<64, 192, 2>("d64  Bc192 S2"),        candidate<64, 192, 3>("d64  Bc192 S3"),
-      candidate<64, 192, 4>("d64  Bc192 S4"),        candidate<128, 128, 3>("d128 Bc128 S3 (plan)"),
-      candidate<128, 128, 2>("d128 Bc128 S2"),       candidate<128, 64, 4>("d128 Bc64  S4"),
+      candidate<64, 128, 3>("d64  Bc128 S3 (plan)"),
+      candidate<64, 128, 2>("d64  Bc128 S2"),
+      candidate<64, 128, 4>("d64  Bc128 S4"),
+      candidate<64, 160, 3>("d64  Bc160 S3"),
+      candidate<64, 192, 2>("d64  Bc192 S2"),
+      candidate<64, 192, 3>("d64  Bc192 S3"),
+      candidate<64, 192, 4>("d64  Bc192 S4"),
+      candidate<64, 128, 3, 4>("d64  Bc128 S3 emu1/4"),
+      candidate<64, 128, 3, 2>("d64  Bc128 S3 emu1/2"),
+      candidate<64, 192, 3, 4>("d64  Bc192 S3 emu1/4"),
+      candidate<64, 192, 3, 2>("d64  Bc192 S3 emu1/2"),
+      candidate<128, 128, 3>("d128 Bc128 S3 (plan)"),
+      candidate<128, 128, 2>("d128 Bc128 S2"),
+      candidate<128, 64, 4>("d128 Bc64  S4"),
   };
+  // clang-format on
   const lab::GpuInfo gpu = lab::gpu_info();
   const lab::DeviceLimits& limits = lab::device_limits();
   std::printf("%s: fp16, %zu bytes of shared memory per block\n", gpu.name.c_str(), limits.smem_per_block);
