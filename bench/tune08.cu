@@ -114,6 +114,7 @@ int main(int argc, char** argv) try {
           lab::RunOptions check_all;
           check_all.time = false;
           r = lab::run_variant(small, "tune08", v, check_all, ceil, gpu, nullptr, "check");
+          if (!r.ok) r.message = "on the awkward shape: " + r.message;
         }
         if (causal || r.ok) r = lab::run_variant(prob, "tune08", v, ro, ceil, gpu, &flusher, "prefill");
         std::printf("%-22s %8.4f ms (p10 %.4f p90 %.4f) %6.1f TFLOPS %5.1f%%  %s\n", c.name, r.row.ms,
