@@ -19,21 +19,22 @@ namespace {
 
 struct Candidate {
   const char* name;
-  int d, B_c, stages;
+  int d, B_c, stages, consumers;
   void (*launch)(const lab::AttnParams&, cudaStream_t);
   const void* kernel;
 };
 
-template <int D, int B_c, int STAGES, int EXP_EMU>
+template <int D, int B_c, int STAGES, int EXP_EMU, int NC>
 void run(const lab::AttnParams& p, cudaStream_t s) {
-  ch08::launch<__half, D, B_c, STAGES, EXP_EMU>(ch08::plan_on_this_gpu(ch08::Step::pingpong, p), p, s);
+  ch08::launch<__half, D, B_c, STAGES, EXP_EMU, NC>(ch08::plan_on_this_gpu(ch08::Step::pingpong, p), p, s);
 }
 
 // EXP_EMU > 0: the exponentials of one n8 block of S in EXP_EMU run on the FMA pipe (exp2_fma.cuh).
-template <int D, int B_c, int STAGES, int EXP_EMU = 0>
+// NC: consumer warpgroups (B_r = 64 NC).
+template <int D, int B_c, int STAGES, int EXP_EMU = 0, int NC = 2>
 Candidate candidate(const char* name) {
-  Candidate c{name, D, B_c, STAGES, run<D, B_c, STAGES, EXP_EMU>, nullptr};
-  c.kernel = reinterpret_cast<const void*>(ch08::flash_forward_pingpong<__half, D, B_c, STAGES, EXP_EMU>);
+  Candidate c{name, D, B_c, STAGES, NC, run<D, B_c, STAGES, EXP_EMU, NC>, nullptr};
+  c.kernel = reinterpret_cast<const void*>(ch08::flash_forward_pingpong<__half, D, B_c, STAGES, EXP_EMU, NC>);
   return c;
 }
 
@@ -73,6 +74,11 @@ int main(int argc, char** argv) try {
       candidate<64, 128, 3, 2>("d64  Bc128 S3 emu1/2"),
       candidate<64, 192, 3, 4>("d64  Bc192 S3 emu1/4"),
       candidate<64, 192, 3, 2>("d64  Bc192 S3 emu1/2"),
+      candidate<64, 128, 2, 0, 3>("d64  Bc128 S2 3wg"),
+      candidate<64, 128, 3, 0, 3>("d64  Bc128 S3 3wg"),
+      candidate<64, 128, 4, 0, 3>("d64  Bc128 S4 3wg"),
+      candidate<64, 96, 3, 0, 3>("d64  Bc96  S3 3wg"),
+      candidate<64, 128, 3, 4, 3>("d64  Bc128 S3 3wg emu1/4"),
       candidate<128, 128, 3>("d128 Bc128 S3 (plan)"),
       candidate<128, 128, 2>("d128 Bc128 S2"),
       candidate<128, 64, 4>("d128 Bc64  S4"),
@@ -85,7 +91,7 @@ int main(int argc, char** argv) try {
   for (const Candidate& c : cands) {
     cudaFuncAttributes attr;
     LAB_CUDA_CHECK(cudaFuncGetAttributes(&attr, c.kernel));
-    const size_t smem = ch08::smem_bytes(ch08::Tiles{128, c.B_c, c.stages, 384}, c.d);
+    const size_t smem = ch08::smem_bytes(ch08::Tiles{64 * c.consumers, c.B_c, c.stages, 128 * (c.consumers + 1)}, c.d);
     std::printf("%-22s %5d %6zu %8zu%s\n", c.name, attr.numRegs, attr.localSizeBytes, smem,
                 smem > limits.smem_per_block ? "  (does not fit: skipped)" : "");
   }
