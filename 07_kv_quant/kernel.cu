@@ -47,7 +47,7 @@ namespace ch07 {
 
 namespace {
 
-// Keys per thread group in flight: 4 x (16 + 16) bytes per thread as in 05.
+// Keys per thread group in flight: 4 x (16 + 16) bytes per thread as in 05 (bench/tune07.cu: others).
 constexpr int kU = 4;
 
 // How a scheme's scales are applied (what it stores per element: dequant.cuh).
@@ -85,16 +85,16 @@ constexpr int heads_per_block() {
   return row >= kSegmentBytes ? 1 : kSegmentBytes / row;
 }
 
-template <KvScheme S, int D, int HPB>
+template <KvScheme S, int D, int HPB, int T = threads_per_block<S>(), int U = kU>
 struct ThreadGroups {
   static constexpr int BYTES = code_of<S>() == Code::fp16 ? 2 : 1;  // per stored element
   static constexpr int E = 16 / BYTES;                              // elements per thread: one 16-byte load
   static constexpr int TPK = D / E;                                 // threads per key and head
   static constexpr int LANES = HPB * TPK;                           // threads per key (its HPB heads)
   static_assert(LANES <= 32, "a key's heads must fit in a warp");
-  static constexpr int THREADS = threads_per_block<S>();
+  static constexpr int THREADS = T;
   static constexpr int COUNT = THREADS / LANES;  // thread groups per block
-  static constexpr int KEYS_PER_STEP = COUNT * kU;
+  static constexpr int KEYS_PER_STEP = COUNT * U;
 };
 
 // 16 bytes of a streamed K/V row: read once, so do not allocate it in L1.
@@ -123,16 +123,16 @@ __device__ __forceinline__ float exp2_approx(float x) {
 // do not decide occupancy by accident. fp16: 7 (8, at 64 registers as 05, spills the stepped
 // pointers). 1-byte codes hold 16 elements of q and of O per thread: 2 blocks of 256 threads (up
 // to 128 registers, 64 KB of K/V in flight per SM), no spill. Other choices: docs/NOTES-07.md.
-template <KvScheme S>
+template <KvScheme S, int THREADS = threads_per_block<S>()>  // other sizes (tune07): same threads per SM
 constexpr int min_blocks_per_sm() {
-  return code_of<S>() == Code::fp16 ? 7 : 2;
+  return (code_of<S>() == Code::fp16 ? 7 : 2) * threads_per_block<S>() / THREADS;
 }
 
-template <KvScheme S, int SCALE_GROUP, int D, int HPB>
-__global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>())
+template <KvScheme S, int SCALE_GROUP, int D, int HPB, int THREADS = threads_per_block<S>(), int U = kU>
+__global__ void __launch_bounds__(THREADS, min_blocks_per_sm<S, THREADS>())
     decode_split(const lab::AttnParams p, int splits, float* o_partial, float* lse_partial) {
-  using Gr = ThreadGroups<S, D, HPB>;
-  constexpr int E = Gr::E, TPK = Gr::TPK, GROUPS = Gr::COUNT, STEP = Gr::KEYS_PER_STEP, U = kU;
+  using Gr = ThreadGroups<S, D, HPB, THREADS, U>;
+  constexpr int E = Gr::E, TPK = Gr::TPK, GROUPS = Gr::COUNT, STEP = Gr::KEYS_PER_STEP;
   constexpr Code C = code_of<S>();
   constexpr ScaleAt SA = scale_at<S>();
   __shared__ float red_m[GROUPS * HPB], red_l[GROUPS * HPB], row_ml[HPB][2];
@@ -373,13 +373,13 @@ __global__ void __launch_bounds__(threads_per_block<S>(), min_blocks_per_sm<S>()
 
 // One instantiation per (scheme, scale group size, head_dim, heads per block): its split count
 // for p on this device, and, with run, its launch (and 04's combine).
-template <KvScheme S, int SCALE_GROUP, int D, int HPB>
+template <KvScheme S, int SCALE_GROUP, int D, int HPB, int THREADS = threads_per_block<S>(), int U = kU>
 int launch(const lab::AttnParams& p, cudaStream_t stream, bool run) {
-  constexpr int threads = threads_per_block<S>();
-  const auto kernel = decode_split<S, SCALE_GROUP, D, HPB>;
+  constexpr int threads = THREADS;
+  const auto kernel = decode_split<S, SCALE_GROUP, D, HPB, THREADS, U>;
   const int sms = lab::device_limits().sm_count;
   // Static shared memory only, under the 48 KB every GPU gives a block without opting in.
-  using Gr = ThreadGroups<S, D, HPB>;
+  using Gr = ThreadGroups<S, D, HPB, THREADS, U>;
   static_assert((Gr::COUNT * HPB * (2 + D) + 2 * HPB) * sizeof(float) <= 48 * 1024,
                 "decode_split's static shared memory must fit every GPU's 48 KB");
   const int resident =
@@ -389,7 +389,7 @@ int launch(const lab::AttnParams& p, cudaStream_t stream, bool run) {
   // head, 256 keys of two 1-byte heads) ...
   const int64_t items = int64_t(p.batch) * p.heads_q / HPB;
   int splits = ch04::choose_num_splits(p.num_splits, items, p.seqlen_kv,
-                                       4 * ThreadGroups<S, D, HPB>::KEYS_PER_STEP, 512 / threads * sms);
+                                       4 * Gr::KEYS_PER_STEP, 512 / threads * sms);
   // ... but no more blocks than fit on the GPU at once, when one wave can hold them all: the blocks
   // of a second, partial wave would stream their chunks with few loads in flight beside them.
   if (p.num_splits == 0) {
