@@ -5,11 +5,12 @@
 # attention backends timed on the same GPU, and the chapters timed next to them in one process (the
 # last two stages and most Python tests need PyTorch).
 # Logs and CSVs go to one folder; a short summary prints last.
-# One more stage, labs (the workshop labs, bench/lab), is not in the default list: it builds every
-# chapter twice more, in build-lab/, and runs each one's GPU tests twice (`test` tests the solutions).
+# Two more stages, labs_build and labs (the workshop labs, bench/lab), are not in the default list:
+# they build every chapter with exercises twice more (blanked, filled), in build-lab/, and run each
+# one's GPU tests twice (`test` tests the solutions).
 #
 #   bench/gpu_check.sh [STAGE...]   stages: build test pytest sanitize smemcap ladder kvquant plot
-#                                   torch compare (default: all)
+#                                   torch compare labs_build labs (default: all but the last two)
 #
 # Environment: OUT_DIR (default ./gpu_check_out), BUILD_DIR (./build-gpu), CUDA_ARCH (default: the
 #              GPU of this machine),
@@ -165,25 +166,50 @@ stage_compare() {
 }
 
 # The workshop labs (bench/lab): every chapter with exercises, handed out blanked, must fail its GPU
-# tests, and with every blank filled by the solution must score full marks (tests and speed against
-# the solution, same GPU, same run). Workspaces in a temporary folder; builds in build-lab/.
+# tests, and with every blank filled by the solution must score full marks (tests, and speed against
+# this check's own build of the solution). Workspaces in build-lab/ws-blank and ws-filled, builds in
+# build-lab/blank and build-lab/filled. Building them is most of the stage's time and needs no GPU:
+# labs_build does only that, and can run in the background while other stages use the GPU
+# (setsid bench/gpu_check.sh labs_build &); labs waits for it, builds what is missing, and checks.
+labs_chapters() { echo ${LABS_CHAPTERS:-$("$root/bench/lab" list | awk '$2 != "no" {print $1}' | uniq)}; }
+labs_flag() { [ "$1" = filled ] && echo --filled; }
+
+stage_labs_build() {
+  local t0=$SECONDS rc=0 ch kind
+  mkdir -p "$root/build-lab"
+  touch "$root/build-lab/.building"
+  : > "$out/labs_build.log"
+  for kind in blank filled; do
+    for ch in $(labs_chapters); do
+      "$root/bench/lab" start "$ch" --force --labs "$root/build-lab/ws-$kind" $(labs_flag $kind) >> "$out/labs_build.log" 2>&1 &&
+        "$root/bench/lab" check "$ch" --build-only --labs "$root/build-lab/ws-$kind" --build-dir "$root/build-lab/$kind" \
+          --solution "$build" >> "$out/labs_build.log" 2>&1 || { rc=1; echo "labs_build: $ch $kind FAILED" >> "$out/labs_build.log"; }
+    done
+  done
+  rm -f "$root/build-lab/.building"
+  note "labs:     workspaces built, exit $rc ($((SECONDS - t0)) s, log labs_build.log)"
+  return $rc
+}
+
 stage_labs() {
-  local t0=$SECONDS rc=0 tmp ch r score
-  tmp=$(mktemp -d)
+  local t0=$SECONDS rc=0 ch kind r score ws
+  while [ -e "$root/build-lab/.building" ] && [ $((SECONDS - t0)) -lt 900 ]; do sleep 5; done  # labs_build
   : > "$out/labs.log"
-  for ch in ${LABS_CHAPTERS:-$("$root/bench/lab" list | awk '$2 != "no" {print $1}' | uniq)}; do
+  for ch in $(labs_chapters); do
     for kind in blank filled; do
       echo "=== $ch: $kind" >> "$out/labs.log"
-      "$root/bench/lab" start "$ch" --labs "$tmp/$kind" $([ $kind = filled ] && echo --filled) >> "$out/labs.log" 2>&1
-      "$root/bench/lab" check "$ch" --labs "$tmp/$kind" > "$tmp/check.txt" 2>&1
+      ws="$root/build-lab/ws-$kind"
+      [ -d "$ws/$ch" ] || "$root/bench/lab" start "$ch" --labs "$ws" $(labs_flag $kind) >> "$out/labs.log" 2>&1
+      "$root/bench/lab" check "$ch" --labs "$ws" --build-dir "$root/build-lab/$kind" --solution "$build" \
+        > "$out/check.txt" 2>&1
       r=$?
-      cat "$tmp/check.txt" >> "$out/labs.log"
+      cat "$out/check.txt" >> "$out/labs.log"
       if [ $r -eq 3 ]; then
-        note "labs:     no GPU (bench/lab check exit 3): nothing built or run"; rm -rf "$tmp"; return 1
+        note "labs:     no GPU (bench/lab check exit 3): nothing built or run"; rm -f "$out/check.txt"; return 1
       fi
-      score=$(grep '^score:' "$tmp/check.txt" | cut -d'(' -f1)
+      score=$(grep '^score:' "$out/check.txt" | cut -d'(' -f1)
       if [ $kind = blank ]; then
-        if [ $r -eq 1 ] && grep -q 'FAILED' "$tmp/check.txt"; then
+        if [ $r -eq 1 ] && grep -q 'FAILED' "$out/check.txt"; then
           note "labs:     $ch blanked: fails its tests, as it must (${score:-no score})"
         else
           note "labs:     $ch blanked: exit $r, expected its tests to fail (${score:-no score})"; rc=1
@@ -195,7 +221,7 @@ stage_labs() {
       fi
     done
   done
-  rm -rf "$tmp"
+  rm -f "$out/check.txt"
   note "labs:     done ($((SECONDS - t0)) s, log labs.log)"
   return $rc
 }
@@ -204,8 +230,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.g
   --format=csv > "$out/gpu.txt" 2>&1 || true
 for s in "${stages[@]}"; do
   case "$s" in
-    build|test|pytest|sanitize|smemcap|ladder|kvquant|plot|torch|compare|labs) "stage_$s" || status=1 ;;
-    *) echo "gpu_check: unknown stage '$s' (allowed: build test pytest sanitize smemcap ladder kvquant plot torch compare labs)" >&2; exit 2 ;;
+    build|test|pytest|sanitize|smemcap|ladder|kvquant|plot|torch|compare|labs|labs_build) "stage_$s" || status=1 ;;
+    *) echo "gpu_check: unknown stage '$s' (allowed: build test pytest sanitize smemcap ladder kvquant plot torch compare labs labs_build)" >&2; exit 2 ;;
   esac
   [ "$s" = build ] && [ $status -ne 0 ] && break
 done
