@@ -15,7 +15,9 @@
 //     softmax of S_j while the P V wgmma still runs; it waits for that one before rescaling O_i.
 //     P_{j-1} and S_j are both live: 32 + 64 more registers, within the 240 of step 3,
 //   - a slot is released only after P_{j-1} V_{j-1} is done, i.e. one iteration later than in
-//     step 3, so the ring has 3 stages (225 KB at d = 128) to keep two tiles ahead.
+//     step 3, so the ring has 3 stages (225 KB at d = 128) to keep two tiles ahead,
+//   - at d = 64 three consumers take turns (B_r = 192; NC below): there the exponentials cost as
+//     much as the GEMMs, and two consumers leave the tensor cores waiting for a softmax.
 // What it still costs: O_i leaves through registers and plain stores while the tensor cores
 // idle (FlashAttention-3 stages it through shared memory and a TMA store), and the grid is not
 // persistent (every block pays its prologue).
@@ -29,7 +31,6 @@
 #include <cmath>
 
 #include "03_flash_v2/tensor_core.cuh"
-#include "08_flash_v3/exp2_fma.cuh"
 #include "08_flash_v3/hopper.cuh"
 #include "08_flash_v3/kernel.h"
 #include "common/cuda_check.h"
@@ -98,7 +99,7 @@ __device__ __forceinline__ float tree_reduce(const float (&v)[N], F op) {
   }
 }
 
-template <class T, int D, int B_c, int STAGES, int EXP_EMU, int NC>
+template <class T, int D, int B_c, int STAGES, int NC>
 __global__ void __launch_bounds__(Team<NC>::threads, 1)
     flash_forward_pingpong(const lab::AttnParams p, const __grid_constant__ CUtensorMap tmap_q,
                            const __grid_constant__ CUtensorMap tmap_k,
@@ -197,15 +198,6 @@ __global__ void __launch_bounds__(Team<NC>::threads, 1)
     }
   };
 
-  // EXP_EMU > 0, a tuning option (bench/tune08.cu): the exponentials of one n8 block in EXP_EMU
-  // run on the FMA pipe (exp2_fma.cuh) instead of the SFU.
-  auto exp2_of_block = [](int i, float x) {
-    if constexpr (EXP_EMU > 0) {
-      if (i % EXP_EMU == 0) return exp2_fma(x);
-    }
-    return exp2_approx(x);
-  };
-
   // Online softmax in the exp2 domain, as in 03: m_i is the running max of raw scores, P =
   // 2^(s c - m_i c) with c = scale log2(e); O_i and l_i are rescaled by 2^((m_old - m_new) c).
   // O_i is not touched here (a P V wgmma may still accumulate into it): alpha goes out, and
@@ -224,8 +216,8 @@ __global__ void __launch_bounds__(Team<NC>::threads, 1)
       m_i[r] = mx;
 #pragma unroll
       for (int i = 0; i < N_S; ++i) {
-        s[4 * i + 2 * r] = exp2_of_block(i, fmaf(s[4 * i + 2 * r], scale_log2, -m_scaled));
-        s[4 * i + 2 * r + 1] = exp2_of_block(i, fmaf(s[4 * i + 2 * r + 1], scale_log2, -m_scaled));
+        s[4 * i + 2 * r] = exp2_approx(fmaf(s[4 * i + 2 * r], scale_log2, -m_scaled));
+        s[4 * i + 2 * r + 1] = exp2_approx(fmaf(s[4 * i + 2 * r + 1], scale_log2, -m_scaled));
         pair[i] = s[4 * i + 2 * r] + s[4 * i + 2 * r + 1];
       }
       l_i[r] = l_i[r] * alpha_of[r] + tree_reduce(pair, [](float u, float v) { return u + v; });
@@ -344,8 +336,7 @@ __global__ void __launch_bounds__(Team<NC>::threads, 1)
 }
 
 template <class T, int D, int B_c = tiles_for(Step::pingpong, D).B_c,
-          int STAGES = tiles_for(Step::pingpong, D).stages, int EXP_EMU = 0,
-          int NC = tiles_for(Step::pingpong, D).B_r / 64>
+          int STAGES = tiles_for(Step::pingpong, D).stages, int NC = tiles_for(Step::pingpong, D).B_r / 64>
 void launch(LaunchPlan plan, const lab::AttnParams& p, cudaStream_t stream) {
   // tiles_for's tiles, or a tuning sweep's (bench/tune08.cu): shared memory and grid follow them.
   constexpr int kThreads = Team<NC>::threads;
@@ -359,7 +350,7 @@ void launch(LaunchPlan plan, const lab::AttnParams& p, cudaStream_t stream) {
                                                   p.k_row_stride, p.k_head_stride, p.k_batch_stride, t.B_c));
   const CUtensorMap tv = encode_tma_tile(tma_tile("v", p.dtype, p.v, D, p.seqlen_kv, p.heads_kv, p.batch,
                                                   p.v_row_stride, p.v_head_stride, p.v_batch_stride, t.B_c));
-  auto kernel = flash_forward_pingpong<T, D, B_c, STAGES, EXP_EMU, NC>;
+  auto kernel = flash_forward_pingpong<T, D, B_c, STAGES, NC>;
   lab::configure_kernel(reinterpret_cast<const void*>(kernel), kThreads, plan.smem, "08_flash_v3");
   kernel<<<dim3(plan.grid_x, plan.grid_y, plan.grid_z), kThreads, plan.smem, stream>>>(p, tq, tk, tv);
   LAB_LAUNCH_CHECK();

@@ -34,13 +34,16 @@ enum class Step { wgmma, tma, ws, pingpong };
 //               consumers' 240 registers hold S and O of a 64 x 128 tile at d = 128 (64 + 64 fp32),
 //               so B_c = 128 at both head dims; two stages: 81 KB at d = 64, 161 KB at d = 128.
 //   pingpong:   as ws, with 3 stages: a slot is held until P V of its tile is done, one iteration
-//               later than in ws; 113 KB at d = 64, 225 KB at d = 128.
+//               later than in ws; 225 KB at d = 128. At d = 64 three consumer warpgroups (B_r = 192,
+//               512 threads, 160 registers each): the exponentials cost as much as the GEMMs there,
+//               and a third consumer keeps the tensor cores fed (FlashAttention-3's choice; 19%
+//               faster on the H200, docs/NOTES-08.md); 121 KB.
 struct Tiles {
   int B_r, B_c, stages, threads;
 };
 constexpr CH08_HD Tiles tiles_for(Step step, int head_dim) {
   if (step == Step::ws) return Tiles{128, 128, 2, 384};
-  if (step == Step::pingpong) return Tiles{128, 128, 3, 384};
+  if (step == Step::pingpong) return head_dim == 64 ? Tiles{192, 128, 3, 512} : Tiles{128, 128, 3, 384};
   return head_dim == 64 ? Tiles{64, 128, 2, 128} : Tiles{64, 64, 2, 128};
 }
 

@@ -90,6 +90,15 @@ stage_sanitize() {
       [ $r -ne 0 ] && rc=1
     done
   done
+  # Chapter 08 synchronizes through mbarriers and named barriers: synccheck too.
+  if [ -x "$build/bin/08_flash_v3_test" ]; then
+    echo "=== synccheck 08_flash_v3_test [sanitize]" >> "$out/sanitizer.log"
+    compute-sanitizer --tool synccheck --error-exitcode 99 "$build/bin/08_flash_v3_test" "[sanitize]" \
+      >> "$out/sanitizer.log" 2>&1
+    local r=$?
+    note "sanitize: synccheck 08_flash_v3_test: exit $r; $(grep -E "ERROR SUMMARY" "$out/sanitizer.log" | tail -1)"
+    [ $r -ne 0 ] && rc=1
+  fi
   note "sanitize: done ($((SECONDS - t0)) s)"
   return $rc
 }
