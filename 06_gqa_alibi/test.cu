@@ -137,6 +137,38 @@ TEST_CASE("06_gqa_alibi: offsets that are not increasing are refused by name", "
         std::string::npos);
 }
 
+TEST_CASE("06_gqa_alibi: offsets past the packed tensors, launched anyway, touch nothing outside them",
+          "[gpu][sanitize]") {
+  // The host check refuses cu_seqlens past total_q/total_kv (varlen_offsets_reason); a kernel
+  // launched without it must skip such a sequence on the device. The tensors hold exactly the
+  // 10 packed rows, so under compute-sanitizer memcheck any access past them is an error.
+  lab::ProblemSpec s;
+  s.varlen_q = {5, 5}, s.varlen_kv = {5, 5};
+  s.heads_q = 4, s.heads_kv = 2, s.head_dim = 64, s.seed = lab::test_seed();
+  for (bool past_q : {true, false}) {
+    lab::Problem prob(s);
+    REQUIRE(prob.params.total_q == 10);
+    REQUIRE(prob.params.total_kv == 10);
+    int* cu = const_cast<int*>(past_q ? prob.params.cu_seqlens_q : prob.params.cu_seqlens_kv);
+    const int bad = 20;  // {0, 5, 20}: sequence 1 ends 10 rows past the tensors
+    LAB_CUDA_CHECK(cudaMemcpy(cu + 2, &bad, sizeof(int), cudaMemcpyHostToDevice));
+    INFO(lab::varlen_offsets_reason(prob.params, "06"));
+    REQUIRE(lab::varlen_offsets_reason(prob.params, "06").find("exceeds total_") != std::string::npos);
+    for (const lab::Variant& v : ch().variants) {
+      if (!runs(v, s)) continue;
+      INFO(v.name << (past_q ? ": cu_seqlens_q" : ": cu_seqlens_kv") << " past the tensors");
+      const lab::VariantInputs in = lab::prepare_variant(prob, v);
+      prob.poison_outputs(0);
+      v.forward(in.params, 0);
+      LAB_CUDA_CHECK(cudaDeviceSynchronize());
+      // Sequence 1 is skipped: its 5 rows of O keep the poison.
+      const std::vector<uint16_t> o = lab::download_bits(prob.params.o, prob.o_elems);
+      const size_t row = size_t(s.heads_q) * s.head_dim;
+      for (size_t e = 5 * row; e < 10 * row; ++e) REQUIRE(o[e] == lab::kPoisonFp16);
+    }
+  }
+}
+
 TEST_CASE("06_gqa_alibi: a small case for the sanitizers", "[gpu][sanitize]") {
   lab::ProblemSpec s;
   s.varlen_q = {1, 150, 1, 20}, s.varlen_kv = {300, 150, 0, 90};

@@ -65,50 +65,65 @@ __device__ __forceinline__ void fence_fragments(uint32_t (&a)[K][4]) {
 }
 
 // clang-format off
-#define CH08_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define CH08_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+// Accumulator operands: N / 2 fp32 registers, %0 .. %(N/2 - 1), in blocks of 16.
+#define CH08_R0 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define CH08_R1 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define CH08_R2 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
+#define CH08_R3 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define CH08_R4 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79"
+#define CH08_R5 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+#define CH08_ACC32 "{" CH08_R0 ", " CH08_R1 "}"
+#define CH08_ACC48 "{" CH08_R0 ", " CH08_R1 ", " CH08_R2 "}"
+#define CH08_ACC64 "{" CH08_R0 ", " CH08_R1 ", " CH08_R2 ", " CH08_R3 "}"
+#define CH08_ACC80 "{" CH08_R0 ", " CH08_R1 ", " CH08_R2 ", " CH08_R3 ", " CH08_R4 "}"
+#define CH08_ACC96 "{" CH08_R0 ", " CH08_R1 ", " CH08_R2 ", " CH08_R3 ", " CH08_R4 ", " CH08_R5 "}"
 #define CH08_F8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
   "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 #define CH08_D32 CH08_F8(0), CH08_F8(8), CH08_F8(16), CH08_F8(24)
-#define CH08_D64 CH08_D32, CH08_F8(32), CH08_F8(40), CH08_F8(48), CH08_F8(56)
+#define CH08_D48 CH08_D32, CH08_F8(32), CH08_F8(40)
+#define CH08_D64 CH08_D48, CH08_F8(48), CH08_F8(56)
+#define CH08_D80 CH08_D64, CH08_F8(64), CH08_F8(72)
+#define CH08_D96 CH08_D80, CH08_F8(80), CH08_F8(88)
+// One SS wgmma: SHAPE is "m64nNk16.f32.f16.f16" (or .bf16), ACC and D the accumulators of that N,
+// AB and SCALE_D the operand numbers of wgmma_ss's descriptors a, b and of its `accumulate`, the
+// operands that follow the accumulators.
+#define CH08_WGMMA_SS(SHAPE, ACC, D, AB, SCALE_D)                                            \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE_D ", 0;\n"                          \
+               "wgmma.mma_async.sync.aligned." SHAPE " " ACC ", " AB ", p, 1, 1, 0, 0;\n}\n" \
+               : D                                                                           \
+               : "l"(a), "l"(b), "r"(accumulate))
 // clang-format on
 
 // S = Q K^T (SS): D[64 x N] = A B (+ D when accumulate != 0), both operands K-major in shared
 // memory (Q_i rows and K_j rows, head_dim contiguous). The trailing immediates are imm-scale-a = 1,
 // imm-scale-b = 1 (no negation), imm-trans-a = 0, imm-trans-b = 0 (K-major, as stored); the
-// predicate p is scale-d: false on the first k-step, so S needs no zeroing.
+// predicate p is scale-d: false on the first k-step, so S needs no zeroing. N = B_c: the PTX ISA
+// allows any multiple of 8 up to 256 for f16/bf16; these are the widths the kernels and the
+// tuning sweep (bench/tune08.cu) use.
 template <class T, int N>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
-  static_assert(N == 64 || N == 128, "S tiles are 64 or 128 keys wide");
-  if constexpr (N == 64 && std::is_same_v<T, __half>) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " CH08_ACC32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : CH08_D32
-        : "l"(a), "l"(b), "r"(accumulate));
-  } else if constexpr (N == 64) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " CH08_ACC32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : CH08_D32
-        : "l"(a), "l"(b), "r"(accumulate));
-  } else if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " CH08_ACC64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : CH08_D64
-        : "l"(a), "l"(b), "r"(accumulate));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " CH08_ACC64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : CH08_D64
-        : "l"(a), "l"(b), "r"(accumulate));
-  }
+  static_assert(N == 64 || N == 96 || N == 128 || N == 160 || N == 192, "S tiles are 64 to 192 keys wide");
+  constexpr bool f16 = std::is_same_v<T, __half>;
+  if constexpr (N == 64 && f16)
+    CH08_WGMMA_SS("m64n64k16.f32.f16.f16", CH08_ACC32, CH08_D32, "%32, %33", "%34");
+  else if constexpr (N == 64)
+    CH08_WGMMA_SS("m64n64k16.f32.bf16.bf16", CH08_ACC32, CH08_D32, "%32, %33", "%34");
+  else if constexpr (N == 96 && f16)
+    CH08_WGMMA_SS("m64n96k16.f32.f16.f16", CH08_ACC48, CH08_D48, "%48, %49", "%50");
+  else if constexpr (N == 96)
+    CH08_WGMMA_SS("m64n96k16.f32.bf16.bf16", CH08_ACC48, CH08_D48, "%48, %49", "%50");
+  else if constexpr (N == 128 && f16)
+    CH08_WGMMA_SS("m64n128k16.f32.f16.f16", CH08_ACC64, CH08_D64, "%64, %65", "%66");
+  else if constexpr (N == 128)
+    CH08_WGMMA_SS("m64n128k16.f32.bf16.bf16", CH08_ACC64, CH08_D64, "%64, %65", "%66");
+  else if constexpr (N == 160 && f16)
+    CH08_WGMMA_SS("m64n160k16.f32.f16.f16", CH08_ACC80, CH08_D80, "%80, %81", "%82");
+  else if constexpr (N == 160)
+    CH08_WGMMA_SS("m64n160k16.f32.bf16.bf16", CH08_ACC80, CH08_D80, "%80, %81", "%82");
+  else if constexpr (f16)
+    CH08_WGMMA_SS("m64n192k16.f32.f16.f16", CH08_ACC96, CH08_D96, "%96, %97", "%98");
+  else
+    CH08_WGMMA_SS("m64n192k16.f32.bf16.bf16", CH08_ACC96, CH08_D96, "%96, %97", "%98");
 }
 
 // O += P V (RS): A = P from registers (4 x 32 bits: 8 fp16/bf16 per thread), B = V_j in shared
@@ -149,11 +164,24 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
   }
 }
 
+#undef CH08_R0
+#undef CH08_R1
+#undef CH08_R2
+#undef CH08_R3
+#undef CH08_R4
+#undef CH08_R5
 #undef CH08_ACC32
+#undef CH08_ACC48
 #undef CH08_ACC64
+#undef CH08_ACC80
+#undef CH08_ACC96
 #undef CH08_F8
 #undef CH08_D32
+#undef CH08_D48
 #undef CH08_D64
+#undef CH08_D80
+#undef CH08_D96
+#undef CH08_WGMMA_SS
 
 // ---- proxies ----
 

@@ -29,6 +29,7 @@
 #include <cmath>
 
 #include "03_flash_v2/tensor_core.cuh"
+#include "08_flash_v3/exp2_fma.cuh"
 #include "08_flash_v3/hopper.cuh"
 #include "08_flash_v3/kernel.h"
 #include "common/cuda_check.h"
@@ -42,16 +43,38 @@ using ch03::exp2_approx;
 using ch03::pack2;
 using ch03::softmax_alpha;
 
-constexpr int kThreads = 384, kConsumerThreads = 256;  // a producer and two consumer warpgroups
-constexpr int kProducerRegs = 24, kConsumerRegs = 240;
-// setmaxnreg.inc blocks until the block's register pool can pay for it, and the pool is what the
-// block launched with (at most 65536 / kThreads per thread, in steps of 8; ptxas -v: 168): budgets
-// past it would leave the consumers waiting forever.
-static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0 && kProducerRegs >= 24 && kConsumerRegs <= 256,
-              "setmaxnreg takes multiples of 8 in [24, 256]");
-static_assert((kThreads - kConsumerThreads) * kProducerRegs + kConsumerThreads * kConsumerRegs <=
-                  65536 / kThreads / 8 * 8 * kThreads,
-              "the producer's and the consumers' registers must fit in the block's pool");
+// A producer warpgroup and NC consumer warpgroups of 64 query rows each: two (B_r = 128), or three
+// (B_r = 192, FlashAttention-3's choice at d = 64, where the exponentials weigh as much as the GEMMs
+// and a third warpgroup has its softmax ready when the tensor cores free up). The consumers take
+// the registers the producer gives up: 240 each of two, 160 each of three.
+template <int NC>
+struct Team {
+  static constexpr int threads = 128 * (NC + 1), consumer_threads = 128 * NC;
+  static constexpr int producer_regs = 24, consumer_regs = NC == 2 ? 240 : 160;
+  // setmaxnreg.inc blocks until the block's register pool can pay for it, and the pool is what the
+  // block launched with (at most 65536 / threads per thread, in steps of 8; ptxas -v: 168 for two
+  // consumers): budgets past it would leave the consumers waiting forever.
+  static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
+  static_assert(producer_regs % 8 == 0 && consumer_regs % 8 == 0 && producer_regs >= 24 && consumer_regs <= 256,
+                "setmaxnreg takes multiples of 8 in [24, 256]");
+  static_assert((threads - consumer_threads) * producer_regs + consumer_threads * consumer_regs <=
+                    65536 / threads / 8 * 8 * threads,
+                "the producer's and the consumers' registers must fit in the block's pool");
+};
+
+// Named barriers need immediate ids: barrier BASE + n for a warpgroup number n known only at run time.
+template <int NC, int BASE, int COUNT>
+__device__ __forceinline__ void sync_nth(int n) {
+  if (n == 0) named_barrier_sync<BASE, COUNT>();
+  else if (NC == 2 || n == 1) named_barrier_sync<BASE + 1, COUNT>();
+  else named_barrier_sync<BASE + 2, COUNT>();
+}
+template <int NC, int BASE, int COUNT>
+__device__ __forceinline__ void arrive_nth(int n) {
+  if (n == 0) named_barrier_arrive<BASE, COUNT>();
+  else if (NC == 2 || n == 1) named_barrier_arrive<BASE + 1, COUNT>();
+  else named_barrier_arrive<BASE + 2, COUNT>();
+}
 
 // A ROWS x D tile at (row0, head, batch) of a tensor map: one TMA box per 64-column block.
 template <int D, int ROWS>
@@ -68,22 +91,20 @@ __device__ __forceinline__ float tree_reduce(const float (&v)[N], F op) {
   if constexpr (N == 1) {
     return v[0];
   } else {
-    float half[N / 2];
+    float half[(N + 1) / 2];  // an odd one out (B_c = 96, 160, 192) moves up unpaired
 #pragma unroll
-    for (int i = 0; i < N / 2; ++i) half[i] = op(v[2 * i], v[2 * i + 1]);
-    return tree_reduce<N / 2>(half, op);
+    for (int i = 0; i < (N + 1) / 2; ++i) half[i] = 2 * i + 1 < N ? op(v[2 * i], v[2 * i + 1]) : v[2 * i];
+    return tree_reduce<(N + 1) / 2>(half, op);
   }
 }
 
-template <class T, int D>
-__global__ void __launch_bounds__(kThreads, 1)
+template <class T, int D, int B_c, int STAGES, int EXP_EMU, int NC>
+__global__ void __launch_bounds__(Team<NC>::threads, 1)
     flash_forward_pingpong(const lab::AttnParams p, const __grid_constant__ CUtensorMap tmap_q,
                            const __grid_constant__ CUtensorMap tmap_k,
                            const __grid_constant__ CUtensorMap tmap_v) {
-  constexpr Tiles TILES = tiles_for(Step::pingpong, D);
-  constexpr int B_r = TILES.B_r, B_c = TILES.B_c, STAGES = TILES.stages;
+  constexpr int B_r = 64 * NC;  // NC consumer warpgroups of 64 rows (one wgmma M) each
   constexpr int N_S = B_c / 8, N_O = D / 8;  // n8 blocks of S and O in a thread's two rows
-  static_assert(B_r == 128, "two consumer warpgroups of 64 rows (one wgmma M) each");
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t sQ = (smem_addr(smem_raw) + 1023) & ~1023u;  // tiles on 1024-byte boundaries
@@ -117,13 +138,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     mbar_init(smem_addr(&q_full), 1);
     for (int s = 0; s < STAGES; ++s)
-      mbar_init(smem_addr(&full[s]), 1), mbar_init(smem_addr(&empty[s]), kConsumerThreads);
+      mbar_init(smem_addr(&full[s]), 1), mbar_init(smem_addr(&empty[s]), Team<NC>::consumer_threads);
     mbar_init_fence();
   }
   __syncthreads();  // the barriers exist before anyone waits on them; the last block-wide barrier
 
   if (wg == 0) {  // the producer
-    setmaxnreg_dec<kProducerRegs>();
+    setmaxnreg_dec<Team<NC>::producer_regs>();
     if (threadIdx.x == 0) {
       mbar_arrive_expect_tx(smem_addr(&q_full), B_r * D * sizeof(T));
       load_tile_tma<D, B_r>(sQ, &tmap_q, smem_addr(&q_full), m0, h, b);
@@ -137,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     return;  // nothing after this point waits for the producer
   }
-  setmaxnreg_inc<kConsumerRegs>();
+  setmaxnreg_inc<Team<NC>::consumer_regs>();
   mbar_wait(smem_addr(&q_full), 0);
 
   // Per thread: rows warp_row0 + g and + 8 of the tile, in the wgmma accumulator layout.
@@ -176,6 +197,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
+  // EXP_EMU > 0, a tuning option (bench/tune08.cu): the exponentials of one n8 block in EXP_EMU
+  // run on the FMA pipe (exp2_fma.cuh) instead of the SFU.
+  auto exp2_of_block = [](int i, float x) {
+    if constexpr (EXP_EMU > 0) {
+      if (i % EXP_EMU == 0) return exp2_fma(x);
+    }
+    return exp2_approx(x);
+  };
+
   // Online softmax in the exp2 domain, as in 03: m_i is the running max of raw scores, P =
   // 2^(s c - m_i c) with c = scale log2(e); O_i and l_i are rescaled by 2^((m_old - m_new) c).
   // O_i is not touched here (a P V wgmma may still accumulate into it): alpha goes out, and
@@ -194,8 +224,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       m_i[r] = mx;
 #pragma unroll
       for (int i = 0; i < N_S; ++i) {
-        s[4 * i + 2 * r] = exp2_approx(fmaf(s[4 * i + 2 * r], scale_log2, -m_scaled));
-        s[4 * i + 2 * r + 1] = exp2_approx(fmaf(s[4 * i + 2 * r + 1], scale_log2, -m_scaled));
+        s[4 * i + 2 * r] = exp2_of_block(i, fmaf(s[4 * i + 2 * r], scale_log2, -m_scaled));
+        s[4 * i + 2 * r + 1] = exp2_of_block(i, fmaf(s[4 * i + 2 * r + 1], scale_log2, -m_scaled));
         pair[i] = s[4 * i + 2 * r] + s[4 * i + 2 * r + 1];
       }
       l_i[r] = l_i[r] * alpha_of[r] + tree_reduce(pair, [](float u, float v) { return u + v; });
@@ -228,18 +258,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_commit();
   };
 
-  // Pingpong: consumer c waits on barrier 3 + c for its turn and hands the turn to the other
-  // (barrier 3 + 1 - c) once its wgmmas are issued; 256 threads: one warpgroup syncs, one arrives.
+  // Pingpong: consumer c waits on barrier NC + 1 + c for its turn and hands the turn to the next
+  // one, (c + 1) % NC, once its wgmmas are issued; 256 threads: one warpgroup syncs, one arrives.
+  // (Barriers 1 .. NC are the consumers' own, for the epilogue.)
   const int c = wg - 1;
-  auto my_turn = [&] { c == 0 ? named_barrier_sync<3, 2 * 128>() : named_barrier_sync<4, 2 * 128>(); };
-  auto your_turn = [&] { c == 0 ? named_barrier_arrive<4, 2 * 128>() : named_barrier_arrive<3, 2 * 128>(); };
+  auto my_turn = [&] { sync_nth<NC, NC + 1, 2 * 128>(c); };
+  auto your_turn = [&] { arrive_nth<NC, NC + 1, 2 * 128>(c + 1 == NC ? 0 : c + 1); };
 
   // Batches of wgmmas, each issued in this consumer's turn: S_0; then S_j with P_{j-1} V_{j-1}
-  // for j = 1 .. T_c - 1; then P_{T_c-1} V_{T_c-1}. Both consumers have T_c + 1 of them.
+  // for j = 1 .. T_c - 1; then P_{T_c-1} V_{T_c-1}. Every consumer has T_c + 1 of them.
   if (T_c > 0) {
     float s[B_c / 2], alpha_of[2];
     uint32_t pa[B_c / 16][4];
-    if (c == 1) your_turn();  // consumer 1 goes first
+    if (c == NC - 1) your_turn();  // the last consumer hands the first turn to consumer 1
     mbar_wait(smem_addr(&full[0]), 0);
     my_turn();
     issue_scores(s, sK);
@@ -270,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     my_turn();
     issue_pv(pa, sV + ((T_c - 1) % STAGES) * KV_TILE);
-    if (c == 0) your_turn();  // consumer 2's last batch has no one to hand the turn to
+    if (c != NC - 1) your_turn();  // the last consumer's last batch has no one to hand the turn to
     wgmma_wait<0>();
     fence_accumulators(o);
     fence_fragments(pa);
@@ -278,8 +309,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // O_i / l_i, and lse_i = m_i * scale + log(l_i). Rows that saw no key write 0 and -inf.
-  // This warpgroup's wgmmas have read its rows of Q_i (barrier 1 or 2, one per consumer).
-  wg == 1 ? named_barrier_sync<1, 128>() : named_barrier_sync<2, 128>();
+  // This warpgroup's wgmmas have read its rows of Q_i (barrier 1 .. NC, one per consumer).
+  sync_nth<NC, 1, 128>(c);
   T* O = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + m0 * p.o_row_stride;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -312,8 +343,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <class T, int D>
-void launch(const LaunchPlan& plan, const lab::AttnParams& p, cudaStream_t stream) {
+template <class T, int D, int B_c = tiles_for(Step::pingpong, D).B_c,
+          int STAGES = tiles_for(Step::pingpong, D).stages, int EXP_EMU = 0,
+          int NC = tiles_for(Step::pingpong, D).B_r / 64>
+void launch(LaunchPlan plan, const lab::AttnParams& p, cudaStream_t stream) {
+  // tiles_for's tiles, or a tuning sweep's (bench/tune08.cu): shared memory and grid follow them.
+  constexpr int kThreads = Team<NC>::threads;
+  plan.tiles = Tiles{64 * NC, B_c, STAGES, kThreads}, plan.smem = smem_bytes(plan.tiles, D);
+  plan.grid_x = (p.seqlen_q + plan.tiles.B_r - 1) / plan.tiles.B_r;
   const Tiles& t = plan.tiles;
   // Tensor maps: [batch, seqlen, heads, d] with d contiguous, boxes of 64 columns x B_r or B_c rows.
   const CUtensorMap tq = encode_tma_tile(tma_tile("q", p.dtype, p.q, D, p.seqlen_q, p.heads_q, p.batch,
@@ -322,7 +359,7 @@ void launch(const LaunchPlan& plan, const lab::AttnParams& p, cudaStream_t strea
                                                   p.k_row_stride, p.k_head_stride, p.k_batch_stride, t.B_c));
   const CUtensorMap tv = encode_tma_tile(tma_tile("v", p.dtype, p.v, D, p.seqlen_kv, p.heads_kv, p.batch,
                                                   p.v_row_stride, p.v_head_stride, p.v_batch_stride, t.B_c));
-  auto kernel = flash_forward_pingpong<T, D>;
+  auto kernel = flash_forward_pingpong<T, D, B_c, STAGES, EXP_EMU, NC>;
   lab::configure_kernel(reinterpret_cast<const void*>(kernel), kThreads, plan.smem, "08_flash_v3");
   kernel<<<dim3(plan.grid_x, plan.grid_y, plan.grid_z), kThreads, plan.smem, stream>>>(p, tq, tk, tv);
   LAB_LAUNCH_CHECK();

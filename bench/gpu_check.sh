@@ -14,7 +14,10 @@
 # Environment: OUT_DIR (default ./gpu_check_out), BUILD_DIR (./build-gpu), CUDA_ARCH (default: the
 #              GPU of this machine),
 #              CMAKE_ARGS (extra configure flags, e.g. -DCMAKE_PREFIX_PATH=...), LADDER_ARGS,
-#              TORCH_ARGS (bench/torch_sdpa.py), COMPARE_ARGS (bench/compare_torch.py, e.g. --quick).
+#              TORCH_ARGS (bench/torch_sdpa.py), COMPARE_ARGS (bench/compare_torch.py, e.g. --quick),
+#              SMEMCAP_CTEST_ARGS (e.g. "-R 08_flash_v3": the tests run under each cap; default all),
+#              SMEMCAP_LADDER_ARGS (default "--quick --max-seconds 0.2"),
+#              LABS_CHAPTERS (e.g. "04_flash_decoding 07_kv_quant"; default every chapter with blanks).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT_DIR:-$root/gpu_check_out}
@@ -96,13 +99,14 @@ stage_sanitize() {
 stage_smemcap() {
   local rc=0 t0=$SECONDS cap
   for cap in 99K 163K; do
-    LAB_SMEM_CAP=$cap ctest --test-dir "$build" --output-on-failure > "$out/smemcap_$cap.ctest.log" 2>&1
+    LAB_SMEM_CAP=$cap ctest --test-dir "$build" --output-on-failure ${SMEMCAP_CTEST_ARGS:-} \
+      > "$out/smemcap_$cap.ctest.log" 2>&1
     local r=$?
     note "smemcap:  $cap ctest exit $r, $(grep -E 'tests passed|tests failed' "$out/smemcap_$cap.ctest.log" | tail -1)"
     [ $r -ne 0 ] && rc=1
     mkdir -p "$out/smemcap_$cap"
-    LAB_SMEM_CAP=$cap "$build/bin/ladder" --quick --max-seconds 0.2 --out "$out/smemcap_$cap" \
-      > "$out/smemcap_$cap.ladder.log" 2>&1
+    LAB_SMEM_CAP=$cap "$build/bin/ladder" ${SMEMCAP_LADDER_ARGS:---quick --max-seconds 0.2} \
+      --out "$out/smemcap_$cap" > "$out/smemcap_$cap.ladder.log" 2>&1
     r=$?
     note "smemcap:  $cap ladder exit $r, $(tail -1 "$out/smemcap_$cap.ladder.log")"
     [ $r -ne 0 ] && rc=1
@@ -167,7 +171,7 @@ stage_labs() {
   local t0=$SECONDS rc=0 tmp ch r score
   tmp=$(mktemp -d)
   : > "$out/labs.log"
-  for ch in $("$root/bench/lab" list | awk '$2 != "no" {print $1}' | uniq); do
+  for ch in ${LABS_CHAPTERS:-$("$root/bench/lab" list | awk '$2 != "no" {print $1}' | uniq)}; do
     for kind in blank filled; do
       echo "=== $ch: $kind" >> "$out/labs.log"
       "$root/bench/lab" start "$ch" --labs "$tmp/$kind" $([ $kind = filled ] && echo --filled) >> "$out/labs.log" 2>&1

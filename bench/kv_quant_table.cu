@@ -5,8 +5,8 @@
 //             own error, which must pass the fp16 tolerance);
 //   bytes:    stored per token and KV head, K and V, scales included;
 //   speed:    decoding time at b8 kv4096, b32 kv4096 and b1 kv32768 (d 128, 32 heads), GB/s of the
-//             bytes stored, % of the copy bandwidth measured in the same run, speedup over the
-//             chapter's own fp16 variant on the same shape.
+//             bytes stored, % of the streaming-read ceiling measured in the same run (and of the
+//             copy, pct_copy), speedup over the chapter's own fp16 variant on the same shape.
 // Prints a table and writes kv_quant.csv; exits 1 if any check fails.
 //
 //   07_kv_quant_table [--out DIR] [--seed N] [--max-seconds S]
@@ -95,8 +95,8 @@ int main(int argc, char** argv) {
     std::printf("07_kv_quant_table on %s (%d SMs, CUDA %s)\n", gpu.name.c_str(), gpu.sm_count,
                 gpu.cuda_runtime.c_str());
     const lab::Ceilings ceil = lab::measure_ceilings();
-    std::printf("measured ceilings: copy %.0f GB/s (read + write), fp16 GEMM %.0f TFLOPS\n", ceil.copy_gbps,
-                ceil.gemm_tflops);
+    std::printf("measured ceilings: read %.0f GB/s (%s), copy %.0f GB/s (read + write), fp16 GEMM %.0f TFLOPS\n",
+                ceil.read_gbps, ceil.read_method.c_str(), ceil.copy_gbps, ceil.gemm_tflops);
     int failures = 0;
 
     // 1. Accuracy, every row of b8 h32 kv4096 d128, normal and outlier-channel K/V.
@@ -163,9 +163,11 @@ int main(int argc, char** argv) {
             2.0 * (prob.params.head_dim * element_bytes + lab::kv_scale_bytes_per_token_head(prob.host, kq));
         if (v.name == "fp16" && o.ok) fp16_ms = o.row.ms;
         if (o.ok && fp16_ms > 0) row.speedup = fp16_ms / o.row.ms;
-        if (v.name != "fp16" && batch >= 8 && kv >= 4096)
-          row.target = o.ok && row.speedup >= 1.8 && o.row.pct_peak >= 85.0 ? "met" : "missed";
-        std::printf("speed b%-3d kv%-6d %-14s %9.4f ms %7.0f GB/s %5.1f%% of copy  %5.2fx fp16  %s %s\n",
+        // The chapter's targets (batch >= 8, 4k keys and more): every quantized scheme 1.8x the fp16
+        // variant; the fp16 variant itself at 95% of the read ceiling (pct_peak of a memory-bound row).
+        if (batch >= 8 && kv >= 4096)
+          row.target = o.ok && (v.name == "fp16" ? o.row.pct_peak >= 95.0 : row.speedup >= 1.8) ? "met" : "missed";
+        std::printf("speed b%-3d kv%-6d %-14s %9.4f ms %7.0f GB/s %5.1f%% of read  %5.2fx fp16  %s %s\n",
                     batch, kv, v.name.c_str(), o.row.ms, o.row.gbps, o.row.pct_peak, row.speedup,
                     o.row.check.c_str(), row.target.c_str());
         if (!o.ok) std::printf("  %s\n", o.message.c_str());
@@ -175,7 +177,7 @@ int main(int argc, char** argv) {
 
     // 3. The table for people, and the CSV the README's tables are drawn from.
     std::printf("\n%-14s %9s | %-19s | %-19s | %-9s | %s\n", "scheme", "B/tok/hd", "normal rel/max",
-                "outliers rel/max", "kernel", "b8 kv4k: GB/s, %copy, vs fp16");
+                "outliers rel/max", "kernel", "b8 kv4k: GB/s, %read, vs fp16");
     for (const Row& row : rows) {
       if (row.r.batch != 8) continue;
       const auto& a = acc[row.r.variant];
@@ -195,7 +197,7 @@ int main(int argc, char** argv) {
         "kv_bytes_per_token_head,splits,ms,ms_p10,ms_p90,reps,tflops,gbps,pct_peak,speedup_vs_fp16,target,"
         "max_err,rel_err,check,quant_rel_l2_normal,quant_max_abs_normal,quant_rel_l2_outliers,"
         "quant_max_abs_outliers,kernel_rel_l2_normal,kernel_max_abs_normal,kernel_rel_l2_outliers,"
-        "kernel_max_abs_outliers,copy_gbps,gpu,driver,cuda,date\n");
+        "kernel_max_abs_outliers,pct_copy,read_gbps,copy_gbps,gpu,driver,cuda,date\n");
     for (const Row& row : rows) {
       const lab::ResultRow& r = row.r;
       const auto& a = acc[r.variant];
@@ -203,20 +205,22 @@ int main(int argc, char** argv) {
       std::fprintf(
           f,
           "%s,%s,%s,%d,%s,%d,%d,%d,%d,%d,%d,%d,%.4f,%d,%.5f,%.5f,%.5f,%d,%.4f,%.1f,%.2f,%.3f,%s,%.3e,%.3e,%s,"
-          "%.3e,%.3e,%.3e,%.3e,%.3e,%.3e,%.3e,%.3e,%.1f,%s,%s,%s,%s\n",
+          "%.3e,%.3e,%.3e,%.3e,%.3e,%.3e,%.3e,%.3e,%.2f,%.1f,%.1f,%s,%s,%s,%s\n",
           r.chapter.c_str(), r.variant.c_str(), row.scheme.c_str(), row.group, lab::dtype_name(r.dtype),
           r.batch, r.heads_q, r.heads_kv, r.seqlen_q, r.seqlen_kv, r.head_dim, int(r.causal),
           row.kv_bytes_per_token_head, r.splits, r.ms, r.ms_p10, r.ms_p90, r.reps, r.tflops, r.gbps,
           r.pct_peak, row.speedup, row.target.c_str(), r.max_err, r.rel_err, r.check.c_str(),
           n.source.rel_l2_err, n.source.max_abs_err, o.source.rel_l2_err, o.source.max_abs_err,
           n.kernel.rel_l2_err, n.kernel.max_abs_err, o.kernel.rel_l2_err, o.kernel.max_abs_err,
-          ceil.copy_gbps, r.gpu.c_str(), r.driver.c_str(), r.cuda.c_str(), r.date.c_str());
+          r.pct_copy, ceil.read_gbps, ceil.copy_gbps, r.gpu.c_str(), r.driver.c_str(), r.cuda.c_str(),
+          r.date.c_str());
     }
     std::fclose(f);
     int met = 0, missed = 0;
     for (const Row& row : rows) met += row.target == "met", missed += row.target == "missed";
     std::printf(
-        "\nspeed target (batch >= 8, KV >= 4096: >= 1.8x fp16 and >= 85%% of copy): %d met, %d missed\n", met,
+        "\nspeed targets (batch >= 8, KV >= 4096: every scheme >= 1.8x fp16, fp16 >= 95%% of the read ceiling): "
+        "%d met, %d missed\n", met,
         missed);
     std::printf("%zu rows in %s; %d failed checks\n", rows.size(), path.c_str(), failures);
     return failures ? 1 : 0;

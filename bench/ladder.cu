@@ -269,14 +269,18 @@ int main(int argc, char** argv) {
     std::printf("ladder on %s (%d SMs, %.0f MB L2, CUDA %s)\n", gpu.name.c_str(), gpu.sm_count,
                 gpu.l2_bytes / 1e6, gpu.cuda_runtime.c_str());
     const lab::Ceilings ceil = lab::measure_ceilings();
-    std::printf("measured ceilings: copy %.0f GB/s (read + write, %zu MiB), fp16 GEMM %.1f TFLOPS (%d^3)\n",
-                ceil.copy_gbps, ceil.copy_bytes >> 20, ceil.gemm_tflops, ceil.gemm_n);
+    std::printf("measured ceilings: read %.0f GB/s (%zu MiB, %s), copy %.0f GB/s (read + write), fp16 GEMM "
+                "%.1f TFLOPS (%d^3)\n",
+                ceil.read_gbps, ceil.read_bytes >> 20, ceil.read_method.c_str(), ceil.copy_gbps, ceil.gemm_tflops,
+                ceil.gemm_n);
     {
       FILE* f = std::fopen((out_dir + "/ceilings.csv").c_str(), "w");
       if (!f) throw std::runtime_error("cannot write " + out_dir + "/ceilings.csv");
-      std::fprintf(f, "gpu,driver,cuda,date,copy_gbps,copy_bytes,copy_ms,gemm_tflops,gemm_n,gemm_ms\n");
-      std::fprintf(f, "%s,%s,%s,%s,%.1f,%zu,%.4f,%.1f,%d,%.4f\n", gpu.name.c_str(), gpu.driver.c_str(),
-                   gpu.cuda_runtime.c_str(), lab::today_utc().c_str(), ceil.copy_gbps, ceil.copy_bytes,
+      std::fprintf(f, "gpu,driver,cuda,date,read_gbps,read_bytes,read_ms,read_method,copy_gbps,copy_bytes,copy_ms,"
+                      "gemm_tflops,gemm_n,gemm_ms\n");
+      std::fprintf(f, "%s,%s,%s,%s,%.1f,%zu,%.4f,%s,%.1f,%zu,%.4f,%.1f,%d,%.4f\n", gpu.name.c_str(),
+                   gpu.driver.c_str(), gpu.cuda_runtime.c_str(), lab::today_utc().c_str(), ceil.read_gbps,
+                   ceil.read_bytes, ceil.read_ms, ceil.read_method.c_str(), ceil.copy_gbps, ceil.copy_bytes,
                    ceil.copy_ms, ceil.gemm_tflops, ceil.gemm_n, ceil.gemm_ms);
       std::fclose(f);
     }
@@ -415,7 +419,7 @@ int main(int argc, char** argv) {
       two.rel_err = std::max(cp.rel_l2_err, cd.rel_l2_err);
       const lab::Timing tm = lab::time_it(both, 0, ro.timing, &flusher);
       two.ms = tm.median_ms, two.ms_p10 = tm.p10_ms, two.ms_p90 = tm.p90_ms, two.reps = tm.reps;
-      lab::fill_rates(two, ceil.gemm_tflops, ceil.copy_gbps);
+      lab::fill_rates(two, ceil.gemm_tflops, ceil.read_gbps, ceil.copy_gbps);
       two.speedup_prev = r.row.ms / two.ms;  // vs the one launch above: < 1 means one launch wins
       std::printf("[hybrid] 06_gqa_alibi two launches, %s      %9.4f ms  %s (one launch: %.2fx)\n", frac.c_str(),
                   two.ms, two.check.c_str(), two.ms / r.row.ms);
@@ -429,8 +433,9 @@ int main(int argc, char** argv) {
 #endif
 
     for (const std::string& g : table_order) lab::print_table(stdout, g, tables[g]);
-    std::printf("\nceilings: copy %.0f GB/s, fp16 GEMM %.1f TFLOPS; %zu rows in %s/ladder.csv; %d failed\n",
-                ceil.copy_gbps, ceil.gemm_tflops, rows.size(), out_dir.c_str(), failures);
+    std::printf("\nceilings: read %.0f GB/s, copy %.0f GB/s, fp16 GEMM %.1f TFLOPS; %zu rows in %s/ladder.csv; "
+                "%d failed\n",
+                ceil.read_gbps, ceil.copy_gbps, ceil.gemm_tflops, rows.size(), out_dir.c_str(), failures);
     return failures ? 1 : 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "ladder: error: %s\n", e.what());

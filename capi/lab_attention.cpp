@@ -329,6 +329,14 @@ int lab_workspace_bytes(const char* chapter, const char* variant, const LabAttnP
 
 const char* lab_last_error(void) { return t_last_error.c_str(); }
 
+int lab_read_ceiling_gbps(size_t bytes, double* gbps) {
+  return guarded([&] {
+    if (!gbps) throw lab::InvalidArgument("gbps is a null pointer");
+    if (bytes < (size_t(1) << 20)) throw lab::InvalidArgument("bytes = " + std::to_string(bytes) + " is below 1 MiB");
+    *gbps = lab::measure_read_ceiling(0, bytes).read_gbps;
+  });
+}
+
 int lab_num_variants(void) {
   int n = 0;
   guarded([&] { n = int(entries().size()); });

@@ -168,6 +168,12 @@ int lab_kv_scale_bytes(const LabAttnParams* p, int kv_scheme, int kv_group_size,
 int lab_kv_quantize(const LabAttnParams* p, int kv_scheme, int kv_group_size, void* k_codes, void* v_codes,
                     uint16_t* k_scale, uint16_t* v_scale, void* cuda_stream);
 
+/* The lab's streaming-read ceiling on the current device (common/measure.h): GB/s of a read of
+ * `bytes` of device memory (many times the L2: 2^31 is what the ladder uses), the best of a few load
+ * shapes, median of many repetitions. What a decoding kernel's GB/s is a percentage of. Synchronous;
+ * allocates `bytes` for the duration of the call. */
+int lab_read_ceiling_gbps(size_t bytes, double* gbps);
+
 #ifdef __cplusplus
 }
 #endif

@@ -193,7 +193,7 @@ std::string cli_usage(const std::string& program, const std::vector<std::string>
     << "  --csv PATH         append result rows to PATH\n"
     << "  --variant NAME     run one variant only:";
   for (const auto& v : variants) s << " " << (v.empty() ? "(default)" : v);
-  s << "\n  --no-ceilings      skip measuring the copy and GEMM ceilings (no %peak)\n"
+  s << "\n  --no-ceilings      skip measuring the read, copy and GEMM ceilings (no %peak)\n"
     << "  --help             this text\n";
   return s.str();
 }

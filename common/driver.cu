@@ -271,7 +271,7 @@ RunOutcome run_variant(Problem& prob, const std::string& chapter, const Variant&
     out.row.ms_p10 = t.p10_ms;
     out.row.ms_p90 = t.p90_ms;
     out.row.reps = t.reps;
-    if (ceil.gemm_tflops > 0) fill_rates(out.row, ceil.gemm_tflops, ceil.copy_gbps);
+    if (ceil.gemm_tflops > 0) fill_rates(out.row, ceil.gemm_tflops, ceil.read_gbps, ceil.copy_gbps);
     else fill_rates(out.row, 1, 1), out.row.pct_peak = 0;
     // Once more after timing, from poisoned outputs: a launch that stopped writing some rows, or
     // whose result depends on what the earlier runs left behind, fails here.
@@ -451,8 +451,8 @@ int run_cli(int argc, char** argv, const Chapter& chapter, const CliOptions& def
     Ceilings ceil;
     if (o.ceilings) {
       ceil = measure_ceilings();
-      std::printf("measured ceilings: copy %.0f GB/s (read+write), fp16 GEMM %.0f TFLOPS\n",
-                  ceil.copy_gbps, ceil.gemm_tflops);
+      std::printf("measured ceilings: read %.0f GB/s, copy %.0f GB/s (read + write), fp16 GEMM %.0f TFLOPS\n",
+                  ceil.read_gbps, ceil.copy_gbps, ceil.gemm_tflops);
     }
     Problem prob(spec);
     L2Flusher flusher;

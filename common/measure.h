@@ -66,16 +66,25 @@ struct Timing {
 Timing time_it(const std::function<void(cudaStream_t)>& fn, cudaStream_t s, const TimingOptions& opt,
                L2Flusher* flusher);
 
-// The device's ceilings, measured: a device-to-device copy (bytes read + written) and a cuBLAS
-// fp16 GEMM with fp32 accumulation, both median of many repetitions on random data.
+// The device's ceilings, measured, each the median of many repetitions on random data:
+//   read: a streaming read of a buffer many times the L2 (16-byte loads, several in flight per
+//         thread, an xor reduction so that no load can be dropped): what a kernel that reads its
+//         inputs once and writes almost nothing (decoding) can reach. The best of a few load
+//         shapes (loads in flight x cache hint) is kept, and `read_method` names it;
+//   copy: a device-to-device cudaMemcpy, bytes read + written (decoding beats it: it writes
+//         almost nothing, and a copy's writes turn the bus around);
+//   gemm: a cuBLAS fp16 GEMM with fp32 accumulation, the tensor-core rate.
 struct Ceilings {
-  double copy_gbps = 0;
+  double read_gbps = 0, copy_gbps = 0;
   double gemm_tflops = 0;
-  double copy_ms = 0, gemm_ms = 0;
-  size_t copy_bytes = 0;
+  double read_ms = 0, copy_ms = 0, gemm_ms = 0;
+  size_t read_bytes = 0, copy_bytes = 0;
+  std::string read_method;  // e.g. "ldg x8": the load shape that gave read_gbps
   int gemm_n = 0;
 };
 Ceilings measure_ceilings(cudaStream_t s = 0, size_t copy_bytes = size_t(2) << 30, int gemm_n = 8192);
+// The streaming-read ceiling alone, over a buffer of `bytes` (read_* fields of Ceilings).
+Ceilings measure_read_ceiling(cudaStream_t s = 0, size_t bytes = size_t(2) << 30);
 
 // Work done by one attention forward, defined once for the whole lab:
 //   FLOPs = 4 * head_dim * heads_q * sum over query rows of the keys that row sees

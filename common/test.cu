@@ -184,13 +184,19 @@ TEST_CASE("rates: pct_peak uses the ceiling that bounds the problem", "[cpu]") {
   r.ms = 1.0;
   r.flops = 500e9;  // 500 TFLOPS
   r.bytes = 1e9;    // 1000 GB/s: 500 FLOP/byte, above the ridge of 700e12 / 3000e9 = 233
-  fill_rates(r, 700, 3000);
+  fill_rates(r, 700, 3000, 2500);
   REQUIRE(r.bound == "compute");
   REQUIRE(r.pct_peak == Approx(100.0 * 500 / 700));
   r.flops = 1e9;
-  fill_rates(r, 700, 3000);
+  fill_rates(r, 700, 3000, 2500);
   REQUIRE(r.bound == "memory");
-  REQUIRE(r.pct_peak == Approx(100.0 * 1000 / 3000));
+  REQUIRE(r.pct_peak == Approx(100.0 * 1000 / 3000));  // of the read ceiling, not the copy
+  REQUIRE(r.pct_copy == Approx(100.0 * 1000 / 2500));
+  r.flops = 500e9, r.bytes = 2e9;  // 250 FLOP/byte: above the read ridge (700e12 / 3000e9 = 233),
+  fill_rates(r, 700, 3000, 2500);   // below the copy's (700e12 / 2500e9 = 280): the read decides
+  REQUIRE(r.bound == "compute");
+  fill_rates(r, 700, 3000);  // no copy ceiling given: no pct_copy
+  REQUIRE(r.pct_copy == 0);
 }
 
 TEST_CASE("validation catches unwritten, NaN and wrong elements; passes the exact answer", "[cpu]") {
@@ -533,9 +539,14 @@ TEST_CASE("timing and ceilings measure something plausible", "[gpu]") {
   REQUIRE(t.min_ms <= t.median_ms);
   REQUIRE(t.median_ms <= t.p90_ms);
   Ceilings c = measure_ceilings(0, size_t(512) << 20, 4096);
-  INFO("copy " << c.copy_gbps << " GB/s, GEMM " << c.gemm_tflops << " TFLOPS");
+  INFO("read " << c.read_gbps << " GB/s (" << c.read_method << "), copy " << c.copy_gbps << " GB/s, GEMM "
+                << c.gemm_tflops << " TFLOPS");
   REQUIRE(c.copy_gbps > 100);
   REQUIRE(c.gemm_tflops > 10);
+  // A copy reads at copy_gbps / 2 while it writes as much: reading alone must be faster than that.
+  REQUIRE(c.read_gbps > c.copy_gbps / 2);
+  REQUIRE(c.read_bytes == size_t(512) << 20);
+  REQUIRE(!c.read_method.empty());
 }
 
 TEST_CASE("LAB_SMEM_CAP: sizes in bytes or KiB, anything else refused by name", "[cpu]") {

@@ -78,6 +78,9 @@ def plot_decode(rows, ceil, gpu, out):
         for name in sorted(lines, key=lambda n: min(p[1] for p in lines[n])):
             pts = sorted(lines[name])
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        if ceil.get("read_gbps"):
+            ax.axhline(ceil["read_gbps"], color="black", linestyle="-", linewidth=1,
+                       label=f"streaming-read ceiling ({ceil['read_gbps']:.0f} GB/s)")
         ax.axhline(ceil["copy_gbps"], color="black", linestyle="--", linewidth=1,
                    label=f"copy ceiling ({ceil['copy_gbps']:.0f} GB/s)")
         ax.set_xticks(range(len(shapes)))
@@ -103,7 +106,8 @@ def main():
     rows = read_rows(os.path.join(out, "ladder.csv"))
     with open(os.path.join(out, "ceilings.csv"), newline="") as f:
         c = next(csv.DictReader(f))
-    ceil = {"gemm_tflops": float(c["gemm_tflops"]), "copy_gbps": float(c["copy_gbps"])}
+    ceil = {"gemm_tflops": float(c["gemm_tflops"]), "copy_gbps": float(c["copy_gbps"]),
+            "read_gbps": float(c["read_gbps"]) if c.get("read_gbps") else None}
     written = [p for p in (plot_prefill(rows, ceil, c["gpu"], out), plot_decode(rows, ceil, c["gpu"], out)) if p]
     print("wrote " + ", ".join(written))
 

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results", "h100")  # the GPU the README numbers come from (see use())
 READMES = ["README.md", "01_naive/README.md", "02_flash_v1/README.md", "03_flash_v2/README.md",
            "04_flash_decoding/README.md", "05_decoding_cuda_core/README.md", "06_gqa_alibi/README.md",
-           "07_kv_quant/README.md", "docs/NOTES-03.md", "docs/NOTES-04.md", "docs/NOTES-06.md"]
+           "07_kv_quant/README.md", "08_flash_v3/README.md", "docs/NOTES-03.md", "docs/NOTES-04.md", "docs/NOTES-06.md"]
 ORDER = ["01_naive/cublas", "01_naive/naive", "02_flash_v1", "03_flash_v2/loop_order", "03_flash_v2/mma",
          "03_flash_v2/fa2", "03_flash_v2/overlap", "04_flash_decoding", "05_decoding_cuda_core", "06_gqa_alibi"]
 PREFILL_ORDER = ORDER[:7] + ["06_gqa_alibi"]  # 04 and 05 are decoding kernels (seqlen_q <= 64 and 1)
@@ -61,10 +61,22 @@ def index(rows, name_of):
     return out
 
 
+def mem_ceiling(ceil):
+    """The bandwidth a memory-bound row is a percentage of: the streaming read where the run measured
+    one (ceilings.csv's read_gbps, kv_quant.csv's too), else the copy (runs older than the read ceiling)."""
+    if ceil.get("read_gbps"):
+        return "read", float(ceil["read_gbps"])
+    return "copy", float(ceil["copy_gbps"])
+
+
 def header(ceil):
+    read = f"streaming read {float(ceil['read_gbps']):.0f} GB/s, " if ceil.get("read_gbps") else ""
     return (f"{ceil['gpu']}, CUDA {ceil['cuda']}, measured {ceil['date']}; ceilings measured in the same run: "
-            f"copy {float(ceil['copy_gbps']):.0f} GB/s, fp16 GEMM {float(ceil['gemm_tflops']):.0f} TFLOPS. "
+            f"{read}copy {float(ceil['copy_gbps']):.0f} GB/s, fp16 GEMM {float(ceil['gemm_tflops']):.0f} TFLOPS. "
             f"Source: `docs/results/{os.path.basename(RESULTS)}/`.")
+
+
+MEM_NAME = {"read": "measured streaming-read bandwidth", "copy": "measured copy bandwidth"}
 
 
 def prefill_key(d, s, causal, dtype="fp16"):
@@ -98,8 +110,8 @@ def summary(lab, torch, ceil):
 def decode(lab, torch, ceil):
     cols = [(f"b{b} kv{kv // 1024}k {'MHA' if h == 32 else 'GQA 32/8'}", decode_key(b, h, kv))
             for b, h, kv in ((1, 32, 32768), (8, 32, 4096), (128, 32, 4096), (8, 8, 4096))]
-    copy = float(ceil["copy_gbps"])
-    lines = ["Decode (one query token, d 128, 32 query heads), fp16: GB/s (% of the measured copy bandwidth). "
+    what, copy = mem_ceiling(ceil)
+    lines = [f"Decode (one query token, d 128, 32 query heads), fp16: GB/s (% of the {MEM_NAME[what]}). "
              "Chapters 01-03 are prefill kernels run on decoding shapes, the baseline 04 and 05 start from. "
              + header(ceil), "",
              "| step | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
@@ -116,9 +128,9 @@ def decode(lab, torch, ceil):
 
 def decode_grid(lab, torch, ceil, steps):
     """Every decode-grid shape, MHA and GQA, for `steps` and PyTorch's backends."""
-    copy = float(ceil["copy_gbps"])
+    what, copy = mem_ceiling(ceil)
     lines = ["Decode grid (one query token, d 128, 32 query heads, fp16): GB/s of unique bytes (% of the "
-             "measured copy bandwidth); `sN`: the split count the heuristic chose. **bold**: the fastest of "
+             f"{MEM_NAME[what]}); `sN`: the split count the heuristic chose. **bold**: the fastest of "
              "the decoding chapters shown, at or above cuDNN. " + header(ceil), ""]
     mine = [n for n in steps if not n.startswith("03")]
     for hkv in (32, 8):
@@ -353,6 +365,69 @@ def compare03(lab, torch, ceil):
     return lines
 
 
+STEPS_08 = ["08_flash_v3/wgmma", "08_flash_v3/tma", "08_flash_v3/ws", "08_flash_v3/pingpong"]
+
+
+def compare08(lab, torch, ceil):
+    """08's steps next to 03's best step and PyTorch's FlashAttention-2 and cuDNN backends, on the same
+    tensors in one process (compare_torch.csv), with the last step's ratio to cuDNN; then bf16 against
+    fp16 at seqlen 4096 from the ladder."""
+    seqs = [512, 1024, 2048, 4096, 8192, 16384]
+    rows = load("compare_torch.csv")
+    if not rows:
+        return ["(no results yet: run bench/gpu_check.sh build compare on a Hopper GPU)"]
+    same = index(rows, lambda r: step(r) if r["chapter"] != "pytorch" else r["variant"])
+    r0 = rows[0]
+    ours03 = [n for n in ORDER if n.startswith("03_flash_v2/")]
+    lines = ["Chapter 08's steps, 03's best step and PyTorch's FlashAttention-2 and cuDNN backends on the same "
+             f"tensors in one process (`bench/compare_torch.py`; {r0.get('gpu')}, PyTorch {r0.get('torch')}, "
+             f"CUDA {r0.get('cuda')}, {r0.get('date')}), fp16 TFLOPS (batch 16k / seqlen, hidden 2048); "
+             "**bold**: at least 0.9x cuDNN. Source: "
+             f"`docs/results/{os.path.basename(RESULTS)}/compare_torch.csv`.", "",
+             "| d | mask | | " + " | ".join(f"s{s}" for s in seqs) + " |", "|---|---|---|" + "---|" * len(seqs)]
+    for d in (64, 128):
+        for causal in (False, True):
+            m = "causal" if causal else "full"
+            ks = [prefill_key(d, s, causal) for s in seqs]
+            cud = [same.get(("cudnn",) + k) for k in ks]
+
+            def cells(rs, bold=False):
+                out = []
+                for r, c in zip(rs, cud):
+                    if r is None:
+                        out.append("-")
+                        continue
+                    v = f"{float(r['tflops']):.0f}"
+                    out.append(f"**{v}**" if bold and c and float(r["tflops"]) >= 0.9 * float(c["tflops"]) else v)
+                return out
+
+            best03 = [max((same.get((n,) + k) for n in ours03 if same.get((n,) + k)),
+                          key=lambda r: float(r["tflops"]), default=None) for k in ks]
+            lines.append(f"| {d} | {m} | 03 best step | " + " | ".join(cells(best03)) + " |")
+            for n in STEPS_08:
+                lines.append(f"| {d} | {m} | 08 {n.split('/')[1]} | " +
+                             " | ".join(cells([same.get((n,) + k) for k in ks], bold=True)) + " |")
+            for name, label in (("flash", "FlashAttention-2"), ("cudnn", "cuDNN")):
+                lines.append(f"| {d} | {m} | {label} | " + " | ".join(cells([same.get((name,) + k) for k in ks])) + " |")
+            last = [same.get((STEPS_08[-1],) + k) for k in ks]
+            lines.append(f"| {d} | {m} | pingpong / cuDNN | " + " | ".join(
+                f"{float(r['tflops']) / float(c['tflops']):.2f}x" if r and c else "-" for r, c in zip(last, cud)) + " |")
+    lines += ["", "bf16 against fp16, seqlen 4096, the ladder of the same GPU (TFLOPS). " + header(ceil), "",
+              "| step | d | mask | fp16 | bf16 | bf16 / fp16 |", "|---|---|---|---|---|---|"]
+    for n in STEPS_08:
+        for d in (64, 128):
+            for causal in (False, True):
+                f = lab.get((n,) + prefill_key(d, 4096, causal))
+                b = lab.get((n,) + prefill_key(d, 4096, causal, "bf16"))
+                if f is None and b is None:
+                    continue
+                fv = f"{float(f['tflops']):.0f}" if f else "-"
+                bv = f"{float(b['tflops']):.0f}" if b else "-"
+                ratio = f"{float(b['tflops']) / float(f['tflops']):.2f}" if f and b else "-"
+                lines.append(f"| {n.split('/')[1]} | {d} | {'causal' if causal else 'full'} | {fv} | {bv} | {ratio} |")
+    return lines
+
+
 def bf16_03(lab, ceil):
     """bf16 against fp16 for 03's tensor-core steps, seqlen 4096, same ladder run."""
     lines = ["bf16 against fp16, seqlen 4096, same ladder run. " + header(ceil)]
@@ -379,8 +454,11 @@ def kvquant():
         return ["(no results yet: run `bench/gpu_check.sh build kvquant` on the GPU and copy "
                 f"`gpu_check_out/kv_quant.csv` to `docs/results/{os.path.basename(RESULTS)}/`)"]
     first = rows[0]
-    src = (f"{first['gpu']}, CUDA {first['cuda']}, measured {first['date']}; copy bandwidth measured in the same "
-           f"run: {float(first['copy_gbps']):.0f} GB/s. Source: `docs/results/{os.path.basename(RESULTS)}/kv_quant.csv`.")
+    what, bw = mem_ceiling(first)
+    src = (f"{first['gpu']}, CUDA {first['cuda']}, measured {first['date']}; {MEM_NAME[what][9:]} measured in the "
+           f"same run: {bw:.0f} GB/s. Source: `docs/results/{os.path.basename(RESULTS)}/kv_quant.csv`.")
+    target = ("1.8x the fp16 variant for every scheme, and the fp16 variant at 95% of the streaming-read bandwidth"
+              if what == "read" else "1.8x the fp16 variant and 85% of the copy bandwidth")
     order = []
     by = {}
     for r in rows:
@@ -406,9 +484,9 @@ def kvquant():
                      f"{e(r['quant_max_abs_normal'])} | {e(r['quant_rel_l2_outliers'])} / "
                      f"{e(r['quant_max_abs_outliers'])} | {e(r['kernel_rel_l2_normal'])} / "
                      f"{e(r['kernel_rel_l2_outliers'])} |")
-    lines += ["", "Speed: decoding time, GB/s of the bytes stored (% of the copy bandwidth) and speedup over this "
-              "chapter's fp16 variant on the same shape (32 heads, d 128, normal K/V, L2 flushed, median). Target "
-              "at batch >= 8 and 4096+ keys: 1.8x the fp16 variant and 85% of the copy bandwidth (**bold**: met).", "",
+    lines += ["", f"Speed: decoding time, GB/s of the bytes stored (% of the {MEM_NAME[what][9:]}) and speedup over "
+              "this chapter's fp16 variant on the same shape (32 heads, d 128, normal K/V, L2 flushed, median). "
+              f"Target at batch >= 8 and 4096+ keys: {target} (**bold**: met).", "",
               "| scheme | " + " | ".join(f"b{b} kv{kv // 1024}k" for b, kv in KVQUANT_SHAPES) + " |",
               "|---|" + "---|" * len(KVQUANT_SHAPES)]
     for v in order:
@@ -446,7 +524,7 @@ def lab_targets(ch):
     srcs = "; ".join(f"{c['gpu']}, CUDA {c['cuda']}, measured {c['date']}" for c in (data[g][2] for g in gpus) if c)
     lines = ["The solution on the shapes `bench/lab check` times, fp16, from the ladder (median, L2 flushed): "
              "TFLOPS for prefill (% of the fp16 GEMM rate measured in the same run), GB/s for decode (% of the "
-             f"measured copy bandwidth). {srcs}. Sources: " + ", ".join(f"`docs/results/{g}/ladder.csv`" for g in gpus)
+             f"streaming read or, in runs older than that ceiling, of the copy measured in the same run). {srcs}. Sources: " + ", ".join(f"`docs/results/{g}/ladder.csv`" for g in gpus)
              + ".", "", "| step | shape | " + " | ".join(g.upper() for g in gpus) + " |", "|---|---|" + "---|" * len(gpus)]
     timed = [(variant, s, variant or ch) for variant, s in tool.TIMED[ch]]
     if ch in LAB_REFERENCE:
@@ -472,7 +550,8 @@ def lab_targets(ch):
             elif s["workload"] == "prefill":
                 cells.append(f"{float(r['tflops']):.1f} TFLOPS ({100 * float(r['tflops']) / float(ceil['gemm_tflops']):.0f}%)")
             else:
-                cells.append(f"{float(r['gbps']):.0f} GB/s ({100 * float(r['gbps']) / float(ceil['copy_gbps']):.0f}%)")
+                what, bw = mem_ceiling(ceil)
+                cells.append(f"{float(r['gbps']):.0f} GB/s ({100 * float(r['gbps']) / bw:.0f}% of {what})")
         h = f"h{s['heads_q']}" + (f"/{s['heads_kv']}" if s["heads_kv"] != s["heads_q"] else "")  # GQA: query/KV heads
         shape = (f"b{s['batch']} {h} s{s['seqlen_q']} d{s['head_dim']} {'causal' if s['causal'] else 'full'}"
                  if s["workload"] == "prefill" else f"b{s['batch']} {h} kv{s['seqlen_kv'] // 1024}k d{s['head_dim']}")
@@ -498,8 +577,8 @@ def lab_targets_kvquant(lines, timed, gpus):
     lines[0] += (" Step 1 (`dequant_*`, the kernel you edit) has not been measured on either GPU yet: its cells "
                  "read -, and `bench/lab check` times it against the solution on your GPU. For scale, the rows "
                  "below it are step 2 (`kernel.cu`) on the same scheme and the fp16 cache, from "
-                 "`docs/results/<gpu>/kv_quant.csv` (GB/s of the bytes stored, % of the copy bandwidth measured "
-                 f"in that run, speedup over fp16; {dates}). The H100's step 2 is an earlier kernel, before the "
+                 "`docs/results/<gpu>/kv_quant.csv` (GB/s of the bytes stored, % of the read or copy bandwidth "
+                 f"measured in that run, speedup over fp16; {dates}). The H100's step 2 is an earlier kernel, before the "
                  "`dp4a` K path.")
     # Step 2 on each timed scheme, then the fp16 cache, once per shape.
     rows = [(v.replace("dequant_", "", 1), s) for v, s in timed] + [("fp16", s) for _, s in timed]
@@ -512,7 +591,8 @@ def lab_targets_kvquant(lines, timed, gpus):
         cells = []
         for g in gpus:
             r = runs[g].get(k)
-            cells.append("-" if r is None else f"{float(r['gbps']):.0f} GB/s ({float(r['pct_peak']):.0f}%)"
+            cells.append("-" if r is None else f"{float(r['gbps']):.0f} GB/s ({float(r['pct_peak']):.0f}% of "
+                         f"{mem_ceiling(r)[0]})"
                          + ("" if v == "fp16" else f", {float(r['speedup_vs_fp16']):.2f}x"))
         what = "fp16 cache" if v == "fp16" else v
         lines.append(f"| step 2 on {what} (kv_quant.csv) | decode b{s['batch']} h{s['heads_q']} "
@@ -531,6 +611,8 @@ def render(name, lab, torch, ceil):
         return chapter(lab, ceil, name.split(":", 1)[1])
     if name == "compare:03_flash_v2":
         return compare03(lab, torch, ceil)
+    if name == "compare:08_flash_v3":
+        return compare08(lab, torch, ceil)
     if name == "bf16:03_flash_v2":
         return bf16_03(lab, ceil)
     if name == "decode:04_flash_decoding":

@@ -189,6 +189,19 @@ def _name(s):
 
 # ---- what the library offers ----
 
+def read_ceiling_gbps(nbytes=1 << 31):
+    """The lab's streaming-read ceiling on the current device, GB/s (lab_read_ceiling_gbps): what a
+    decoding kernel's bandwidth is a percentage of. Takes `nbytes` of device memory while it runs."""
+    lib = load_library()
+    fn = getattr(lib, "lab_read_ceiling_gbps", None)
+    if fn is None:
+        raise LibraryNotFound(f"{library_path()} has no lab_read_ceiling_gbps: rebuild the library")
+    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_size_t, ctypes.POINTER(ctypes.c_double)]
+    out = ctypes.c_double()
+    _check(lib, fn(nbytes, ctypes.byref(out)))
+    return out.value
+
+
 def variants():
     """Every (chapter, variant) pair the library exports: dicts with chapter, variant, default, support."""
     lib = load_library()

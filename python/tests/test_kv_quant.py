@@ -408,3 +408,16 @@ def test_refusals_name_the_field(cuda):
     errors = []
     check_against_both(torch, "int8_head after refusals", o, None, q, dequantize(torch, kc, ks, "int8_head", 0),
                        dequantize(torch, vc, vs, "int8_head", 0), k, v, errors)
+
+
+@needs_library
+def test_read_ceiling_refuses_bad_arguments_and_measures_on_a_gpu():
+    """lab_read_ceiling_gbps: a buffer under 1 MiB is refused by name before any GPU work; on a GPU
+    the read ceiling is a positive bandwidth, and without one the CUDA error is raised, not a number."""
+    with pytest.raises(lab.InvalidArgument, match="bytes = 4096 is below 1 MiB"):
+        lab.read_ceiling_gbps(4096)
+    if not gpu_present():
+        with pytest.raises(lab.CudaError):
+            lab.read_ceiling_gbps(1 << 24)
+        return
+    assert lab.read_ceiling_gbps(1 << 28) > 100
