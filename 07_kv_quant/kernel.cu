@@ -37,6 +37,7 @@
 //   end: per head, 16 thread groups' (m, l, O) -> one (m, l, O) in shared memory -> O (x static V scale) or a partial
 // clang-format on
 #include <cmath>
+#include <type_traits>
 
 #include "07_kv_quant/dequant.cuh"
 #include "07_kv_quant/kernel.h"
@@ -128,7 +129,8 @@ constexpr int min_blocks_per_sm() {
   return (code_of<S>() == Code::fp16 ? 7 : 2) * threads_per_block<S>() / THREADS;
 }
 
-template <KvScheme S, int SCALE_GROUP, int D, int HPB, int THREADS = threads_per_block<S>(), int U = kU>
+template <KvScheme S, int SCALE_GROUP, int D, int HPB, int THREADS = threads_per_block<S>(), int U = kU,
+          class Epilogue = void>  // bench/tune07.cu's candidates only (void: none)
 __global__ void __launch_bounds__(THREADS, min_blocks_per_sm<S, THREADS>())
     decode_split(const lab::AttnParams p, int splits, float* o_partial, float* lse_partial) {
   using Gr = ThreadGroups<S, D, HPB, THREADS, U>;
@@ -369,6 +371,8 @@ __global__ void __launch_bounds__(THREADS, min_blocks_per_sm<S, THREADS>())
     else if (p.lse)
       p.lse[int64_t(b) * p.heads_q + h_out] = lse;
   }
+  if constexpr (!std::is_void_v<Epilogue>)
+    Epilogue::template run<HPB, D, THREADS>(p, splits, o_partial, lse_partial, b, kv0, gqa_ratio, r);
 }
 
 // One instantiation per (scheme, scale group size, head_dim, heads per block): its split count
