@@ -30,6 +30,21 @@ std::vector<ProblemSpec> awkward_prefill_shapes(int head_dim, DType dtype);
 std::vector<ProblemSpec> awkward_decode_shapes(int head_dim, DType dtype, int seqlen_q = 1);
 std::string describe(const ProblemSpec& s);
 
+// Runs the variant. Under LAB_SMEM_CAP a chapter may refuse, by name, a shape whose tiles need
+// more shared memory than the cap allows (bench/gpu_check.sh smemcap): that refusal is reported
+// (a warning) and false returned, so the caller skips what it would have checked. Without a cap,
+// or for any other reason, a refusal throws and fails the test.
+inline bool forward_unless_capped(const Variant& v, const AttnParams& p, cudaStream_t stream = 0) {
+  try {
+    v.forward(p, stream);
+    return true;
+  } catch (const InvalidArgument& e) {
+    if (std::string(e.what()).find("(LAB_SMEM_CAP)") == std::string::npos) throw;
+    WARN("refused under LAB_SMEM_CAP: " << e.what());
+    return false;
+  }
+}
+
 // Builds the problem, poisons the outputs, runs the variant once and checks every row
 // (sampled rows only when `all_rows` is false and the problem is large). A variant with
 // kv_prepare is checked against the reference on the K/V it reads (see KvPrepare).
@@ -46,17 +61,10 @@ inline CheckReport run_and_check(const Variant& v, const ProblemSpec& spec, bool
   }
   const VariantInputs in = prepare_variant(prob, v, 0);  // workspace; a variant's prepared K/V
   prob.poison_outputs(0);
-  try {
-    v.forward(in.params, 0);
-  } catch (const InvalidArgument& e) {
-    // Under LAB_SMEM_CAP a chapter may refuse, by name, a shape whose tiles need more shared
-    // memory than the cap allows (bench/gpu_check.sh smemcap): reported, not failed. Without a
-    // cap, or for any other reason, a refusal fails the test.
-    if (std::string(e.what()).find("(LAB_SMEM_CAP)") == std::string::npos) throw;
-    WARN("refused under LAB_SMEM_CAP: " << e.what());
+  if (!forward_unless_capped(v, in.params)) {
     CheckReport refused;
     refused.ok = true;
-    refused.failure = e.what();
+    refused.failure = "refused under LAB_SMEM_CAP";
     return refused;
   }
   LAB_CUDA_CHECK(cudaDeviceSynchronize());
