@@ -20,7 +20,9 @@
 //     much as the GEMMs, and two consumers leave the tensor cores waiting for a softmax.
 // What it still costs: O_i leaves through registers and plain stores while the tensor cores
 // idle (FlashAttention-3 stages it through shared memory and a TMA store), and the grid is not
-// persistent (every block pays its prologue).
+// persistent (every block pays its prologue). And ptxas (CUDA 13.0) puts the wait for
+// P_{j-1} V_{j-1} before the exponentials of S_j (cuobjdump -sass: DEPBAR gsb0 0x0 ahead of the
+// MUFU.EX2), so the overlap inside a warpgroup is in this source but not yet in the machine code.
 //
 // clang-format off
 //   consumer 1:  [S_j PV_j-1]  softmax S_j  [S_j+1 PV_j]  softmax S_j+1 ...      [..] = its turn at
