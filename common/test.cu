@@ -2,6 +2,7 @@
 // the accounting, validation, the command line, and (on a GPU) fills, timing and ceilings.
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -391,6 +392,34 @@ TEST_CASE("command line: empty values, numbers, sizes and refusals name the flag
   CHECK(parse_cli({"--seqlen-kv", "100"}, decode_cli_defaults()).seqlen_q == 1);
   CHECK(cli_usage("04", {""}, decode_cli_defaults()).find("query length (1)") != std::string::npos);
   CHECK(cli_usage("01", {""}).find("3 no usable GPU") != std::string::npos);
+}
+
+TEST_CASE("validation scans O in parallel and still names the first bad element in order", "[cpu]") {
+  // 10,000 query rows: the scan of every element runs on several threads; the counts add up and the
+  // message is the first bad element in (b, i, h, c) order, the row's lse after its c.
+  HostProblem hp = random_host(1, 2, 2, 10000, 64, 16, false, 9);
+  std::vector<uint16_t> o(hp.q.size(), float_to_half_bits(0.25f, DType::fp16));
+  std::vector<float> lse(size_t(2) * 10000, 1.f);
+  o[o_offset(hp.shape, 0, 9000, 1) + 3] = kPoisonFp16;
+  o[o_offset(hp.shape, 0, 5000, 0) + 7] = kPoisonFp16;
+  o[o_offset(hp.shape, 0, 7000, 1) + 0] = float_to_half_bits(INFINITY, DType::fp16);
+  CheckOptions opt;
+  CheckReport r = check_output(hp, o, lse, opt);
+  CHECK(r.unwritten == 2);
+  CHECK(r.nan_or_inf == 1);
+  CHECK(r.lse_unwritten == 0);
+  CHECK(r.failure.rfind("O[b=0, i=5000, h=0, c=7] was never written", 0) == 0);
+  float poison;
+  std::memcpy(&poison, &kPoisonF32, 4);
+  lse[lse_offset(hp.shape, 0, 1, 4999)] = poison;  // row 4999's lse comes before row 5000's O
+  r = check_output(hp, o, lse, opt);
+  CHECK(r.lse_unwritten == 1);
+  CHECK(r.failure.rfind("lse[b=0, h=1, i=4999] was never written", 0) == 0);
+  lse[lse_offset(hp.shape, 0, 1, 4999)] = 1.f;
+  o[o_offset(hp.shape, 0, 5000, 0) + 6] = float_to_half_bits(NAN, DType::fp16);  // c = 6 before c = 7
+  r = check_output(hp, o, lse, opt);
+  CHECK(r.nan_or_inf == 2);
+  CHECK(r.failure.rfind("O[b=0, i=5000, h=0, c=6] is NaN or Inf", 0) == 0);
 }
 
 TEST_CASE("check_params names the field", "[cpu]") {

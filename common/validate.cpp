@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -64,38 +65,74 @@ CheckReport check_output(const HostProblem& hp, const std::vector<uint16_t>& o_b
     if (why.tellp() == 0) why << s;
   };
 
-  // 1. Every logical output element: written, finite.
+  // 1. Every logical output element: written, finite. Over all of O (tens of millions of elements
+  // at the ladder's prefill shapes), in parallel over query rows; the message names the first bad
+  // element in (b, i, h, c) order whatever the threads' order, as a serial scan would.
+  const unsigned n_threads = std::max(1u, std::min(std::thread::hardware_concurrency(), 64u));
   int64_t total_rows = 0;
   double ref_cost = 0;
+  std::vector<int64_t> row_start(size_t(p.batch) + 1, 0);  // (b, i) pairs before sequence b
   for (int b = 0; b < p.batch; ++b) {
     const int sq = seqlen_q_of(hp, b), sk = seqlen_kv_of(hp, b);
     total_rows += int64_t(sq) * p.heads_q;
     ref_cost += 4.0 * sq * double(sk) * p.head_dim * p.heads_q;
-    for (int i = 0; i < sq; ++i)
-      for (int h = 0; h < p.heads_q; ++h) {
-        int pb = b, pi = i;
-        if (!hp.cu_seqlens_q.empty()) pi += hp.cu_seqlens_q[b], pb = 0;
-        const uint16_t* row = o_bits.data() + o_offset(p, pb, pi, h);
-        for (int c = 0; c < p.head_dim; ++c) {
-          if (row[c] == poison_pattern) {
-            if (r.unwritten++ == 0)
-              fail("O[b=" + std::to_string(b) + ", i=" + std::to_string(i) + ", h=" +
-                   std::to_string(h) + ", c=" + std::to_string(c) + "] was never written");
-          } else if (!std::isfinite(half_bits_to_float(row[c], t))) {
-            if (r.nan_or_inf++ == 0)
-              fail("O[b=" + std::to_string(b) + ", i=" + std::to_string(i) + ", h=" +
-                   std::to_string(h) + ", c=" + std::to_string(c) + "] is NaN or Inf");
+    row_start[size_t(b) + 1] = row_start[size_t(b)] + sq;
+  }
+  {
+    const int64_t n_rows = row_start.back();
+    const int64_t slot = int64_t(p.head_dim) + 1;  // c = 0 .. d - 1, then the row's lse
+    std::atomic<int64_t> next{0};
+    std::mutex mu;
+    int64_t first_key = INT64_MAX;
+    std::string first_msg;
+    auto scan = [&] {
+      int64_t unwritten = 0, nan_or_inf = 0, lse_unwritten = 0, key = INT64_MAX;
+      std::string msg;
+      constexpr int64_t kChunk = 64;
+      for (int64_t r0; (r0 = next.fetch_add(kChunk)) < n_rows;) {
+        for (int64_t rr = r0; rr < std::min(n_rows, r0 + kChunk); ++rr) {
+          const int b = int(std::upper_bound(row_start.begin(), row_start.end(), rr) - row_start.begin()) - 1;
+          const int i = int(rr - row_start[size_t(b)]);
+          int pb = b, pi = i;
+          if (!hp.cu_seqlens_q.empty()) pi += hp.cu_seqlens_q[b], pb = 0;
+          for (int h = 0; h < p.heads_q; ++h) {
+            const int64_t base = (rr * p.heads_q + h) * slot;
+            const uint16_t* row = o_bits.data() + o_offset(p, pb, pi, h);
+            for (int c = 0; c < p.head_dim; ++c) {
+              const char* what = nullptr;
+              if (row[c] == poison_pattern) ++unwritten, what = "] was never written";
+              else if (!std::isfinite(half_bits_to_float(row[c], t))) ++nan_or_inf, what = "] is NaN or Inf";
+              if (what && base + c < key) {
+                key = base + c;
+                msg = "O[b=" + std::to_string(b) + ", i=" + std::to_string(i) + ", h=" + std::to_string(h) +
+                      ", c=" + std::to_string(c) + what;
+              }
+            }
+            if (!lse.empty()) {
+              uint32_t bits;
+              const float v = lse[lse_offset(p, b, h, i)];
+              std::memcpy(&bits, &v, 4);
+              if (bits == kPoisonF32) {
+                ++lse_unwritten;
+                if (base + p.head_dim < key) {
+                  key = base + p.head_dim;
+                  msg = "lse[b=" + std::to_string(b) + ", h=" + std::to_string(h) + ", i=" + std::to_string(i) +
+                        "] was never written";
+                }
+              }
+            }
           }
         }
-        if (!lse.empty()) {
-          uint32_t bits;
-          const float v = lse[lse_offset(p, b, h, i)];
-          std::memcpy(&bits, &v, 4);
-          if (bits == kPoisonF32 && r.lse_unwritten++ == 0)
-            fail("lse[b=" + std::to_string(b) + ", h=" + std::to_string(h) + ", i=" +
-                 std::to_string(i) + "] was never written");
-        }
       }
+      std::lock_guard<std::mutex> g(mu);
+      r.unwritten += unwritten, r.nan_or_inf += nan_or_inf, r.lse_unwritten += lse_unwritten;
+      if (key < first_key) first_key = key, first_msg = msg;
+    };
+    std::vector<std::thread> pool;
+    for (unsigned t_i = 0; t_i + 1 < n_threads && int64_t(t_i + 1) * 4096 < n_rows; ++t_i) pool.emplace_back(scan);
+    scan();
+    for (auto& th : pool) th.join();
+    if (!first_msg.empty()) fail(first_msg);
   }
   r.rows_total = total_rows;
 
@@ -175,7 +212,6 @@ CheckReport check_output(const HostProblem& hp, const std::vector<uint16_t>& o_b
     if (w.err > worst.err) worst = w;
     if (first_bad_lse.empty()) first_bad_lse = bad_lse;
   };
-  const unsigned n_threads = std::max(1u, std::min(std::thread::hardware_concurrency(), 64u));
   std::vector<std::thread> pool;
   for (unsigned t_i = 0; t_i + 1 < n_threads; ++t_i) pool.emplace_back(work);
   work();
