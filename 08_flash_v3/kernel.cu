@@ -31,6 +31,7 @@
 //                               wait<0>: release slot j-1, rescale O_i, pack P_j
 // clang-format on
 #include <cmath>
+#include <stdexcept>
 
 #include "03_flash_v2/tensor_core.cuh"
 #include "08_flash_v3/hopper.cuh"
@@ -339,12 +340,12 @@ __global__ void __launch_bounds__(Team<NC>::threads, 1)
 
 template <class T, int D, int B_c = tiles_for(Step::pingpong, D).B_c,
           int STAGES = tiles_for(Step::pingpong, D).stages, int NC = tiles_for(Step::pingpong, D).B_r / 64>
-void launch(LaunchPlan plan, const lab::AttnParams& p, cudaStream_t stream) {
-  // tiles_for's tiles, or a tuning sweep's (bench/tune08.cu): shared memory and grid follow them.
+void launch(const LaunchPlan& plan, const lab::AttnParams& p, cudaStream_t stream) {
+  // The plan is tiles_for's, or a tuning sweep's (bench/tune08.cu): it must be this instantiation's.
   constexpr int kThreads = Team<NC>::threads;
-  plan.tiles = Tiles{64 * NC, B_c, STAGES, kThreads}, plan.smem = smem_bytes(plan.tiles, D);
-  plan.grid_x = (p.seqlen_q + plan.tiles.B_r - 1) / plan.tiles.B_r;
   const Tiles& t = plan.tiles;
+  if (t.B_r != 64 * NC || t.B_c != B_c || t.stages != STAGES || t.threads != kThreads)
+    throw std::logic_error("08_flash_v3: the launch plan's tiles are not this kernel's");
   // Tensor maps: [batch, seqlen, heads, d] with d contiguous, boxes of 64 columns x B_r or B_c rows.
   const CUtensorMap tq = encode_tma_tile(tma_tile("q", p.dtype, p.q, D, p.seqlen_q, p.heads_q, p.batch,
                                                   p.q_row_stride, p.q_head_stride, p.q_batch_stride, t.B_r));

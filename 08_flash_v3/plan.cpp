@@ -32,6 +32,11 @@ std::string device_reason(int cc_major, int cc_minor) {
 
 LaunchPlan plan_launch(Step step, const lab::AttnParams& p, int cc_major, int cc_minor,
                        size_t smem_per_block) {
+  return plan_launch(tiles_for(step, p.head_dim), p, cc_major, cc_minor, smem_per_block);
+}
+
+LaunchPlan plan_launch(const Tiles& tiles, const lab::AttnParams& p, int cc_major, int cc_minor,
+                       size_t smem_per_block) {
   lab::check_params(p, kSupport);
   const std::string why = device_reason(cc_major, cc_minor);
   if (!why.empty()) throw lab::InvalidArgument(why);
@@ -43,7 +48,7 @@ LaunchPlan plan_launch(Step step, const lab::AttnParams& p, int cc_major, int cc
     throw lab::InvalidArgument("08_flash_v3: batch = " + std::to_string(p.batch) +
                                " is not supported (supported: 1..65535)");
   LaunchPlan plan;
-  plan.tiles = tiles_for(step, p.head_dim);
+  plan.tiles = tiles;
   plan.smem = smem_bytes(plan.tiles, p.head_dim);
   if (plan.smem > smem_per_block)
     throw lab::InvalidArgument(

@@ -109,6 +109,9 @@ struct LaunchPlan {
 // naming the field, the GPU or the shared memory that does not fit.
 LaunchPlan plan_launch(Step step, const lab::AttnParams& p, int cc_major, int cc_minor,
                        size_t smem_per_block);
+// The same for given tiles (the step's are tiles_for's; a tuning sweep's, bench/tune08.cu, others).
+LaunchPlan plan_launch(const Tiles& tiles, const lab::AttnParams& p, int cc_major, int cc_minor,
+                       size_t smem_per_block);
 
 // ---- tensor maps (step 2 on) ----
 

@@ -203,6 +203,22 @@ TEST_CASE("08_flash_v3 refuses every GPU but compute capability 9.0, by name", "
         std::string::npos);
 }
 
+TEST_CASE("08_flash_v3: a plan for given tiles makes the step's checks (bench/tune08's candidates)", "[cpu]") {
+  const lab::AttnParams p = host_params(64);
+  const ch08::LaunchPlan step = ch08::plan_launch(ch08::Step::pingpong, p, 9, 0, 227 * 1024);
+  const ch08::LaunchPlan same = ch08::plan_launch(ch08::tiles_for(ch08::Step::pingpong, 64), p, 9, 0, 227 * 1024);
+  CHECK(same.smem == step.smem);
+  CHECK(same.grid_x == step.grid_x);
+  const ch08::LaunchPlan two = ch08::plan_launch(ch08::Tiles{128, 192, 3, 384}, p, 9, 0, 227 * 1024);
+  CHECK(two.smem == ch08::smem_bytes(two.tiles, 64));
+  CHECK(two.grid_x == (1000 + 127) / 128);
+  // Tiles past the GPU's shared memory, or another GPU: refused by name, as for the step.
+  CHECK(refusal([&] { ch08::plan_launch(ch08::Tiles{128, 192, 6, 384}, p, 9, 0, 227 * 1024); })
+            .find("bytes of shared memory") != std::string::npos);
+  CHECK(refusal([&] { ch08::plan_launch(ch08::Tiles{128, 128, 3, 384}, p, 8, 0, 227 * 1024); })
+            .find("compute capability 9.0") != std::string::npos);
+}
+
 TEST_CASE("08_flash_v3 plans its launches from the arithmetic", "[cpu]") {
   for (ch08::Step step : {ch08::Step::wgmma, ch08::Step::tma, ch08::Step::ws, ch08::Step::pingpong})
     for (int d : {64, 128}) {

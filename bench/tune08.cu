@@ -19,20 +19,29 @@ namespace {
 
 struct Candidate {
   const char* name;
-  int d, B_c, stages, consumers;
+  int d;
+  ch08::Tiles tiles;
   void (*launch)(const lab::AttnParams&, cudaStream_t);
   const void* kernel;
 };
 
-template <int D, int B_c, int STAGES, int NC>
-void run(const lab::AttnParams& p, cudaStream_t s) {
-  ch08::launch<__half, D, B_c, STAGES, NC>(ch08::plan_on_this_gpu(ch08::Step::pingpong, p), p, s);
+// NC: consumer warpgroups (B_r = 64 NC, a producer warpgroup besides).
+template <int B_c, int STAGES, int NC>
+constexpr ch08::Tiles tiles() {
+  return ch08::Tiles{64 * NC, B_c, STAGES, 128 * (NC + 1)};
 }
 
-// NC: consumer warpgroups (B_r = 64 NC).
+// The step's plan with these tiles: the same checks (fields, GPU, shared memory) as the product's.
+template <int D, int B_c, int STAGES, int NC>
+void run(const lab::AttnParams& p, cudaStream_t s) {
+  const lab::DeviceLimits& d = lab::device_limits();
+  const ch08::LaunchPlan plan = ch08::plan_launch(tiles<B_c, STAGES, NC>(), p, d.cc_major, d.cc_minor, d.smem_per_block);
+  ch08::launch<__half, D, B_c, STAGES, NC>(plan, p, s);
+}
+
 template <int D, int B_c, int STAGES, int NC>
 Candidate candidate(const char* name) {
-  Candidate c{name, D, B_c, STAGES, NC, run<D, B_c, STAGES, NC>, nullptr};
+  Candidate c{name, D, tiles<B_c, STAGES, NC>(), run<D, B_c, STAGES, NC>, nullptr};
   c.kernel = reinterpret_cast<const void*>(ch08::flash_forward_pingpong<__half, D, B_c, STAGES, NC>);
   return c;
 }
@@ -84,7 +93,7 @@ int main(int argc, char** argv) try {
   for (const Candidate& c : cands) {
     cudaFuncAttributes attr;
     LAB_CUDA_CHECK(cudaFuncGetAttributes(&attr, c.kernel));
-    const size_t smem = ch08::smem_bytes(ch08::Tiles{64 * c.consumers, c.B_c, c.stages, 128 * (c.consumers + 1)}, c.d);
+    const size_t smem = ch08::smem_bytes(c.tiles, c.d);
     std::printf("%-22s %5d %6zu %8zu%s\n", c.name, attr.numRegs, attr.localSizeBytes, smem,
                 smem > limits.smem_per_block ? "  (does not fit: skipped)" : "");
   }

@@ -58,12 +58,26 @@ GpuInfo gpu_info() {
 }
 
 namespace {
-// Reads n 16-byte words. The buffer holds zeros, so the xor stays 0 and nothing is written; the
-// compiler cannot know that, so every load stays.
-__global__ void read_buffer_kernel(const uint4* p, size_t n, uint32_t* sink) {
+// Streams n 16-byte words through the SMs, for the L2 flush and the read ceiling: each thread
+// keeps UNROLL independent 16-byte loads in flight before it uses any of them (the ceiling's grid
+// fills every SM); the xor of all words is compared with a constant, so the loads stay (the flush's buffer holds zeros: nothing is written; the ceiling's
+// holds random data: the one word may be written, by chance, harmlessly).
+// STREAMING: ld.global.cs (evict first) instead of ld.global.nc (through the read-only path).
+template <int UNROLL, bool STREAMING>
+__global__ void __launch_bounds__(256) stream_read_kernel(const uint4* __restrict__ p, size_t n,
+                                                          uint32_t* sink) {
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
   uint32_t acc = 0;
-  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    const uint4 v = p[i];
+  for (; i + (UNROLL - 1) * stride < n; i += UNROLL * stride) {
+    uint4 v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) v[u] = STREAMING ? __ldcs(p + i + u * stride) : __ldg(p + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < n; i += stride) {
+    const uint4 v = __ldg(p + i);
     acc ^= v.x ^ v.y ^ v.z ^ v.w;
   }
   if (acc == 0x9E3779B9u) *sink = acc;
@@ -88,7 +102,7 @@ void L2Flusher::flush(cudaStream_t s) {
   // The last 16 bytes are the sink (never written): the loads cover the rest.
   const size_t words = buf_.bytes() / 16 - 1;
   uint4* base = static_cast<uint4*>(buf_.get());
-  read_buffer_kernel<<<1024, 256, 0, s>>>(base, words, reinterpret_cast<uint32_t*>(base + words));
+  stream_read_kernel<1, false><<<1024, 256, 0, s>>>(base, words, reinterpret_cast<uint32_t*>(base + words));
   LAB_LAUNCH_CHECK();
 }
 
@@ -144,30 +158,6 @@ Timing time_it(const std::function<void(cudaStream_t)>& fn, cudaStream_t s, cons
 }
 
 namespace {
-// The read ceiling's kernel: each thread keeps UNROLL independent 16-byte loads in flight before
-// it uses any of them, over a grid that fills every SM; the xor of all words is compared with a
-// constant, so the loads stay (random data: the one word may be written, by chance, harmlessly).
-// STREAMING: ld.global.cs (evict first) instead of ld.global.nc (through the read-only path).
-template <int UNROLL, bool STREAMING>
-__global__ void __launch_bounds__(256) stream_read_kernel(const uint4* __restrict__ p, size_t n,
-                                                          uint32_t* sink) {
-  const size_t stride = size_t(gridDim.x) * blockDim.x;
-  size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  uint32_t acc = 0;
-  for (; i + (UNROLL - 1) * stride < n; i += UNROLL * stride) {
-    uint4 v[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) v[u] = STREAMING ? __ldcs(p + i + u * stride) : __ldg(p + i + u * stride);
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  }
-  for (; i < n; i += stride) {
-    const uint4 v = __ldg(p + i);
-    acc ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (acc == 0x9E3779B9u) *sink = acc;
-}
-
 template <int UNROLL, bool STREAMING>
 Timing time_stream_read(const DeviceBuffer& buf, uint32_t* sink, cudaStream_t s, const TimingOptions& opt) {
   auto kernel = stream_read_kernel<UNROLL, STREAMING>;
